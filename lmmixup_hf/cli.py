@@ -2,6 +2,17 @@
 
 Each subcommand lives in its own module as an arguments dataclass plus a function; the registry
 below names them as strings so that ``lmmixup --help`` stays fast (no torch import).
+
+Exit statuses (also in the README):
+
+====  =======================================================================================
+0     done: every row is accounted for (in the output or quarantined with a reason)
+1     failed for a reason outside the input: I/O, network, an unexpected error
+2     usage or input error (a bad flag, config, value or file): one line says which
+3     finished, but partially: rows were left failed (e.g. the judge failed on them) or an
+      input stage was itself partial; rerunning the same command retries what is missing
+130   interrupted (Ctrl-C); rerunning the same command resumes
+====  =======================================================================================
 """
 
 from __future__ import annotations
@@ -9,11 +20,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import logging
+import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from .schema import LmmixupError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +72,6 @@ COMMANDS: dict[str, Command] = {
 
 def parse_dataclass(cls: type, argv: list[str], prog: str, description: str) -> Any:
     """Parse ``argv`` into ``cls``; ``--config file.yaml`` supplies defaults that flags override."""
-    import yaml
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(cls, prog=prog, description=description)
@@ -67,9 +82,11 @@ def parse_dataclass(cls: type, argv: list[str], prog: str, description: str) -> 
         pre_parser = argparse.ArgumentParser(add_help=False)
         pre_parser.add_argument("--config", default=None)
         pre = pre_parser.parse_known_args(argv)[0]
+    for action in parser._actions:  # argparse %-formats help: a literal "30%" must not crash --help
+        if action.help:
+            action.help = re.sub(r"%(?!\()", "%%", action.help)
     if pre is not None and pre.config:
-        with open(pre.config, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
+        values = read_yaml_config(pre.config)
         if not isinstance(values, dict):
             raise LmmixupError(f"{pre.config}: expected a mapping of option names to values")
         actions = {a.dest: a for a in parser._actions}
@@ -81,7 +98,28 @@ def parse_dataclass(cls: type, argv: list[str], prog: str, description: str) -> 
         parser.set_defaults(**values)
     ns = parser.parse_args(_underscore_flags(argv, {a.dest for a in parser._actions}))
     fields = {k: v for k, v in vars(ns).items() if own_config or k != "config"}
-    return cls(**fields)
+    from .options import check_options
+
+    return check_options(cls(**fields))
+
+
+def read_yaml_config(path: str) -> Any:
+    """A YAML file's content, or one clear error saying why it cannot be read."""
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        raise LmmixupError(f"--config {path}: no such file")
+    if p.is_dir():
+        raise LmmixupError(f"--config {path}: is a folder, not a YAML file")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise LmmixupError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise LmmixupError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise LmmixupError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def _underscore_flags(argv: list[str], dests: set[str]) -> list[str]:
@@ -134,11 +172,39 @@ def main(argv: list[str] | None = None) -> int:
             result = func(args)
     except LmmixupError as e:
         print(f"lmmixup {name}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"\nlmmixup {name}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    return result if isinstance(result, int) else 0
+        return EXIT_INTERRUPTED
+    except OSError as e:  # a disk or network problem: one line, not a traceback
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"lmmixup {name}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_FAILED
+    if isinstance(result, int):
+        return result
+    out = getattr(args, "out", None) if cmd.args is not None else None
+    return _partial_status(name, out) if out else EXIT_OK
+
+
+def _partial_status(name: str, out: str) -> int:
+    """EXIT_PARTIAL, with one line saying what is missing, when the stage's manifest says so."""
+    from .workflow import MANIFEST
+
+    try:
+        manifest = json.loads((Path(out) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return EXIT_OK
+    if not manifest.get("complete", True):
+        print(f"lmmixup {name}: partial: {manifest.get('incomplete')} ({out})", file=sys.stderr)
+        return EXIT_PARTIAL
+    if manifest.get("partial_inputs"):
+        shown = "; ".join(f"{p}: {why}" for p, why in manifest["partial_inputs"].items())
+        print(
+            f"lmmixup {name}: partial: built on an incomplete input ({shown}); rerun after completing it",
+            file=sys.stderr,
+        )
+        return EXIT_PARTIAL
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ Inputs: a cluster is ``{"pairs": [...], "task_type": "qa"}`` or a plain list of 
 member is a ``"Q: ... A: ..."`` string, a ``(prompt, completion)`` tuple or a
 ``{"prompt", "completion"}`` dict. A list of clusters (lists or ``{"pairs"}`` dicts) is a batch.
 
-This file is self-contained so that ``save_pretrained`` can ship it with a model and
-``pipeline(model=..., trust_remote_code=True)`` works where ``lmmixup_hf`` is not installed. The
+``save_pretrained`` ships this file and the response parser beside it
+(:mod:`lmmixup_hf.response_parsing`, standard library only, imported relatively so that
+transformers copies it with the model), so ``pipeline(model=..., trust_remote_code=True)`` works
+where ``lmmixup_hf`` is not installed and returns the same output dict for the same reply. The
 prompt then comes from the model's ``config.json`` (``lmmixup_prompt``, written on save from
-:mod:`lmmixup_hf.distill.prompts`, the single source of truth) and only the ``<think>``/``<answer>``
-tags are read; with the package installed its prompt builder and full parser are used.
+:mod:`lmmixup_hf.distill.prompts`, the single source of truth); with the package installed its
+prompt builder is used.
 """
 
 from __future__ import annotations
@@ -23,15 +25,16 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, Pipeline
 
+from .response_parsing import parse_response  # travels with a saved pipeline (a relative import)
+
 TASK = "instruction-distillation"
 PROMPT_CONFIG_KEY = "lmmixup_prompt"
 STOP = "</answer>"
 
-try:  # the installed package: the one prompt builder and the full parser
-    from lmmixup_hf.distill import parsing as _parsing
+try:  # the installed package: the one prompt builder
     from lmmixup_hf.distill import prompts as _prompts
 except ImportError:  # loaded from a model folder through trust_remote_code
-    _parsing = _prompts = None
+    _prompts = None
 
 
 def prompt_spec() -> dict[str, Any]:
@@ -79,12 +82,6 @@ def render_messages(
         else instruction or cluster
     )
     return [{"role": "system", "content": spec["system"]}, {"role": "user", "content": user}]
-
-
-def _extract_tags(text: str) -> tuple[str | None, str | None]:
-    think = re.search(r"<think>(.*?)(?:</think>|(?=<answer>)|\Z)", text, re.I | re.S)
-    answer = re.search(r"<answer>(.*?)(?:</answer>|\Z)", text, re.I | re.S)
-    return (think.group(1).strip() if think else None, answer.group(1).strip() if answer else None)
 
 
 def _is_member(x: Any) -> bool:
@@ -200,21 +197,17 @@ class InstructionDistillationPipeline(Pipeline):
         instruction = model_outputs["instruction"]
         instruction = instruction[0] if isinstance(instruction, list) else instruction
         n_dropped = model_outputs["n_dropped"]
-        result: dict[str, Any] = {"instruction": instruction}
-        if _parsing is not None:
-            parsed = _parsing.parse_response(text, task_type)
-            result.update(
-                think=parsed.think,
-                output=parsed.output,
-                prompt=parsed.prompt,
-                completion=parsed.completion,
-                parse_error=parsed.error,
-            )
-        else:
-            think, output = _extract_tags(text)
-            result.update(think=think, output=output, parse_error=None if output else "no <answer> tag")
-        result.update(raw_response=text, n_dropped=int(n_dropped[0] if isinstance(n_dropped, list) else n_dropped))
-        return result
+        parsed = parse_response(text, task_type)
+        return {
+            "instruction": instruction,
+            "think": parsed.think,
+            "output": parsed.output,
+            "prompt": parsed.prompt,
+            "completion": parsed.completion,
+            "parse_error": parsed.error,
+            "raw_response": text,
+            "n_dropped": int(n_dropped[0] if isinstance(n_dropped, list) else n_dropped),
+        }
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """Save model, tokenizer and this file; the prompt goes into the config so the saved folder

@@ -23,7 +23,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset, concatenate_datasets, load_from_disk
 
-from .schema import BASE_COLUMNS, DEFAULT_MAX_CHARS, EXTRA, ID, LmmixupError, RowError, normalize_record
+from .schema import (
+    BASE_COLUMNS,
+    COMPLETION_KEYS,
+    DEFAULT_MAX_CHARS,
+    EXTRA,
+    ID,
+    PROMPT_KEYS,
+    LmmixupError,
+    RowError,
+    normalize_record,
+)
 
 POOL_SCHEMA = pa.schema([(c, pa.string()) for c in BASE_COLUMNS] + [(EXTRA, pa.string())])
 _BATCH = 10_000
@@ -69,7 +79,7 @@ class Quarantine:
         if not self.rows:
             return "rejected 0 rows"
         parts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.counts().items(), key=lambda kv: -kv[1]))
-        return f"rejected {len(self.rows)} rows: {parts}"
+        return f"rejected {len(self.rows)} row{'s' if len(self.rows) != 1 else ''}: {parts}"
 
     def write(self, path: str | Path) -> None:
         write_jsonl(path, (asdict(r) for r in self.rows))
@@ -152,6 +162,9 @@ def _iter_dataset(ds: Dataset, path: Path) -> Iterator[tuple[int, Any]]:
 
 def _iter_jsonl(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, Any]]:
     with open(path, "rb") as f:
+        if f.read(4096).lstrip()[:1] == b"[":
+            raise PoolFormatError(f"{path}: this looks like a JSON array, not JSON lines: name it .json")
+        f.seek(0)
         for lineno, raw in enumerate(f, start=1):
             try:
                 text = raw.decode("utf-8")
@@ -191,6 +204,12 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         pf = pq.ParquetFile(path)
     except Exception as e:
         raise PoolFormatError(f"{path}: not a readable parquet file ({e})") from None
+    columns = set(pf.schema_arrow.names)
+    if not columns & {*PROMPT_KEYS, "messages"} or not columns & {*COMPLETION_KEYS, "messages"}:
+        raise PoolFormatError(
+            f"{path}: not a pool: a pool needs a prompt column ({', '.join(PROMPT_KEYS)} or messages) and a "
+            f"completion column ({', '.join(COMPLETION_KEYS)}); this file has {', '.join(sorted(columns)) or 'none'}"
+        )
     n = 0
     for batch in pf.iter_batches(batch_size=_BATCH):
         for row in batch.to_pylist():
@@ -231,8 +250,9 @@ def _validate(
         bad = quarantine.rows[n_rejected_before:]
         if not bad:
             raise PoolFormatError(f"{path}: no records")
-        if all(r.reason.startswith(("malformed JSON", "invalid UTF-8")) for r in bad):
-            raise PoolFormatError(f"{path}: not a pool: {bad[0].reason} at line {bad[0].line}")
+        first = bad[0]
+        where = f"line {first.line}" + (f", field {first.field!r}" if first.field else "")
+        raise PoolFormatError(f"{path}: not a pool: all {len(bad)} rows are unusable (first: {where}: {first.reason})")
     return Dataset.from_file(str(out_path))
 
 

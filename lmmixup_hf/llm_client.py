@@ -128,7 +128,7 @@ class UsageMeter:
             "model": self.model,
             "n_requests": self.n_requests,
             "n_cached": self.n_cached,
-            "n_failed": self.n_failed,
+            "n_failed_requests": self.n_failed,
             "n_retries": self.n_retries,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,

@@ -35,7 +35,7 @@ from datasets import Dataset
 
 from .io import read_stage_data, write_json, write_stage_data
 from .schema import HIGH_QUALITY_THRESHOLD, RATING, LmmixupError
-from .workflow import MANIFEST, StageRun
+from .workflow import MANIFEST, StageRun, content_fingerprint, input_status
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class SplitArgs:
     top_share: float | None = field(
         default=None,
         metadata={
-            "help": "Instead of the threshold: the best-rated share of rows is high (0.3 = top 30%), ranked by "
+            "help": "Instead of the threshold: the best-rated share of rows is high (0.3 = top 30 percent), ranked by "
             "score, then the judge's expected score. For weak judges whose scores bunch together (the demo)."
         },
     )
@@ -142,7 +142,13 @@ def split_rated(args: SplitArgs) -> Dataset:
         write_stage_data(part, run.out_dir / name)
         write_json(
             run.out_dir / name / MANIFEST,
-            {"stage": f"split/{name}", "fingerprint": f"{run.fingerprint}-{name}", "counts": {"rows_out": len(part)}},
+            {
+                "stage": f"split/{name}",
+                "fingerprint": f"{run.fingerprint}-{name}",
+                "output_fingerprint": content_fingerprint(run.out_dir / name),
+                "counts": {"rows_out": len(part)},
+                **({"partial_inputs": run.partial_inputs} if run.partial_inputs else {}),
+            },
         )
     run.finish(
         None,
@@ -238,7 +244,7 @@ class RunConfig:
     device: str | None = None
     batch_size: int | None = None
     num_proc: int | None = None
-    shards: dict[str, int] | None = None
+    allow_partial: bool = False  # go on to the next stage when rows were left failed (e.g. by the judge)
     description: str | None = None
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -258,10 +264,11 @@ class RunArgs:
     )
     to_stage: str | None = field(default=None, metadata={"aliases": ["--to"], "help": "Last stage to run."})
     only: str | None = field(default=None, metadata={"help": "Run just this stage (its inputs must exist)."})
-    shard: int | None = field(
+    allow_partial: bool | None = field(
         default=None,
         metadata={
-            "help": "Run only shard K (0-based) of the sharded stages, e.g. one per machine; rerun without it to merge."
+            "help": "Go on to the next stage when a stage left rows failed (default: the config's allow_partial, "
+            "else stop; rerun to retry the failed rows)."
         },
     )
 
@@ -289,11 +296,6 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     hints = typing.get_type_hints(RunConfig)
     for key in top & set(raw):
         _check_type(raw[key], hints[key], f"{path}: {key}")
-    for stage, n in (raw.get("shards") or {}).items():
-        from .sharding import SHARDABLE
-
-        if stage not in SHARDABLE or not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise LmmixupError(f"{path}: shards.{stage}: expected a positive int for one of {', '.join(SHARDABLE)}")
     if "input" not in raw:
         raise LmmixupError(f"{path}: missing required key `input` (the pool to run on)")
     sections = {}
@@ -345,7 +347,9 @@ def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config")
     required = [n for n, f in fields.items() if _required(f) and n not in values]
     if required:
         raise LmmixupError(f"{config_path}: {stage.name}: missing required option(s) {', '.join(required)}")
-    return cls(**values)
+    from .options import check_options
+
+    return check_options(cls(**values), f"{config_path}: {stage.name}")
 
 
 def _required(f: dataclasses.Field) -> bool:
@@ -409,7 +413,7 @@ def select_stages(from_stage: str | None, to_stage: str | None, only: str | None
 
 def run(args: RunArgs) -> int:
     """Run the selected stages in order; already finished ones skip themselves."""
-    overrides = {"name": args.name, "out_dir": args.out_dir, "input": args.input}
+    overrides = {"name": args.name, "out_dir": args.out_dir, "input": args.input, "allow_partial": args.allow_partial}
     if args.name and not args.out_dir:
         overrides["out_dir"] = f"runs/{args.name}"
     cfg = load_config(args.config, overrides)
@@ -427,35 +431,49 @@ def run(args: RunArgs) -> int:
 
     import datasets
 
+    from .cli import EXIT_OK, EXIT_PARTIAL
+
     datasets.disable_progress_bars()  # the stages' own bars are the progress display; not parquet I/O
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(_resolved(cfg, all_args), sort_keys=False))
     logger.info("run %s: %d stage(s) %s -> %s", cfg.name, len(stages), "/".join(s.name for s in stages), cfg.run_dir)
     started = time.time()
+    partial: dict[str, str] = {}
     for i, stage in enumerate(stages, start=1):
         t0 = time.time()
         logger.info("[%d/%d] %s: %s", i, len(stages), stage.name, stage.help)
         func: Callable[[Any], Any] = getattr(_import(stage), stage.func)
-        n_shards = (cfg.shards or {}).get(stage.name, 1)
-        if n_shards > 1:
-            from .sharding import run_sharded
-
-            if not run_sharded(
-                stage.name, stage.module, stage.func, all_args[stage.name], n_shards, cfg.num_proc or 1, args.shard
-            ):
-                return 0  # one shard of a fleet: the run that merges goes on from here
-        elif not _skip_empty(stage, all_args[stage.name]):
+        if not _skip_empty(stage, all_args[stage.name]):
             func(all_args[stage.name])
+        stage_dir = cfg.run_dir / stage.name
         logger.info(
-            "[%d/%d] %s: done in %.1f s%s",
-            i,
-            len(stages),
-            stage.name,
-            time.time() - t0,
-            _count_note(cfg.run_dir / stage.name),
+            "[%d/%d] %s: done in %.1f s%s", i, len(stages), stage.name, time.time() - t0, _count_note(stage_dir)
         )
-    logger.info("run %s: finished in %.1f s; report: %s", cfg.name, time.time() - started, cfg.run_dir / "report.html")
-    return 0
+        why = input_status(stage_dir)
+        if why is None:
+            continue
+        partial[stage.name] = why
+        if not cfg.allow_partial and stage is not stages[-1]:
+            logger.error(
+                "run %s: stopped after %s: %s. Rerun the same command to retry them, or set `allow_partial: true` "
+                "(or --allow_partial) to go on with the rows there are.",
+                cfg.name,
+                stage.name,
+                why,
+            )
+            _record_partial(cfg.run_dir, partial, allowed=False)
+            return EXIT_PARTIAL
+        logger.warning("run %s: %s is partial (%s); going on (allow_partial)", cfg.name, stage.name, why)
+    _record_partial(cfg.run_dir, partial, allowed=cfg.allow_partial)
+    report = " ; report: " + str(cfg.run_dir / "report.html") if any(s.name == "report" for s in stages) else ""
+    state = "finished with partial stages " + ", ".join(partial) if partial else "finished"
+    logger.info("run %s: %s in %.1f s%s", cfg.name, state, time.time() - started, report)
+    return EXIT_PARTIAL if partial else EXIT_OK
+
+
+def _record_partial(run_dir: Path, partial: Mapping[str, str], allowed: bool) -> None:
+    """``run.json``: which stages were partial and whether the run went on anyway (the report shows it)."""
+    write_json(run_dir / "run.json", {"partial_stages": dict(partial), "allow_partial": allowed})
 
 
 def _skip_empty(stage: Stage, args: Any) -> bool:

@@ -214,8 +214,7 @@ def rate(args: RateArgs) -> Dataset:
     params = {k: v for k, v in asdict(args).items() if k not in _OPERATIONAL}
     params["rubric_version"] = RUBRIC_VERSION
     run = StageRun("rate", args.out, inputs=[args.input], params=params)
-    manifest = run.manifest()
-    if run.is_complete() and manifest and not manifest["counts"].get("failed"):
+    if run.is_complete():
         logger.info("rate: up to date, skipping (%s)", args.out)
         return run.load()
 
@@ -346,11 +345,10 @@ def _finish(
             },
             "summary": summary["all"],
         },
+        incomplete=f"{len(failed)} of {len(items)} rows failed (see {FAILED}); rerun to retry them"
+        if failed
+        else None,
     )
-    if failed:
-        logger.warning(
-            "rate: %d rows failed (see %s); rerun the same command to retry them", len(failed), Path(args.out) / FAILED
-        )
     logger.info(
         "rate: %d rated (%d high, %d low), %d failed; usage %s",
         len(rated),

@@ -105,8 +105,8 @@ def text_of(row: Mapping[str, Any]) -> str:
 
 
 # -- field mapping -----------------------------------------------------------------------------
-_PROMPT_KEYS = ("prompt", "instruction", "question", "query")
-_COMPLETION_KEYS = ("completion", "output", "answer", "response", "target")
+PROMPT_KEYS = ("prompt", "instruction", "question", "query")
+COMPLETION_KEYS = ("completion", "output", "answer", "response", "target")
 
 
 def _as_text(row: Mapping[str, Any], key: str) -> str:
@@ -151,12 +151,12 @@ def normalize_record(
     if "messages" in row and not any(k in row for k in ("prompt", "instruction", "question")):
         prompt, completion = _from_messages(row["messages"])
     else:
-        pkey = next((k for k in _PROMPT_KEYS if k in row and row[k] is not None), None)
-        ckey = next((k for k in _COMPLETION_KEYS if k in row and row[k] is not None), None)
+        pkey = next((k for k in PROMPT_KEYS if k in row and row[k] is not None), None)
+        ckey = next((k for k in COMPLETION_KEYS if k in row and row[k] is not None), None)
         if pkey is None:
-            raise RowError("prompt", "missing (looked for " + ", ".join(_PROMPT_KEYS) + ", messages)")
+            raise RowError("prompt", "missing (looked for " + ", ".join(PROMPT_KEYS) + ", messages)")
         if ckey is None:
-            raise RowError("completion", "missing (looked for " + ", ".join(_COMPLETION_KEYS) + ")")
+            raise RowError("completion", "missing (looked for " + ", ".join(COMPLETION_KEYS) + ")")
         prompt, completion = _as_text(row, pkey), _as_text(row, ckey)
         if pkey == "instruction" and row.get("input"):
             prompt = f"{prompt}\n\n{_as_text(row, 'input')}"

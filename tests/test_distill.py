@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from openai_server import openai_server  # noqa: F401  (fixture)
 
-from lmmixup_hf.distill.parsing import parse_response
 from lmmixup_hf.distill.prompts import format_target
 from lmmixup_hf.distill.stage import DistillArgs, distill, group_clusters
 from lmmixup_hf.io import read_stage_data
+from lmmixup_hf.response_parsing import parse_response
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,14 +7,17 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from transformers import pipeline
 
 import lmmixup_hf  # noqa: F401  (registers the task)
-from lmmixup_hf.distill.parsing import parse_response
 from lmmixup_hf.distill.prompts import build_messages, instruction_for, linearize_cluster, prompt_token_count
 from lmmixup_hf.hf_pipeline import PROMPT_CONFIG_KEY, TASK, InstructionDistillationPipeline
+from lmmixup_hf.response_parsing import parse_response
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CLUSTER = ["Q: what is a tulip\nA: a flower", "Q: where do tulips come from\nA: central asia"]
 PAIRS = [("what is a tulip", "a flower"), ("where do tulips come from", "central asia")]
@@ -66,6 +69,12 @@ def test_prompt_budget_drops_whole_members(pipe):
     assert out["n_dropped"] == 2
 
 
+SCRIPTED = {
+    "qa": "<think>both ask about tulips</think><answer>Q: Where do tulips come from?\nA: Central Asia.</answer>",
+    "mcq": "<think>one stem</think><answer>Q: Which is a flower?\nA) Tulip\nB) Oak\nAnswer: A</answer>",
+    "tfq": "<think>a claim</think><answer>Q: Tulips are flowers.\nAnswer: True</answer>",
+}
+
 SUBPROCESS = textwrap.dedent(
     """
     import importlib.abc, json, sys
@@ -88,6 +97,12 @@ SUBPROCESS = textwrap.dedent(
     members = json.loads(sys.argv[2])
     out = pipe(members, max_new_tokens=6)
     batch = pipe([members, {"pairs": members[:1], "task_type": "cs"}], max_new_tokens=6, batch_size=2)
+    scripted = {}  # a good reply of each task type through postprocess, as a trained model would write it
+    for task, reply in json.loads(sys.argv[3]).items():
+        ids = pipe.tokenizer(reply, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        scripted[task] = pipe.postprocess(
+            {"generated": ids, "task_type": task, "instruction": "merge", "n_dropped": 0}
+        )
     print(json.dumps({
         "importable": importable,
         "loaded": sorted(m for m in sys.modules if m.startswith("lmmixup_hf")),
@@ -95,6 +110,7 @@ SUBPROCESS = textwrap.dedent(
         "messages": {t: pipe.messages_for(members, t) for t in ("qa", "mcq", "tfq", "cs", "para")},
         "out": out,
         "batch": batch,
+        "scripted": scripted,
     }))
     """
 )
@@ -115,7 +131,7 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_package(pipe, tmp
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, str(script), str(saved), json.dumps(CLUSTER)],
+        [sys.executable, str(script), str(saved), json.dumps(CLUSTER), json.dumps(SCRIPTED)],
         cwd=workdir,
         env=env,
         capture_output=True,
@@ -135,4 +151,12 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_package(pipe, tmp
     assert result["out"]["instruction"] == instruction_for("qa")
     assert {"instruction", "output", "think"} <= set(result["out"])
     assert len(result["batch"]) == 2 and result["batch"][1]["instruction"] == instruction_for("cs")
+    assert set(result["out"]) == set(pipe(CLUSTER, max_new_tokens=6))  # the same keys in both places
+    # a good reply gives the same dict, prompt/completion and task format check included
+    for task, reply in SCRIPTED.items():
+        ids = pipe.tokenizer(reply, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        here = pipe.postprocess({"generated": ids, "task_type": task, "instruction": "merge", "n_dropped": 0})
+        assert result["scripted"][task] == here, task
+        assert here["prompt"] and here["completion"] and here["parse_error"] is None, here
+    assert (saved / "response_parsing.py").read_text() == (ROOT / "lmmixup_hf" / "response_parsing.py").read_text()
     shutil.rmtree(tmp_path / "modules", ignore_errors=True)

@@ -332,34 +332,6 @@ def test_demo_models_run_every_stage(tmp_path, smollm2_dir):
     assert (out / "report.html").exists() and (out / "mix" / "manifest.json").exists()
 
 
-@pytest.mark.slow
-def test_sharded_stages_give_the_same_output(clean_run, server, subset, tmp_path):
-    """rate, distill and rerate as shards (the way a fleet splits them): the merged folders and
-    the final mix equal the unsharded run's."""
-    config = served_config(tmp_path, server, subset, "sharded")
-    cfg = yaml.safe_load(config.read_text())
-    cfg["shards"] = {"rate": 3, "distill": 2, "rerate": 2}
-    write_config(config, cfg)
-    r = lmmixup("run", "--config", str(config), "--shard", "1")  # one machine's share of the fleet
-    assert r.returncode == 0, r.stderr[-4000:]
-    out = tmp_path / "sharded"
-    assert (out / "rate" / "shards" / "00001-of-00003" / "output" / "manifest.json").exists()
-    assert not (out / "rate" / "manifest.json").exists() and not (out / "split").exists()
-    r = lmmixup("run", "--config", str(config))  # the other shards, the merge, and the rest
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert manifest(out / "rate")["shards"] == 3
-    assert manifest(out / "rate")["counts"]["rated"] == 40
-    for stage, split in [
-        ("rate", "data"),
-        ("rate", "high"),
-        ("distill", "data"),
-        ("distill", "unparsed"),
-        ("rerate", "data"),
-        ("mix", "data"),
-    ]:
-        assert rows(out / stage, split) == rows(clean_run / stage, split), f"{stage}/{split} differs"
-
-
 def test_split_by_top_share_ranks_by_score_then_expected(tmp_path):
     from datasets import Dataset
 

@@ -98,7 +98,8 @@ def test_rate_cli_faults_failures_retry_and_secret(openai_server, tmp_path):
     opts = ("--max-concurrency", "8", "--timeout", "1.0", "--max-retries", "8")
 
     first = cli(out, pool, server, None, *opts)
-    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.returncode == 3, first.stdout + first.stderr  # finished, but rows were left failed
+    assert "3 of 44 rows failed" in first.stderr and "Traceback" not in first.stderr
     assert {"429", "500", "malformed", "slow"} <= set(server.faults_sent)
 
     # every row ends scored, failed or rejected: none lost, no invented score
@@ -135,6 +136,7 @@ def test_rate_cli_faults_failures_retry_and_secret(openai_server, tmp_path):
     assert all(f"| {s} |" in table for s in SOURCES)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["failed"] == 3 and manifest["counts"]["rated"] == len(data)
+    assert manifest["complete"] is False and "3 of 44 rows failed" in manifest["incomplete"]
     assert manifest["usage"]["n_requests"] >= len(data) and manifest["usage"]["prompt_tokens"] > 0
     assert "cost_usd" in manifest["usage"]
 

@@ -63,7 +63,7 @@ def test_cli_ingest_flags_yaml_and_resume(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {"rows_in": 3, "rows_out": 2, "rejected": 1}
     assert manifest["rejected_by_reason"] == {"malformed JSON": 1}
-    assert "rejected 1 rows: 1 malformed JSON" in r.stderr
+    assert "rejected 1 row: 1 malformed JSON" in r.stderr
 
     r2 = _cli("ingest", "--input", str(pool), "--out", str(out), "--max-chars", "100000")  # dashes work too
     assert "up to date, skipping" in r2.stderr

@@ -30,6 +30,7 @@ from datasets import Dataset
 from datasets.table import InMemoryTable
 
 from ..io import read_pool, read_stage_data
+from ..response_parsing import parse_response
 from ..schema import (
     CLUSTER_ID,
     COMPLETION,
@@ -43,7 +44,6 @@ from ..schema import (
 )
 from ..workflow import StageRun
 from .engines import ENGINES, Engine, make_engine
-from .parsing import parse_response
 from .prompts import PROMPT_VERSION, fit_messages, instruction_for, linearize_cluster
 
 logger = logging.getLogger(__name__)
