@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             result = func(args)
     except LmmixupError as e:
         print(f"lmmixup {name}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return e.exit_code
     except KeyboardInterrupt:
         print(f"\nlmmixup {name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData
 
-from .schema import LmmixupError
+from .schema import LmmixupError, ServiceError
 
 logger = logging.getLogger(__name__)
 
@@ -294,29 +295,38 @@ _DATASET_IGNORE = [".work/**", ".*", "**/.*"]
 
 
 def push(args: PushArgs, api: HfApi | None = None) -> str:
-    """Create the repo if needed and upload the folder (with a card); returns the commit URL."""
+    """Create the repo if needed and upload the folder with a card, in one commit; returns the
+    commit URL. The card is generated in memory: the user's folder is never written to."""
+    from huggingface_hub import CommitOperationAdd, get_token
+    from huggingface_hub.utils import filter_repo_objects
+
     if bool(args.model_dir) == bool(args.dataset_dir):
         raise LmmixupError("give exactly one of --model_dir or --dataset_dir")
-    api = api or HfApi()  # token: HF_TOKEN or the stored login, resolved by huggingface_hub
     repo_type = "model" if args.model_dir else "dataset"
     folder = Path(args.model_dir or args.dataset_dir)
     if not folder.is_dir():
         raise LmmixupError(f"{folder}: no such folder")
-    if args.write_card and not (folder / "README.md").exists():
+    if api is None and not get_token():  # before any work: a push cannot go anywhere without one
+        raise LmmixupError("pushing needs a Hugging Face token: set HF_TOKEN or run `hf auth login`")
+    api = api or HfApi()  # token: HF_TOKEN or the stored login, resolved by huggingface_hub
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    files = list(filter_repo_objects(files, ignore_patterns=_DATASET_IGNORE))
+    operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+    if args.write_card and "README.md" not in files:
         card = (
             model_card(folder.name, repo_id=args.repo_id)
             if repo_type == "model"
             else dataset_card(folder, args.repo_id)
         )
-        card.save(folder / "README.md")
-    api.create_repo(args.repo_id, repo_type=repo_type, private=args.private, exist_ok=True)
-    info = api.upload_folder(
-        repo_id=args.repo_id,
-        folder_path=str(folder),
-        repo_type=repo_type,
-        commit_message=args.commit_message or f"Upload {repo_type} with lmmixup-hf",
-        ignore_patterns=_DATASET_IGNORE,
-    )
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(card).encode("utf-8")))
+    with _hub_errors(args.repo_id):
+        api.create_repo(args.repo_id, repo_type=repo_type, private=args.private, exist_ok=True)
+        info = api.create_commit(
+            repo_id=args.repo_id,
+            repo_type=repo_type,
+            operations=operations,
+            commit_message=args.commit_message or f"Upload {repo_type} with lmmixup-hf",
+        )
     url = getattr(info, "commit_url", str(info))
     logger.info("pushed %s to %s (%s)", folder, args.repo_id, url)
     return url
@@ -325,9 +335,33 @@ def push(args: PushArgs, api: HfApi | None = None) -> str:
 def pull(args: PullArgs, api: HfApi | None = None) -> str:
     """Download a repo snapshot into ``out``; returns the local path."""
     api = api or HfApi()
-    path = api.snapshot_download(args.repo_id, repo_type=args.repo_type, revision=args.revision, local_dir=args.out)
+    with _hub_errors(args.repo_id):
+        path = api.snapshot_download(
+            args.repo_id, repo_type=args.repo_type, revision=args.revision, local_dir=args.out
+        )
     logger.info("pulled %s into %s", args.repo_id, path)
     return str(path)
+
+
+@contextmanager
+def _hub_errors(repo_id: str) -> Iterator[None]:
+    """Offline, unreachable, unauthorised, missing: one line that says which, never a traceback."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise ServiceError(f"{repo_id}: the Hub is switched off here (HF_HUB_OFFLINE=1)") from None
+    except RepositoryNotFoundError:
+        raise ServiceError(f"{repo_id}: no such repository, or the token may not see it") from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = " (check HF_TOKEN: it may lack write access)" if status in (401, 403) else ""
+        raise ServiceError(f"{repo_id}: the Hub refused the request (HTTP {status}){hint}") from None
+    except (OSError, ConnectionError) as e:
+        raise ServiceError(
+            f"{repo_id}: could not reach the Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def push_main(args: PushArgs) -> int:

@@ -58,6 +58,14 @@ DEFAULT_MAX_CHARS = 100_000
 class LmmixupError(Exception):
     """An error the user can act on; the CLI prints it without a traceback."""
 
+    exit_code = 2  # a usage or input error (see the exit statuses in the CLI)
+
+
+class ServiceError(LmmixupError):
+    """A service we depend on failed (the Hub, an endpoint): not the input's fault."""
+
+    exit_code = 1
+
 
 class RowError(ValueError):
     """A single row is unusable; it is quarantined with ``field`` and ``reason``."""

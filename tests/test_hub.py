@@ -197,10 +197,14 @@ def test_push_and_pull_round_trip_over_http(fake_hub, tmp_path, tiny_qwen_dir):
     assert "README.md" in files and "data/train-00000-of-00001.parquet" in files
     assert not any(p.startswith(".work") for p in files)  # scratch space is never uploaded
 
+    assert not (stage / "README.md").exists()  # the card was staged in memory, not in the user's folder
+    assert b"org/distilled" in files["README.md"]
+
     local = pull(PullArgs(repo_id="org/distilled", out=str(tmp_path / "pulled"), repo_type="dataset"))
     pulled = Path(local)
     for rel in files:
-        assert (pulled / rel).read_bytes() == (stage / rel).read_bytes()
+        expected = files[rel] if rel == "README.md" else (stage / rel).read_bytes()
+        assert (pulled / rel).read_bytes() == expected
     assert pq.read_table(pulled / "data").to_pylist()[0]["output"] == "Q: When?\nA: 1890s."
     assert fake_hub.unknown == []
     assert fake_hub.auth == {f"Bearer {TOKEN}"}  # the token came from the environment
