@@ -82,8 +82,10 @@ def parse_dataclass(cls: type, argv: list[str], prog: str, description: str) -> 
         pre_parser = argparse.ArgumentParser(add_help=False)
         pre_parser.add_argument("--config", default=None)
         pre = pre_parser.parse_known_args(argv)[0]
-    for action in parser._actions:  # argparse %-formats help: a literal "30%" must not crash --help
-        if action.help:
+    for action in parser._actions:
+        if any(o.startswith("--no_") for o in action.option_strings):  # the generated complement of a bool
+            action.help, action.default = f"Same as --{action.dest} false.", argparse.SUPPRESS
+        elif action.help:  # argparse %-formats help: a literal "30%" must not crash --help
             action.help = re.sub(r"%(?!\()", "%%", action.help)
     if pre is not None and pre.config:
         values = read_yaml_config(pre.config)

@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .schema import CLUSTER_ID, COMPLETION, ID, LONG_TAIL, PROMPT, RATING, LmmixupError
-from .workflow import MANIFEST, REJECTED
+from .workflow import MANIFEST, REJECTED, input_status
 
 logger = logging.getLogger(__name__)
 
@@ -490,6 +490,9 @@ def report(args: ReportArgs) -> dict[str, Any]:
         f"the final mix; {total_s:.0f} s of stage time; ${total_usd:.4f} of API cost."
     )
     reason_rows = [[name, k, str(v)] for name, c in reasons.items() for k, v in c.most_common()]
+    partial = {s.name: why for s in stages if (why := input_status(run_dir / s.name))}
+    if partial:
+        headline += " PARTIAL: " + "; ".join(f"{name}: {why}" for name, why in partial.items()) + "."
 
     md = [f"# {title}", "", headline, "", "## Stages", "", _md_table(STAGE_HEADER, _stage_rows(stages)), ""]
     if reason_rows:
@@ -524,6 +527,7 @@ def report(args: ReportArgs) -> dict[str, Any]:
         "stages": {s.name: {"rows": s.rows, "rejected": s.rejected, "seconds": s.seconds} for s in stages},
         "plots": [f for f, _, _ in plots],
         "examples": len(examples),
+        "partial_stages": partial,
         "scores_before": before.tolist(),
         "scores_after": after.tolist(),
     }

@@ -115,6 +115,8 @@ def test_run_stops_on_a_partial_stage_unless_allowed(openai_server, tmp_path, mo
     assert main(["run", "--config", str(config), "--to", "split", "--allow_partial", "true"]) == EXIT_PARTIAL
     assert manifest(tmp_path / "run" / "split")["partial_inputs"]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["allow_partial"] is True
+    assert main(["report", "--run_dir", str(tmp_path / "run")]) == EXIT_OK
+    assert "PARTIAL: rate:" in (tmp_path / "run" / "report.md").read_text()
 
 
 # -- fingerprints follow content, not places ------------------------------------------------------
