@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -211,6 +212,9 @@ def rate(args: RateArgs) -> Dataset:
         raise LmmixupError("--fields: name at least one column")
     if args.rubric != "auto" and args.rubric not in KINDS:
         raise LmmixupError(f"--rubric {args.rubric!r}: expected auto or one of {', '.join(KINDS)}")
+    if args.engine == "openai" and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
+        if not (args.api_key or os.environ.get("OPENAI_API_KEY")):  # fail now, not once per row
+            raise LmmixupError("the OpenAI API needs a key: set OPENAI_API_KEY (or --base_url for a local server)")
     params = {k: v for k, v in asdict(args).items() if k not in _OPERATIONAL}
     params["rubric_version"] = RUBRIC_VERSION
     run = StageRun("rate", args.out, inputs=[args.input], params=params)

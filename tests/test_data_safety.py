@@ -184,6 +184,13 @@ BAD = [
     (("run", "--config", "{d}/bad.yaml"), 2, "not valid YAML"),
     (("push", "--repo_id", "org/x", "--model_dir", "{d}"), 2, "HF_TOKEN"),
     (("pull", "--repo_id", "org/x", "--out", "{d}/o6"), 1, "HF_HUB_OFFLINE"),
+    (("rate", "--input", "{d}/ok.jsonl", "--out", "{d}/o7"), 2, "set OPENAI_API_KEY"),
+    (
+        ("rate", "--input", "{d}/ok.jsonl", "--out", "{d}/o8", "--base_url", "http://127.0.0.1:9/v1")
+        + ("--max_retries", "0", "--cache_dir", "none", "--progress", "false"),
+        3,
+        "1 of 1 rows failed",
+    ),
 ]
 
 
@@ -192,6 +199,7 @@ BAD = [
 )
 def test_bad_invocations_fail_in_one_line(bad_inputs, argv, status, message):
     env = {"HF_TOKEN": "", "HF_HUB_OFFLINE": "1", "HF_HOME": str(bad_inputs / "hf-home")}
+    env.update(OPENAI_API_KEY="", OPENAI_BASE_URL="")  # an unreachable endpoint: every row fails, exit 3
     r = lmmixup(*(a.format(d=bad_inputs) for a in argv), env=env)
     assert r.returncode == status, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and message in r.stderr, r.stderr[-2000:]
