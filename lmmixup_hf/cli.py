@@ -98,7 +98,7 @@ def parse_dataclass(cls: type, argv: list[str], prog: str, description: str) -> 
         for dest in values:
             actions[dest].required = False  # the YAML supplies it; a flag may still override
         parser.set_defaults(**values)
-    ns = parser.parse_args(_underscore_flags(argv, {a.dest for a in parser._actions}))
+    ns = parser.parse_args(argv)  # HfArgumentParser accepts --judge-model as well as --judge_model
     fields = {k: v for k, v in vars(ns).items() if own_config or k != "config"}
     from .options import check_options
 
@@ -122,18 +122,6 @@ def read_yaml_config(path: str) -> Any:
         raise LmmixupError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise LmmixupError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
-
-
-def _underscore_flags(argv: list[str], dests: set[str]) -> list[str]:
-    """Accept ``--judge-model`` as well as ``--judge_model`` (dataclass fields use underscores)."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--") and "-" in arg[2:]:
-            name, eq, value = arg[2:].partition("=")
-            if name.replace("-", "_") in dests:
-                arg = "--" + name.replace("-", "_") + eq + value
-        out.append(arg)
-    return out
 
 
 def _usage() -> str:

@@ -34,6 +34,7 @@ import yaml
 from datasets import Dataset
 
 from .io import read_stage_data, write_json, write_stage_data
+from .quality import split_by_quality
 from .schema import HIGH_QUALITY_THRESHOLD, RATING, LmmixupError
 from .workflow import MANIFEST, StageRun, content_fingerprint, input_status
 
@@ -111,34 +112,17 @@ class SplitArgs:
 
 
 def split_rated(args: SplitArgs) -> Dataset:
-    """Split rated rows into ``high/`` (score >= threshold) and ``low/`` (the rest). Each half is a
-    stage folder of its own (data/ + manifest), so later stages read it like any other. Unscored
-    rows (the judge failed) are quarantined, never counted as low."""
-    import numpy as np
-
+    """Split rated rows into ``high/`` and ``low/`` (:func:`~lmmixup_hf.quality.split_by_quality`).
+    Each half is a stage folder of its own (data/ + manifest), so later stages read it like any
+    other. Unscored rows (the judge failed) are quarantined, never counted as low."""
     run = StageRun("split", args.out, inputs=[args.input], params=asdict(args))
     if run.is_complete():
         logger.info("split: up to date, skipping (%s)", args.out)
         return read_stage_data(Path(args.out) / "high")
     ds = read_stage_data(args.input)
-    scores = rating_scores(ds)
-    missing = np.isnan(scores)
-    for i in np.flatnonzero(missing):
-        run.quarantine.add(args.input, int(i) + 1, RATING, "no score (the judge failed on this row)", ds[int(i)])
-    high = ~missing & (scores >= args.threshold)
-    if args.top_share is not None:
-        if not 0.0 <= args.top_share <= 1.0:
-            raise LmmixupError(f"--top_share must be in [0, 1], got {args.top_share}")
-        expected = _struct_field(ds, "expected")
-        order = np.lexsort((np.arange(len(ds)), -np.nan_to_num(expected, nan=-1.0), -np.nan_to_num(scores, nan=-1.0)))
-        order = order[~missing[order]]
-        high = np.zeros(len(ds), dtype=bool)
-        high[order[: int(round(args.top_share * len(order)))]] = True
-    parts = {
-        "high": ds.select(np.flatnonzero(high)),
-        "low": ds.select(np.flatnonzero(~missing & ~high)),
-    }
-    for name, part in parts.items():
+    parts = split_by_quality(ds, args.threshold, args.top_share)
+    _quarantine_unscored(run, args.input, ds, parts.unscored)
+    for name, part in (("high", parts.high), ("low", parts.low)):
         write_stage_data(part, run.out_dir / name)
         write_json(
             run.out_dir / name / MANIFEST,
@@ -152,17 +136,17 @@ def split_rated(args: SplitArgs) -> Dataset:
         )
     run.finish(
         None,
-        counts={
-            "rows_in": len(ds),
-            "high": len(parts["high"]),
-            "low": len(parts["low"]),
-            "unscored": int(missing.sum()),
-        },
+        counts={"rows_in": len(ds), "high": len(parts.high), "low": len(parts.low), "unscored": len(parts.unscored)},
         extra={"threshold": args.threshold, "top_share": args.top_share},
     )
     rule = f"top {args.top_share:.0%}" if args.top_share is not None else f"score >= {args.threshold}"
-    logger.info("split: %d high, %d low (%s)", len(parts["high"]), len(parts["low"]), rule)
-    return parts["high"]
+    logger.info("split: %d high, %d low (%s)", len(parts.high), len(parts.low), rule)
+    return parts.high
+
+
+def _quarantine_unscored(run: StageRun, path: str, ds: Dataset, unscored: Any) -> None:
+    for i in unscored:
+        run.quarantine.add(path, int(i) + 1, RATING, "no score (the judge failed on this row)", ds[int(i)])
 
 
 @dataclass
@@ -175,60 +159,23 @@ class FilterArgs:
 
 
 def filter_rated(args: FilterArgs) -> Dataset:
-    """Keep rows scored >= ``min_score``. Rows under it go to ``below/``; rows with no score (the
-    judge failed) are quarantined with a reason, never treated as a 0."""
-    import numpy as np
-
+    """Keep rows scored >= ``min_score`` (the same rule as the split). Rows under it go to
+    ``below/``; rows with no score (the judge failed) are quarantined with a reason, never a 0."""
     run = StageRun("filter", args.out, inputs=[args.input], params=asdict(args))
     if run.is_complete():
         logger.info("filter: up to date, skipping (%s)", args.out)
         return run.load()
     ds = read_stage_data(args.input)
-    scores = rating_scores(ds)
-    missing = np.isnan(scores)
-    for i in np.flatnonzero(missing):
-        run.quarantine.add(args.input, int(i) + 1, RATING, "no score (the judge failed on this row)", ds[int(i)])
-    keep = ~missing & (scores >= args.min_score)
-    below = ~missing & (scores < args.min_score)
-    kept, low = ds.select(np.flatnonzero(keep)), ds.select(np.flatnonzero(below))
+    kept, below, unscored = split_by_quality(ds, threshold=args.min_score)
+    _quarantine_unscored(run, args.input, ds, unscored)
     run.finish(
         kept,
-        counts={
-            "rows_in": len(ds),
-            "rows_out": len(kept),
-            "below_threshold": len(low),
-            "unscored": int(missing.sum()),
-        },
+        counts={"rows_in": len(ds), "rows_out": len(kept), "below_threshold": len(below), "unscored": len(unscored)},
         extra={"min_score": args.min_score},
-        splits={"below": low},
+        splits={"below": below},
     )
     logger.info("filter: kept %d of %d rows with score >= %d", len(kept), len(ds), args.min_score)
     return kept
-
-
-def rating_scores(ds: Dataset) -> Any:
-    """The compressed scores of a rated dataset as float64, NaN where there is none; read from
-    the Arrow column directly (no Python object per row)."""
-    return _struct_field(ds, "score", required=True)
-
-
-def _struct_field(ds: Dataset, name: str, required: bool = False) -> Any:
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if RATING not in ds.column_names:
-        raise LmmixupError(f"no `{RATING}` column: rate the rows first (columns: {', '.join(ds.column_names)})")
-    table = ds.select_columns([RATING]).with_format("arrow")[: len(ds)]
-    col = table.column(RATING).combine_chunks() if len(ds) else pa.array([], pa.struct([("score", pa.int64())]))
-    if not pa.types.is_struct(col.type) or col.type.get_field_index(name) < 0:
-        if required:
-            raise LmmixupError(f"`{RATING}` has no `{name}` field (type {col.type})")
-        return np.full(len(ds), np.nan)
-    score = pc.struct_field(col, name)
-    if col.null_count:  # a null struct must give a null score, whatever the child array holds
-        score = pc.if_else(pc.is_valid(col), score, pa.scalar(None, score.type))
-    return np.asarray(pc.fill_null(pc.cast(score, pa.float64()), float("nan")).to_numpy(zero_copy_only=False))
 
 
 # -- config ---------------------------------------------------------------------------------------

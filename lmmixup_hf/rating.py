@@ -26,6 +26,7 @@ from datasets import Dataset, Value
 
 from .io import read_pool, write_json, write_jsonl, write_stage_data
 from .judge import DIMENSIONS, KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
+from .quality import high_quality_mask
 from .schema import (
     COMPLETION,
     HIGH_QUALITY_THRESHOLD,
@@ -320,7 +321,7 @@ def _finish(
     )
     scores = np.asarray([s["score"] for s in structs], dtype=np.int64)
     sources = np.asarray(out[SOURCE] if len(out) else [], dtype=object)
-    high_mask = scores >= args.threshold
+    high_mask = high_quality_mask(scores, args.threshold)  # the one definition of high quality
     splits = {"high": out.select(np.flatnonzero(high_mask)), "low": out.select(np.flatnonzero(~high_mask))}
     summary = summarize(scores, sources, high_mask, failed_sources=[ds[i][SOURCE] for i in failed])
     for src in summary["by_source"]:
