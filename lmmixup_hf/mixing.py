@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,9 +91,10 @@ def with_long_tail(ds: Dataset) -> Dataset:
     return ds.add_column(LONG_TAIL, [None if v is None else float(v) for v in values])
 
 
-def rank_distilled(ds: Dataset, path: str) -> np.ndarray:
+def rank_distilled(ds: Dataset) -> np.ndarray:
+    """Long-tail score, descending (the rarest distilled rows first)."""
     if LONG_TAIL not in ds.column_names:
-        raise LmmixupError(f"{path}: no `{LONG_TAIL}` column; score it first with `lmmixup longtail`")
+        raise LmmixupError(f"no `{LONG_TAIL}` column in the distilled rows; score them first with `lmmixup longtail`")
     lt = np.asarray([np.nan if v is None else v for v in ds[LONG_TAIL]], np.float64)
     return np.argsort(-np.nan_to_num(lt, nan=-np.inf), kind="stable")
 
@@ -127,81 +130,130 @@ def _project(ds: Dataset, order: np.ndarray, origin: str) -> Dataset:
     return Dataset.from_dict({**cols, LONG_TAIL: lt, ORIGIN: [origin] * len(ds)}, features=MIX_FEATURES)
 
 
-def mix(args: MixArgs) -> Dataset:
-    from .embeddings import get_embedder
+EMBEDDING = "embedding"  # a precomputed vector column, reused instead of encoding again
 
-    if not 0.0 <= args.ratio <= 1.0:
-        raise LmmixupError(f"--ratio must be in [0, 1], got {args.ratio}")
-    if args.total <= 0:
-        raise LmmixupError(f"--total must be positive, got {args.total}")
-    run = StageRun("mix", args.out, inputs=[args.original, args.distilled], params=asdict(args))
-    if run.is_complete():
-        logger.info("mix: up to date, skipping (%s)", args.out)
-        return run.load()
-    orig, dist = (
-        with_long_tail(read_rows(args.original, run.quarantine)),
-        with_long_tail(read_rows(args.distilled, run.quarantine)),
-    )
-    n_dist = round(args.total * args.ratio)
-    n_orig = args.total - n_dist
-    o_rank, d_rank = rank_original(orig), rank_distilled(dist, args.distilled)
-    if (len(orig) < n_orig or len(dist) < n_dist) and not args.allow_fewer:  # fail before embedding anything
+
+def mix_rows(
+    original: Dataset,
+    distilled: Dataset,
+    *,
+    total: int,
+    ratio: float,
+    dedup_threshold: float | None = 0.92,
+    seed: int = 42,
+    allow_fewer: bool = False,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
+) -> tuple[Dataset, dict[str, Any]]:
+    """The mix as a core: ``total`` rows, ``round(total * ratio)`` of them distilled, near-duplicates
+    removed (originals win), shuffled with ``seed``. Returns the rows and the counts.
+
+    Dedup needs vectors: an ``embedding`` column when both inputs have one, else ``embed(texts)``.
+    Raises :class:`LmmixupError` when rows run out, unless ``allow_fewer``."""
+    if not 0.0 <= ratio <= 1.0:
+        raise LmmixupError(f"ratio must be in [0, 1], got {ratio}")
+    if total <= 0:
+        raise LmmixupError(f"total must be positive, got {total}")
+    n_dist = round(total * ratio)
+    n_orig = total - n_dist
+    o_rank, d_rank = rank_original(original), rank_distilled(distilled)
+    if (len(original) < n_orig or len(distilled) < n_dist) and not allow_fewer:  # fail before embedding
         raise LmmixupError(
-            f"not enough rows for total={args.total} at ratio={args.ratio} (original: need {n_orig}, have "
-            f"{len(orig)}; distilled: need {n_dist}, have {len(dist)}); lower --total, change --ratio or pass "
-            "--allow_fewer"
+            f"not enough rows for total={total} at ratio={ratio} (original: need {n_orig}, have "
+            f"{len(original)}; distilled: need {n_dist}, have {len(distilled)}); lower --total, change --ratio "
+            "or pass --allow_fewer"
         )
 
-    if args.dedup_threshold is None:
+    if dedup_threshold is None:
         o_sel, d_sel = o_rank[:n_orig], d_rank[:n_dist]
         o_dups = d_dups = 0
     else:
-        embedder = get_embedder(args.embedding_model, device=args.device, batch_size=args.batch_size)
-        ox = embedder.encode(_texts(orig, o_rank))
-        o_keep = greedy_dedup(ox, n_orig, args.dedup_threshold)
+        ox = _vectors(original, o_rank, embed)
+        o_keep = greedy_dedup(ox, n_orig, dedup_threshold)
         o_sel = o_rank[o_keep]
         o_dups = _scanned(o_keep, len(o_rank), n_orig) - len(o_keep)
-        dx = embedder.encode(_texts(dist, d_rank))
-        d_keep = greedy_dedup(dx, n_dist, args.dedup_threshold, kept=ox[o_keep])
+        dx = _vectors(distilled, d_rank, embed)
+        d_keep = greedy_dedup(dx, n_dist, dedup_threshold, kept=ox[o_keep])
         d_sel = d_rank[d_keep]
         d_dups = _scanned(d_keep, len(d_rank), n_dist) - len(d_keep)
 
-    short = {name: (want, len(got)) for name, want, got in (("original", n_orig, o_sel), ("distilled", n_dist, d_sel))}
-    missing = {k: v for k, v in short.items() if v[1] < v[0]}
+    wanted = (("original", n_orig, o_sel), ("distilled", n_dist, d_sel))
+    missing = {name: (want, len(got)) for name, want, got in wanted if len(got) < want}
     if missing:
         detail = "; ".join(f"{k}: need {w}, have {h}" for k, (w, h) in missing.items())
         msg = (
-            f"not enough rows for total={args.total} at ratio={args.ratio} ({detail}; near-duplicates removed: "
+            f"not enough rows for total={total} at ratio={ratio} ({detail}; near-duplicates removed: "
             f"{o_dups} original, {d_dups} distilled)"
         )
-        if not args.allow_fewer:
+        if not allow_fewer:
             raise LmmixupError(msg + "; lower --total, change --ratio or pass --allow_fewer")
         logger.warning("mix: %s; writing %d rows", msg, len(o_sel) + len(d_sel))
 
-    mixed = concatenate_datasets([_project(orig, o_sel, "original"), _project(dist, d_sel, "distilled")])
-    mixed = mixed.select(np.random.default_rng(args.seed).permutation(len(mixed)))
-    messages = mixed.map(
+    mixed = concatenate_datasets([_project(original, o_sel, "original"), _project(distilled, d_sel, "distilled")])
+    mixed = mixed.select(np.random.default_rng(seed).permutation(len(mixed)))
+    counts = {
+        "rows": len(mixed),
+        "original": len(o_sel),
+        "distilled": len(d_sel),
+        "dedup_removed_original": o_dups,
+        "dedup_removed_distilled": d_dups,
+    }
+    return mixed, {"counts": counts, "shortfall": {k: w - h for k, (w, h) in missing.items()}}
+
+
+def _vectors(ds: Dataset, order: np.ndarray, embed: Callable[[list[str]], np.ndarray] | None) -> np.ndarray:
+    """Unit vectors of ``ds``'s rows in ``order``: its ``embedding`` column, or ``embed`` on the texts."""
+    if EMBEDDING in ds.column_names:
+        x = np.asarray(ds.select(order)[EMBEDDING], dtype=np.float32).reshape(len(order), -1)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if embed is None:
+        raise LmmixupError("dedup needs an `embedding` column or an embedding model")
+    return embed(_texts(ds, order))
+
+
+def to_messages(mixed: Dataset) -> Dataset:
+    """The conversational form of a mix (TRL's ``messages``)."""
+    return mixed.map(
         lambda r: {
             MESSAGES: [{"role": "user", "content": r[PROMPT]}, {"role": "assistant", "content": r[COMPLETION]}]
         },
         remove_columns=[PROMPT, COMPLETION],
     )
+
+
+def mix(args: MixArgs) -> Dataset:
+    """``lmmixup mix``: read both inputs, run :func:`mix_rows`, write ``data/`` and ``messages/``."""
+    from .embeddings import get_embedder
+
+    run = StageRun("mix", args.out, inputs=[args.original, args.distilled], params=asdict(args))
+    if run.is_complete():
+        logger.info("mix: up to date, skipping (%s)", args.out)
+        return run.load()
+    orig = with_long_tail(read_rows(args.original, run.quarantine))
+    dist = with_long_tail(read_rows(args.distilled, run.quarantine))
+    if LONG_TAIL not in dist.column_names:
+        raise LmmixupError(f"{args.distilled}: no `{LONG_TAIL}` column; score it first with `lmmixup longtail`")
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return get_embedder(args.embedding_model, device=args.device, batch_size=args.batch_size).encode(texts)
+
+    mixed, stats = mix_rows(
+        orig,
+        dist,
+        total=args.total,
+        ratio=args.ratio,
+        dedup_threshold=args.dedup_threshold,
+        seed=args.seed,
+        allow_fewer=args.allow_fewer,
+        embed=embed,
+    )
     run.finish(
         mixed,
-        counts={
-            "rows": len(mixed),
-            "original": len(o_sel),
-            "distilled": len(d_sel),
-            "dedup_removed_original": o_dups,
-            "dedup_removed_distilled": d_dups,
-        },
-        extra={
-            "requested": {"total": args.total, "ratio": args.ratio},
-            "shortfall": {k: w - h for k, (w, h) in missing.items()},
-        },
-        splits={MESSAGES: messages},
+        counts=stats["counts"],
+        extra={"requested": {"total": args.total, "ratio": args.ratio}, "shortfall": stats["shortfall"]},
+        splits={MESSAGES: to_messages(mixed)},
     )
-    logger.info("mix: %d rows (%d original + %d distilled)", len(mixed), len(o_sel), len(d_sel))
+    c = stats["counts"]
+    logger.info("mix: %d rows (%d original + %d distilled)", c["rows"], c["original"], c["distilled"])
     return mixed
 
 

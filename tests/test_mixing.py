@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from datasets import Dataset
 
 from lmmixup_hf.mixing import MixArgs, greedy_dedup, mix
 from lmmixup_hf.schema import LmmixupError, text_of
@@ -182,3 +183,46 @@ def test_cli_mix(pools, tmp_path):
     args[args.index("--total") + 1] = "100"
     bad = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "not enough rows" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# -- the core, in memory, with precomputed vectors (no files, no model) ---------------------------
+def _vec_rows(prefix: str, vecs: list[list[float]], long_tail: list[float] | None = None) -> Dataset:
+    n = len(vecs)
+    cols = {
+        "id": [f"{prefix}{i}" for i in range(n)],
+        "prompt": [f"{prefix} prompt {i}" for i in range(n)],
+        "completion": [f"{prefix} answer {i}" for i in range(n)],
+        "source": ["s"] * n,
+        "embedding": vecs,
+    }
+    if long_tail is not None:
+        cols["long_tail"] = long_tail
+    return Dataset.from_dict(cols)
+
+
+def test_mix_rows_core_uses_the_embedding_column_and_removes_near_duplicates():
+    from lmmixup_hf.mixing import mix_rows
+
+    orig = _vec_rows("o", [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    # d0 duplicates o0 (removed: originals win), d1 is the rarest, d2 duplicates d1 (the lower-ranked goes)
+    dist = _vec_rows(
+        "d", [[1, 0.01, 0], [0.6, 0.8, 0.0], [0.6, 0.8, 0.001], [0, 0.6, 0.8]], long_tail=[0.9, 0.8, 0.7, 0.1]
+    )
+    mixed, stats = mix_rows(orig, dist, total=4, ratio=0.5, dedup_threshold=0.95, seed=0)
+    by_origin = {o: sorted(r["id"] for r in mixed if r["origin"] == o) for o in ("original", "distilled")}
+    assert by_origin == {"original": ["o0", "o1"], "distilled": ["d1", "d3"]}
+    assert stats["counts"]["dedup_removed_distilled"] == 2 and stats["shortfall"] == {}
+    again, _ = mix_rows(orig, dist, total=4, ratio=0.5, dedup_threshold=0.95, seed=0)
+    assert again["id"] == mixed["id"]  # deterministic for a seed
+
+
+def test_mix_rows_core_errors_and_allow_fewer():
+    from lmmixup_hf.mixing import mix_rows
+
+    orig, dist = _vec_rows("o", [[1, 0]]), _vec_rows("d", [[0, 1]], long_tail=[0.5])
+    with pytest.raises(LmmixupError, match="not enough rows"):
+        mix_rows(orig, dist, total=4, ratio=0.5)
+    mixed, stats = mix_rows(orig, dist, total=4, ratio=0.5, allow_fewer=True)
+    assert len(mixed) == 2 and stats["shortfall"] == {"original": 1, "distilled": 1}
+    with pytest.raises(LmmixupError, match="embedding"):
+        mix_rows(orig.remove_columns("embedding"), dist, total=2, ratio=0.5)
