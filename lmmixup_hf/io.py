@@ -253,7 +253,58 @@ def _validate(
         first = bad[0]
         where = f"line {first.line}" + (f", field {first.field!r}" if first.field else "")
         raise PoolFormatError(f"{path}: not a pool: all {len(bad)} rows are unusable (first: {where}: {first.reason})")
-    return Dataset.from_file(str(out_path))
+    return lift_extra(Dataset.from_file(str(out_path)))
+
+
+def lift_extra(ds: Dataset, chunk: int = 50_000) -> Dataset:
+    """Turn unknown input fields into real Arrow columns where their type is consistent.
+
+    Validation keeps them in the ``extra`` JSON string so that the streaming writer has one fixed
+    schema; here every field whose values share one type (``rating`` structs, ``long_tail`` floats,
+    ...) becomes a column of its own, and only fields with mixed types stay in ``extra``. Works in
+    chunks, so memory stays bounded by the chunk, not the pool."""
+    if not len(ds) or EXTRA not in ds.column_names:
+        return ds
+    extras = ds.select_columns([EXTRA]).with_format("arrow")[: len(ds)].column(EXTRA)
+    if extras.null_count == len(ds):
+        return ds
+    parts: dict[str, list[pa.Array]] = {}  # per key, one array per chunk
+    mixed: set[str] = set()
+    n_chunks = -(-len(ds) // chunk)
+    for c in range(n_chunks):
+        rows = [json.loads(e) if e is not None else {} for e in extras.slice(c * chunk, chunk).to_pylist()]
+        for key in sorted({k for r in rows for k in r} - mixed - set(ds.column_names)):
+            try:
+                parts.setdefault(key, [None] * c).append(pa.array([r.get(key) for r in rows]))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+                mixed.add(key)
+        for arrs in parts.values():
+            if len(arrs) == c:  # the key was absent from this chunk
+                arrs.append(None)
+    lifted: dict[str, pa.ChunkedArray] = {}
+    for key, arrs in sorted(parts.items()):
+        types = {a.type for a in arrs if a is not None and not pa.types.is_null(a.type)}
+        if key in mixed or len(types) != 1:
+            continue
+        (tp,) = types
+        sizes = [min(chunk, len(ds) - i * chunk) for i in range(n_chunks)]
+        lifted[key] = pa.chunked_array(
+            [pa.nulls(n, tp) if a is None or pa.types.is_null(a.type) else a for a, n in zip(arrs, sizes)], tp
+        )
+    if not lifted:
+        return ds
+    left = []
+    for c in range(n_chunks):
+        for e in extras.slice(c * chunk, chunk).to_pylist():
+            rest = {k: v for k, v in json.loads(e).items() if k not in lifted} if e is not None else {}
+            left.append(json.dumps(rest, ensure_ascii=False) if rest else None)
+    table = ds.with_format("arrow")[: len(ds)]
+    table = table.set_column(table.schema.get_field_index(EXTRA), EXTRA, pa.array(left, pa.string()))
+    for key, arr in lifted.items():
+        table = table.append_column(key, arr)
+    from datasets.table import InMemoryTable
+
+    return Dataset(InMemoryTable(table))
 
 
 _SCRATCH: Path | None = None

@@ -13,7 +13,6 @@ TRL prompt-completion (``data/``) and as conversational ``messages`` (``messages
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ from datasets import Dataset, Features, Value, concatenate_datasets
 
 from .longtail import read_rows
 from .models import DEFAULT_EMBEDDING_MODEL
-from .schema import COMPLETION, EXTRA, ID, LONG_TAIL, PROMPT, RATING, SOURCE, LmmixupError, text_of
+from .schema import COMPLETION, ID, LONG_TAIL, PROMPT, RATING, SOURCE, LmmixupError, text_of
 from .workflow import StageRun
 
 logger = logging.getLogger(__name__)
@@ -78,17 +77,6 @@ def rank_original(ds: Dataset) -> np.ndarray:
     if RATING in ds.column_names:
         keys.append(-np.asarray([-1 if r is None or r.get("score") is None else r["score"] for r in ds[RATING]]))
     return np.lexsort(keys) if keys else np.arange(len(ds))  # lexsort: last key is the primary one
-
-
-def with_long_tail(ds: Dataset) -> Dataset:
-    """Lift ``long_tail`` out of the ``extra`` JSON of a plain JSONL pool (stage folders carry it
-    as a column already)."""
-    if LONG_TAIL in ds.column_names or EXTRA not in ds.column_names:
-        return ds
-    values = [None if e is None else json.loads(e).get(LONG_TAIL) for e in ds[EXTRA]]
-    if all(v is None for v in values):
-        return ds
-    return ds.add_column(LONG_TAIL, [None if v is None else float(v) for v in values])
 
 
 def rank_distilled(ds: Dataset) -> np.ndarray:
@@ -228,8 +216,8 @@ def mix(args: MixArgs) -> Dataset:
     if run.is_complete():
         logger.info("mix: up to date, skipping (%s)", args.out)
         return run.load()
-    orig = with_long_tail(read_rows(args.original, run.quarantine))
-    dist = with_long_tail(read_rows(args.distilled, run.quarantine))
+    orig = read_rows(args.original, run.quarantine)  # a plain pool's long_tail/rating are real columns
+    dist = read_rows(args.distilled, run.quarantine)
     if LONG_TAIL not in dist.column_names:
         raise LmmixupError(f"{args.distilled}: no `{LONG_TAIL}` column; score it first with `lmmixup longtail`")
 

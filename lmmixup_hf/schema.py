@@ -22,7 +22,7 @@ CLUSTER_ID = "cluster_id"
 LONG_TAIL = "long_tail"
 MEMBER_IDS = "member_ids"
 
-EXTRA = "extra"  # unknown input fields, kept as one JSON string so Arrow schemas stay uniform
+EXTRA = "extra"  # unknown input fields of mixed types, as one JSON string (consistent ones become columns)
 
 BASE_COLUMNS = (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE)
 _CONSUMED = {
