@@ -135,6 +135,20 @@ def read_pool(
     return _validate(rows, path, quarantine, max_chars, default_source)
 
 
+def normalize(
+    rows: Dataset | Iterable[Any],
+    *,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    default_source: str = "",
+    name: str = "<rows>",
+) -> tuple[Dataset, Quarantine]:
+    """The ingest core: any in-memory rows (a ``Dataset`` from ``load_dataset``, a list of dicts)
+    onto the data contract; bad rows come back in the quarantine with their index and reason."""
+    quarantine = Quarantine()
+    numbered = ((i + 1, row) for i, row in enumerate(rows))
+    return _validate(numbered, Path(name), quarantine, max_chars, default_source), quarantine
+
+
 def _source_from_name(path: Path) -> str:
     stem = path.name.split(".")[0]
     return stem[: -len("_low")] if stem.endswith("_low") else stem

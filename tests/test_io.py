@@ -118,3 +118,19 @@ def test_large_jsonl_streams_in_batches(tmp_path):
     ds = read_pool(path)
     assert len(ds) == 25_000 and ds[24_999]["prompt"] == "question 24999"
     assert ds.cache_files  # memory-mapped from disk, not held in Python lists
+
+
+def test_normalize_core_on_in_memory_rows():
+    from lmmixup_hf.io import normalize
+
+    rows = Dataset.from_list(
+        [
+            {"instruction": "Add.", "input": "2+2", "output": "4", "score": 0.5},
+            {"instruction": "", "input": None, "output": "x", "score": 0.1},
+            {"instruction": "Say hi.", "input": None, "output": "Hi", "score": 0.9},
+        ]
+    )
+    ds, rejected = normalize(rows, default_source="alpaca")
+    assert ds["prompt"] == ["Add.\n\n2+2", "Say hi."] and ds["source"] == ["alpaca", "alpaca"]
+    assert ds["score"] == [0.5, 0.9]  # an unknown field of one type: a real column
+    assert [(r.line, r.field) for r in rejected.rows] == [(2, "prompt")]
