@@ -35,6 +35,7 @@ from .schema import (
     normalize_record,
 )
 
+MANIFEST_NAME = "manifest.json"  # a stage folder's manifest (see workflow)
 POOL_SCHEMA = pa.schema([(c, pa.string()) for c in BASE_COLUMNS] + [(EXTRA, pa.string())])
 _BATCH = 10_000
 _RAW_PREVIEW = 500
@@ -100,8 +101,9 @@ def read_pool(
     split: str = "train",
     default_source: str | None = None,
 ) -> Dataset:
-    """Load a pool from JSONL, a JSON array, parquet, a saved ``datasets`` folder, a stage output
-    folder or a Hub dataset id, validated onto the data contract.
+    """The one reader: a pool from JSONL, a JSON array, parquet, a saved ``datasets`` folder, a
+    stage output folder (or one of its split folders, e.g. ``<out>/reference``) or a Hub dataset
+    id, validated onto the data contract.
 
     Bad rows go to ``quarantine`` (file, line, field, reason); good rows go on. A stage output
     folder (written by :func:`write_stage_data`) is trusted and memory-mapped as is.
@@ -111,6 +113,8 @@ def read_pool(
     if path.is_dir():
         if (path / "data").is_dir() and any((path / "data").glob("*.parquet")):
             return read_stage_data(path)
+        if any(path.glob("*.parquet")) and (path.parent / MANIFEST_NAME).exists():  # e.g. <longtail>/reference
+            return read_stage_data(path.parent, path.name)
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             ds = load_from_disk(str(path))
             if not isinstance(ds, Dataset):

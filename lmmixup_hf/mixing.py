@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 
-from .longtail import read_rows
+from .io import read_pool
 from .models import DEFAULT_EMBEDDING_MODEL
 from .schema import COMPLETION, ID, LONG_TAIL, PROMPT, RATING, SOURCE, LmmixupError, text_of
 from .workflow import StageRun
@@ -216,8 +216,8 @@ def mix(args: MixArgs) -> Dataset:
     if run.is_complete():
         logger.info("mix: up to date, skipping (%s)", args.out)
         return run.load()
-    orig = read_rows(args.original, run.quarantine)  # a plain pool's long_tail/rating are real columns
-    dist = read_rows(args.distilled, run.quarantine)
+    orig = read_pool(args.original, quarantine=run.quarantine)  # a plain pool's long_tail/rating are real columns
+    dist = read_pool(args.distilled, quarantine=run.quarantine)
     if LONG_TAIL not in dist.column_names:
         raise LmmixupError(f"{args.distilled}: no `{LONG_TAIL}` column; score it first with `lmmixup longtail`")
 

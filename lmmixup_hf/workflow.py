@@ -31,11 +31,11 @@ from typing import Any
 from datasets import Dataset
 
 from . import __version__
-from .io import Quarantine, read_stage_data, write_json, write_stage_data
+from .io import MANIFEST_NAME, Quarantine, read_stage_data, write_json, write_stage_data
 
 logger = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_NAME
 REJECTED = "rejected.jsonl"
 # secret-looking names: api_key, token, hf_token, access_token, secret, password, authorization;
 # not max_new_tokens or tokenizer, which are ordinary parameters that must reach the fingerprint

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from datasets.table import InMemoryTable
 
-from ..io import read_pool, read_stage_data
+from ..io import read_pool
 from ..response_parsing import parse_response
 from ..schema import (
     CLUSTER_ID,
@@ -128,15 +128,7 @@ class DistillArgs:
 
 
 def _load_clusters(path: str) -> Dataset:
-    p = Path(path)
-    if p.is_dir() and (p / "data").is_dir():
-        ds = read_stage_data(p)
-    elif p.suffix.lower() in (".parquet", ".pq"):
-        ds = Dataset.from_parquet(str(p))
-    elif p.suffix.lower() in (".jsonl", ".json"):
-        ds = Dataset.from_json(str(p))
-    else:
-        ds = read_pool(path)
+    ds = read_pool(path)  # a clusters file's cluster_id comes through as a real column
     missing = [c for c in (CLUSTER_ID, ID, PROMPT, COMPLETION) if c not in ds.column_names]
     if missing:
         raise LmmixupError(
