@@ -9,7 +9,6 @@ far as it got. It writes ``report.html`` (self-contained: the plots are embedded
 from __future__ import annotations
 
 import base64
-import html
 import json
 import logging
 import re
@@ -366,53 +365,86 @@ def _stage_rows(stages: list[StageSummary]) -> list[list[str]]:
 STAGE_HEADER = ["stage", "rows out", "splits", "rejected", "seconds", "tokens", "cost", "state"]
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    def esc(s: str) -> str:  # keep the <br> we put in; show any other tag as text
-        s = s.replace("<br>", "\0").replace("<", "&lt;").replace(">", "&gt;").replace("\0", "<br>")
-        return s.replace("|", "\\|").replace("\n", "<br>")
+# One template renders both forms: ``html`` switches markup and escaping, the content is shared.
+TEMPLATE = r"""
+{%- macro table(header, rows) -%}
+{%- if html -%}
+<table><thead><tr>{% for h in header %}<th>{{ h|e }}</th>{% endfor %}</tr></thead><tbody>
+{%- for r in rows %}<tr>{% for c in r %}<td>{{ c|e }}</td>{% endfor %}</tr>{% endfor %}</tbody></table>
+{%- else -%}
+| {{ header|join(" | ") }} |
+|{% for h in header %}---|{% endfor %}
+{% for r in rows %}| {% for c in r %}{{ c|cell }}{{ " | " if not loop.last }}{% endfor %} |
+{% endfor %}
+{%- endif -%}
+{%- endmacro -%}
+{%- macro pair(p, c, limit) -%}
+{%- if html -%}<div class='m'><b>Q:</b> {{ p|short(limit)|e }}<br><b>A:</b> {{ c|short(limit)|e }}</div>
+{%- else -%}**Q:** {{ p|short(limit)|cell }}<br>**A:** {{ c|short(limit)|cell }}{%- endif -%}
+{%- endmacro -%}
+{%- macro example(ex) -%}
+{%- set score = "" if ex.score is none else ", rerate score %.0f"|format(ex.score) -%}
+{%- if html -%}
+<h4>Cluster {{ ex.cluster_id }} ({{ ex.members|length }} members): {{ ex.status|e }}{{ score }}</h4>
+<div class='pair'><div>{% for p, c in ex.members %}{{ pair(p, c, 300) }}{% endfor %}</div><div>
+{%- if ex.prompt is not none %}{{ pair(ex.prompt, ex.completion or "", 100000) }}
+{%- if ex.think %}<details><summary>reasoning</summary><pre>{{ ex.think|e }}</pre></details>{% endif %}
+{%- else %}<i>no distilled row</i>{% endif %}</div></div>
+{%- else -%}
+#### Cluster {{ ex.cluster_id }} ({{ ex.members|length }} members): {{ ex.status|cell }}{{ score }}
 
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+| members | distilled |
+|---|---|
+| {% for p, c in ex.members %}{{ pair(p, c, 300) }}{{ "<br><br>" if not loop.last }}{% endfor %} | {% if ex.prompt is not none %}{{ pair(ex.prompt, ex.completion or "", 600) }}{% else %}*(no distilled row)*{% endif %} |
+{%- endif -%}
+{%- endmacro -%}
+{%- if html -%}
+<!doctype html><html><head><meta charset='utf-8'><title>{{ title|e }}</title><style>{{ css }}</style></head><body>
+<h1>{{ title|e }}</h1><p>{{ headline|e }}</p>
+<h2>Stages</h2>{{ table(stage_header, stage_rows) }}
+{%- if reason_rows %}<h2>Rejected rows by reason</h2>{{ table(["stage", "reason", "rows"], reason_rows) }}{% endif %}
+<h2>Plots</h2>{% for file, caption in plots %}<h3>{{ caption|e }}</h3><img alt='{{ caption|e }}' src='data:image/png;base64,{{ images[file] }}'>{% endfor %}
+{%- if examples %}<h2>Example clusters and their distillations</h2>{% for ex in examples %}{{ example(ex) }}{% endfor %}{% endif %}
+</body></html>
+{%- else -%}
+# {{ title }}
+
+{{ headline }}
+
+## Stages
+
+{{ table(stage_header, stage_rows) }}
+{% if reason_rows %}
+## Rejected rows by reason
+
+{{ table(["stage", "reason", "rows"], reason_rows) }}
+{% endif %}
+## Plots
+
+{% for file, caption in plots %}![{{ caption }}]({{ plots_dir }}/{{ file }})
+
+{% endfor -%}
+{% if examples %}## Example clusters and their distillations
+
+{% for ex in examples %}{{ example(ex) }}
+
+{% endfor %}{% endif -%}
+{%- endif -%}
+"""
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def _cell(text: Any) -> str:
+    """A markdown table cell: tags shown as text, pipes escaped, line breaks kept as <br>."""
+    s = str(text).replace("<br>", "\0").replace("<", "&lt;").replace(">", "&gt;").replace("\0", "<br>")
+    return s.replace("|", "\\|").replace("\n", "<br>")
 
 
-def _example_md(ex: Example) -> str:
-    members = "<br><br>".join(f"**Q:** {_short(p)}<br>**A:** {_short(c)}" for p, c in ex.members)
-    if ex.prompt is not None:
-        fused = f"**Q:** {_short(ex.prompt, 600)}<br>**A:** {_short(ex.completion or '', 600)}"
-    else:
-        fused = "*(no distilled row)*"
-    score = "" if ex.score is None else f", rerate score {ex.score:.0f}"
-    status = ex.status.replace("<", "&lt;").replace(">", "&gt;")
-    return f"#### Cluster {ex.cluster_id} ({len(ex.members)} members): {status}{score}\n\n" + _md_table(
-        ["members", "distilled"], [[members, fused]]
-    )
+def render(html_form: bool, **context: Any) -> str:
+    import jinja2
 
-
-def _example_html(ex: Example) -> str:
-    members = "".join(
-        f"<div class='m'><b>Q:</b> {html.escape(_short(p))}<br><b>A:</b> {html.escape(_short(c))}</div>"
-        for p, c in ex.members
-    )
-    if ex.prompt is not None:
-        fused = (
-            f"<div class='m'><b>Q:</b> {html.escape(ex.prompt)}<br><b>A:</b> {html.escape(ex.completion or '')}</div>"
-        )
-        if ex.think:
-            fused += f"<details><summary>reasoning</summary><pre>{html.escape(ex.think)}</pre></details>"
-    else:
-        fused = "<i>no distilled row</i>"
-    score = "" if ex.score is None else f", rerate score {ex.score:.0f}"
-    return (
-        f"<h4>Cluster {ex.cluster_id} ({len(ex.members)} members): {html.escape(ex.status)}{score}</h4>"
-        f"<div class='pair'><div>{members}</div><div>{fused}</div></div>"
-    )
+    env = jinja2.Environment(autoescape=False, keep_trailing_newline=True)
+    env.filters.update(cell=_cell, short=_short)
+    return env.from_string(TEMPLATE).render(html=html_form, **context)
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -494,34 +526,20 @@ def report(args: ReportArgs) -> dict[str, Any]:
     if partial:
         headline += " PARTIAL: " + "; ".join(f"{name}: {why}" for name, why in partial.items()) + "."
 
-    md = [f"# {title}", "", headline, "", "## Stages", "", _md_table(STAGE_HEADER, _stage_rows(stages)), ""]
-    if reason_rows:
-        md += ["## Rejected rows by reason", "", _md_table(["stage", "reason", "rows"], reason_rows), ""]
-    md += ["## Plots", ""] + [f"![{t}]({PLOTS}/{f})\n" for f, t, _ in plots]
-    if examples:
-        md += ["## Example clusters and their distillations", ""] + [_example_md(e) + "\n" for e in examples]
-    (run_dir / "report.md").write_text("\n".join(md), encoding="utf-8")
-
-    imgs = "".join(
-        f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='data:image/png;base64,"
-        f"{base64.b64encode((plots_dir / f).read_bytes()).decode()}'>"
-        for f, t, _ in plots
-    )
-    body = [
-        f"<h1>{html.escape(title)}</h1><p>{html.escape(headline)}</p>",
-        "<h2>Stages</h2>",
-        _html_table(STAGE_HEADER, _stage_rows(stages)),
-    ]
-    if reason_rows:
-        body += ["<h2>Rejected rows by reason</h2>", _html_table(["stage", "reason", "rows"], reason_rows)]
-    body += ["<h2>Plots</h2>", imgs]
-    if examples:
-        body += ["<h2>Example clusters and their distillations</h2>"] + [_example_html(e) for e in examples]
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{_CSS}</style></head><body>{''.join(body)}</body></html>"
-    )
-    (run_dir / "report.html").write_text(page, encoding="utf-8")
+    context = {
+        "title": title,
+        "headline": headline,
+        "stage_header": STAGE_HEADER,
+        "stage_rows": _stage_rows(stages),
+        "reason_rows": reason_rows,
+        "plots": [(f, t) for f, t, _ in plots],
+        "plots_dir": PLOTS,
+        "examples": examples,
+        "css": _CSS,
+    }
+    (run_dir / "report.md").write_text(render(False, **context), encoding="utf-8")
+    images = {f: base64.b64encode((plots_dir / f).read_bytes()).decode() for f, _, _ in plots}
+    (run_dir / "report.html").write_text(render(True, images=images, **context), encoding="utf-8")
     logger.info("report: %s (%d plots, %d examples)", run_dir / "report.html", len(plots), len(examples))
     return {
         "stages": {s.name: {"rows": s.rows, "rejected": s.rejected, "seconds": s.seconds} for s in stages},
