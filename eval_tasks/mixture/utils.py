@@ -77,7 +77,8 @@ def process_results(doc: dict, results: list) -> dict:
     from lmmixup_hf import rewards
 
     completion = results[0]
-    columns = {"task_type": [doc["task_type"]], "output": [doc["output"]]}
+    # the GRPO data's task name (``qa_mixup``): reference-mode rewards give task credit to it only
+    columns = {"task_type": [f"{doc['task_type']}_mixup"], "output": [doc["output"]]}
     prompt = [doc["user"]]
     scores = {
         "format": rewards.format_reward(prompt, [completion], **columns)[0],
