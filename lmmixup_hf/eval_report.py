@@ -35,6 +35,8 @@ BENCHMARKS: dict[str, list[tuple[str, str]]] = {
 }
 EXTRAS: dict[str, list[tuple[str, str]]] = {
     "TruthfulQA MC2": [("truthfulqa_mc2_6shot", "mc2,none"), ("truthfulqa_mc2", "acc,none")],
+    "BBH greedy": [("bbh_3shot_cot_40_greedy", "score,none")],
+    "TyDiQA greedy": [("tydiqa_goldp_1shot_greedy", "f1,none")],
     "MIXTURE format": [("mixture_distill", "format,none")],
     "MIXTURE alignment": [("mixture_distill", "alignment,none")],
     "MIXTURE quality": [("mixture_distill", "quality,none")],

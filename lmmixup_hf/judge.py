@@ -5,6 +5,10 @@ any OpenAI-compatible endpoint (:class:`OpenAIJudge`) or a local transformers mo
 The rubric follows the method: Rarity, Complexity, Informativeness and Overall, each an integer
 1-10, reference-free by default (only the item is shown). ``score = clip(overall, 4, 9) - 4``.
 A reply that cannot be parsed is never turned into a score: the rating fails with its error.
+
+``style="reference"`` swaps in the reference rating script's prompt (one user message, no system
+turn) and its reply parsing (first JSON array else object, values cut to int, ``Overall rating``
+else ``Overall``); see ``docs/rating.md``.
 """
 
 from __future__ import annotations
@@ -80,13 +84,28 @@ _SCALE = (
 _FORMAT = 'Reply with only this JSON object:\n{"rarity": <int>, "complexity": <int>, "informativeness": <int>, "overall": <int>}'
 
 
+# The reference rating script's rubric: kind -> (what the item is, its header). Kinds it does not
+# know are rated as a QA pair, as it did.
+REFERENCE_RUBRICS: dict[str, tuple[str, str]] = {
+    "qa": ("**single** QA pair", "QA Pair"),
+    "mcq": ("**single** MCQ item", "MCQ Item"),
+    "para": ("**single** merged paragraph", "Paragraph"),
+    "tfq": ("**single** True/False question", "TFQ"),
+    "cs": ("**single** category–statement example", "CS Example"),
+}
+STYLES = ("ours", "reference")
+LOCAL_REFERENCE_KEYS = ("Rarity", "Complexity", "Informativeness", "Overall rating")
+
+
 @dataclass(frozen=True)
 class JudgeItem:
-    """What the judge sees: the item text, which rubric to use, and an optional reference answer."""
+    """What the judge sees: the item text, which rubric to use, an optional reference answer, and
+    the prompt style (``ours`` or the reference script's ``reference``)."""
 
     text: str
     kind: str = "general"
     reference: str | None = None
+    style: str = "ours"
 
 
 @dataclass
@@ -123,8 +142,38 @@ def rubric_kind(kind: str | None) -> str:
     return kind
 
 
+def reference_kind(task_type: Any) -> str:
+    """The reference rubric for a row's task type: qa, mcq, para, tfq or cs (``qa_mixup`` style
+    names accepted); anything else is rated as a QA pair, as the reference's inference fell back."""
+    from .schema import normalize_task_type
+
+    try:
+        kind = normalize_task_type(task_type) if task_type else "qa"
+    except ValueError:
+        return "qa"
+    return kind if kind in REFERENCE_RUBRICS else "qa"
+
+
+def reference_rubric_prompt(kind: str | None, text: str) -> str:
+    """The reference script's whole prompt for one item: the rubric, the item under ``### Output:``
+    and a ``### Rating:`` cue. Only the item is shown (no reference answer)."""
+    what, header = REFERENCE_RUBRICS.get(kind or "qa", REFERENCE_RUBRICS["qa"])
+    rubric = (
+        f"You are a data-quality estimator. Rate this {what} on Rarity, Complexity, Informativeness, and "
+        "Overall (1-10 integers).\nReturn ONLY a JSON object like:\n"
+        '{ "Rarity": <int>, "Complexity": <int>, "Informativeness": <int>, "Overall rating": <int> }\n\n'
+        f"### {header}:\n"
+    )
+    return f"{rubric}\n\n### Output:\n{text.strip()}\n\n### Rating:"
+
+
 def build_judge_messages(item: JudgeItem) -> list[dict[str, str]]:
-    """The judge prompt: a system turn and one user turn with the rubric, then the item."""
+    """The judge prompt: a system turn and one user turn with the rubric, then the item (the
+    reference style: its single user turn)."""
+    if item.style == "reference":
+        return [{"role": "user", "content": reference_rubric_prompt(item.kind, item.text)}]
+    if item.style != "ours":
+        raise ValueError(f"unknown rubric style {item.style!r}; expected one of {', '.join(STYLES)}")
     what, header, checks = RUBRICS[rubric_kind(item.kind)]
     parts = [f"Rate {what} as training data for a language model.", _SCALE, checks]
     if item.reference:
@@ -212,6 +261,70 @@ def parse_reply(text: str | None) -> dict[str, int]:
     raise ReplyParseError(f"no overall score in reply: {text[:200]!r}")
 
 
+def _balanced(text: str, open_: str, close: str) -> str | None:
+    """The leftmost balanced ``open_ ... close`` span (nesting counted), as a recursive pattern
+    finds it; None when there is none."""
+    start = text.find(open_)
+    while start != -1:
+        depth = 0
+        for j in range(start, len(text)):
+            depth += (text[j] == open_) - (text[j] == close)
+            if depth == 0:
+                return text[start : j + 1]
+        start = text.find(open_, start + 1)
+    return None
+
+
+_REFERENCE_KEYS = (("Rarity", "rarity"), ("Complexity", "complexity"), ("Informativeness", "informativeness"))
+
+
+def _reference_int(value: Any, name: str) -> int:
+    """Python's ``int()`` of a JSON value, as the reference applied it: 7.6 -> 7, "8" -> 8."""
+    if isinstance(value, bool | int):
+        return int(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ReplyParseError(f"{name} = {value!r} is not a number the reference could read")
+
+
+def parse_reply_reference(text: str | None) -> dict[str, int]:
+    """The reference script's parsing: the first balanced JSON array in the reply, else the first
+    object; its first object; each of Rarity, Complexity, Informativeness through ``int()``
+    (missing: 0), overall from ``Overall rating``, else ``Overall``.
+
+    Where the reference scored 0 for everything (no JSON, invalid JSON, no overall), this raises
+    :class:`ReplyParseError`: the rating fails instead of becoming a score.
+    """
+    if not text or not text.strip():
+        raise ReplyParseError("empty reply")
+    body = _balanced(text.strip(), "[", "]") or _balanced(text.strip(), "{", "}")
+    if body is None:
+        raise ReplyParseError(f"no JSON in reply: {text[:200]!r}")
+    try:
+        parsed = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise ReplyParseError(f"invalid JSON in reply ({e}): {body[:200]!r}") from None
+    objs = [parsed] if isinstance(parsed, dict) else parsed
+    if not objs or not isinstance(objs[0], dict):
+        raise ReplyParseError(f"no JSON object in reply: {body[:200]!r}")
+    obj = objs[0]
+    dims = {name: _reference_int(obj.get(key, 0), key) for key, name in _REFERENCE_KEYS}
+    overall = _reference_int(obj.get("Overall rating", 0) or obj.get("Overall", 0), "Overall")
+    if overall == 0:
+        raise ReplyParseError(f"no Overall in reply: {body[:200]!r}")
+    dims["overall"] = overall
+    return dims
+
+
+def parse_reply_for(style: str, text: str | None) -> dict[str, int]:
+    return parse_reply_reference(text) if style == "reference" else parse_reply(text)
+
+
 _DIGITS = re.compile(r"^\W*(\d{1,2})\W*$")
 _OVERALL_VALUE = re.compile(r"overall[^0-9]{0,24}?(\d)", re.I)
 
@@ -293,7 +406,7 @@ class OpenAIJudge:
             if not result.ok:
                 return Rating(None, None, judge=self.name, error=result.error)
             try:
-                dims = parse_reply(result.text)
+                dims = parse_reply_for(item.style, result.text)
             except ReplyParseError as e:
                 error = f"unparseable reply: {e}"
                 self.client.forget(messages, **params)  # a later run asks again instead of replaying it
@@ -394,25 +507,30 @@ class LocalJudge:
 
     def _prompt(self, item: JudgeItem) -> str:
         item = JudgeItem(
-            self._truncate(item.text), item.kind, self._truncate(item.reference) if item.reference else None
+            self._truncate(item.text),
+            item.kind,
+            self._truncate(item.reference) if item.reference else None,
+            item.style,
         )
         return self.tokenizer.apply_chat_template(
             build_judge_messages(item), tokenize=False, add_generation_prompt=True
         )
 
-    def _score_batch(self, prompts: list[str]) -> list[tuple[dict[str, int], float, str]]:
+    def _score_batch(self, prompts: list[str], style: str = "ours") -> list[tuple[dict[str, int], float, str]]:
         """One forward pass over the prompts, then one short cached step per further dimension:
         ``{"rarity": `` -> pick -> ``7, "complexity": `` -> pick -> ... The picked value is the most
-        likely score token; for the overall we also keep the expected value."""
+        likely score token; for the overall we also keep the expected value. The reference style
+        forces its own keys (``"Rarity"`` ... ``"Overall rating"``)."""
         import torch
 
+        keys = dict(zip(DIMENSIONS, LOCAL_REFERENCE_KEYS if style == "reference" else DIMENSIONS, strict=True))
         tok = self.tokenizer
         n = len(prompts)
         dims: list[dict[str, int]] = [{} for _ in prompts]
         replies = ["{" for _ in prompts]
         expected = [0.0] * n
         enc = tok(
-            [p + '{"' + DIMENSIONS[0] + '": ' for p in prompts],
+            [p + '{"' + keys[DIMENSIONS[0]] + '": ' for p in prompts],
             return_tensors="pt",
             padding=True,
             add_special_tokens=False,
@@ -438,13 +556,13 @@ class LocalJudge:
             for r in range(n):
                 value = int(self.score_values[best[r]])
                 dims[r][dim] = value
-                replies[r] += f'"{dim}": {value}' + (", " if j < len(DIMENSIONS) - 1 else "}")
+                replies[r] += f'"{keys[dim]}": {value}' + (", " if j < len(DIMENSIONS) - 1 else "}")
                 if dim == "overall":
                     expected[r] = round(float((probs[r] * self.score_values).sum()), 4)
             if j == len(DIMENSIONS) - 1:
                 break
             # teacher-force the picked value and the next key; the same suffix length for every row
-            suffix = tok.encode(f', "{DIMENSIONS[j + 1]}": ', add_special_tokens=False)
+            suffix = tok.encode(f', "{keys[DIMENSIONS[j + 1]]}": ', add_special_tokens=False)
             step = torch.tensor([[int(self.score_ids[best[r]]), *suffix] for r in range(n)], device=self.device)
             positions = positions[:, -1:] + torch.arange(1, step.shape[1] + 1, device=self.device)
             mask = torch.cat([mask, torch.ones_like(step)], dim=1)
@@ -463,7 +581,10 @@ class LocalJudge:
         with usage_bar(len(items), desc, self.usage, disable=not show_progress) as progress:  # type: ignore[arg-type]
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start : start + self.batch_size]
-                scored = self._score_batch([self._prompt(it) for it in chunk])
+                styles = {it.style for it in chunk}
+                if len(styles) > 1:
+                    raise ValueError("a local judge batch mixes rubric styles")
+                scored = self._score_batch([self._prompt(it) for it in chunk], styles.pop())
                 for k, (dims, exp, reply) in enumerate(scored):
                     rating = make_rating(dims, self.name, reply, exp)
                     out.append(rating)

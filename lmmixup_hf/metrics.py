@@ -1,9 +1,15 @@
 """Benchmark metrics as plain functions: the single implementation behind the lm-eval hooks
 (``eval_tasks/*/utils.py``), the local ``evaluate`` modules and ``lmmixup eval-report``.
 
-Everything returns fractions in [0, 1]; reports scale to percentages. Answer extraction follows
-the downstream protocol of the method (see ``docs/evaluation.md``): GSM8K takes the last number of
-the output, BBH the text after "the answer is", TyDiQA uses SQuAD-style F1 / exact match.
+Everything returns fractions in [0, 1]; reports scale to percentages. Two families:
+
+- ``*_protocol_*`` and ``protocol_exact_match`` score as the downstream protocol of the method
+  (the DS2 / open-instruct evaluation scripts; see ``docs/evaluation.md``): the ``lmmixup_openllm``
+  tasks use them, so their numbers compare with the paper's table.
+- ``gsm_exact_match`` / ``bbh_exact_match`` are our lenient variants (numeric comparison, decimal
+  points inside the answer), kept for the ``answer_exact_match`` ``evaluate`` module.
+
+TyDiQA uses SQuAD v1.1 F1 / exact match in both.
 """
 
 from __future__ import annotations
@@ -33,8 +39,6 @@ def normalize_answer(text: str) -> str:
 def _f1(prediction: str, gold: str) -> float:
     pred_tokens = normalize_answer(prediction).split()
     gold_tokens = normalize_answer(gold).split()
-    if not pred_tokens or not gold_tokens:
-        return float(pred_tokens == gold_tokens)
     common = Counter(pred_tokens) & Counter(gold_tokens)
     overlap = sum(common.values())
     if overlap == 0:
@@ -45,7 +49,10 @@ def _f1(prediction: str, gold: str) -> float:
 
 
 def squad_f1(prediction: str, golds: str | Sequence[str]) -> float:
-    """Token F1 against the best-matching gold answer."""
+    """Token F1 against the best-matching gold answer.
+
+    As SQuAD v1.1's script: no shared token means 0, even when both sides normalise to nothing.
+    """
     golds = [golds] if isinstance(golds, str) else list(golds)
     return max((_f1(prediction, g) for g in golds), default=0.0)
 
@@ -87,6 +94,51 @@ def gsm_exact_match(output: str, gold: str) -> float:
     return float(pred is not None and _same_number(pred, gsm_gold(gold)))
 
 
+# --- the protocol's scoring (DS2 / open-instruct eval scripts) ----------------------------------
+
+_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+_DIGIT_COMMA = re.compile(r"(\d),(\d)")
+_PROTOCOL_NUMBER = re.compile(r"[-+]?\d*\.\d+|\d+")
+_PROTOCOL_ANSWER_IS = re.compile(r"[t|T]he answer is (.*?)\.")
+
+
+def protocol_exact_match(prediction: str, reference: str) -> float:
+    """``evaluate``'s exact_match with ``ignore_case`` and ``ignore_punctuation``: both sides
+    lower-cased and stripped of ASCII punctuation, then compared as they are (no trimming).
+
+    So ``18.0`` vs ``18`` is a miss (``180`` vs ``18``), ``-5`` vs ``5`` a hit, ``.5`` vs ``0.5`` a miss.
+    """
+    return float(prediction.lower().translate(_PUNCT_TABLE) == reference.lower().translate(_PUNCT_TABLE))
+
+
+def gsm_protocol_gold(answer: str) -> str:
+    """The protocol's GSM8K target: the text after ``####``, stripped, digit-group commas removed."""
+    return _DIGIT_COMMA.sub(r"\1\2", answer.split("####")[-1].strip())
+
+
+def gsm_protocol_answer(output: str) -> str:
+    """The protocol's GSM8K prediction: the last number of the output as a string (no sign on an
+    integer, as its pattern reads it), or the whole output when there is no number."""
+    numbers = _PROTOCOL_NUMBER.findall(_DIGIT_COMMA.sub(r"\1\2", output))
+    return numbers[-1] if numbers else output
+
+
+def gsm_protocol_exact_match(output: str, gold: str) -> float:
+    """Protocol GSM8K score of one output against a gold number or a ``####`` solution."""
+    return protocol_exact_match(gsm_protocol_answer(output), gsm_protocol_gold(gold))
+
+
+def bbh_protocol_answer(output: str) -> str:
+    """The protocol's BBH prediction: the text between the first "the answer is" / "The answer is"
+    and the next period on the same line, stripped; the whole output (stripped) when absent."""
+    m = _PROTOCOL_ANSWER_IS.search(output)
+    return (m.group(1) if m else output).strip()
+
+
+def bbh_protocol_exact_match(output: str, target: str) -> float:
+    return protocol_exact_match(bbh_protocol_answer(output), target)
+
+
 # --- BBH -----------------------------------------------------------------------------------------
 
 _ANSWER_IS = re.compile(r"the answer is (.*?)(?:\.(?:\s|$)|\n|$)", re.IGNORECASE | re.DOTALL)
@@ -108,11 +160,12 @@ def bbh_exact_match(output: str, target: str) -> float:
 
 
 def truthfulqa_clean_answer(output: str) -> str:
-    """Trim a TruthfulQA generation: drop a leading ``A:`` and anything from a later ``Q:`` on."""
+    """Trim a TruthfulQA generation as the protocol does: strip, drop a leading ``A:``, cut at a
+    later ``Q:``, and turn paragraph breaks into spaces."""
     text = output.strip()
     if text.startswith("A:"):
         text = text[2:].strip()
-    return text.split("Q:")[0].strip()
+    return text.split("Q:")[0].strip().replace("\n\n", " ")
 
 
 def truth_info(truth_probs: Iterable[float], info_probs: Iterable[float], threshold: float = 0.5) -> dict[str, float]:

@@ -25,7 +25,7 @@ import numpy as np
 from datasets import Dataset, Value
 
 from .io import read_pool, write_json, write_jsonl, write_stage_data
-from .judge import DIMENSIONS, KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
+from .judge import DIMENSIONS, KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge, reference_kind
 from .quality import high_quality_mask
 from .schema import (
     COMPLETION,
@@ -99,7 +99,8 @@ class RateArgs:
     rubric: str = field(
         default="general",
         metadata={
-            "help": "general (instruction-response), a task type (qa/mcq/tfq/cs/para), or auto (each row's task_type)."
+            "help": "general (instruction-response), a task type (qa/mcq/tfq/cs/para), auto (each row's task_type), "
+            "or reference (the paper's rating prompt and reply parsing; each row's task_type, else qa)."
         },
     )
     fields: str = field(
@@ -211,13 +212,15 @@ def rate(args: RateArgs) -> Dataset:
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     if not fields:
         raise LmmixupError("--fields: name at least one column")
-    if args.rubric != "auto" and args.rubric not in KINDS:
-        raise LmmixupError(f"--rubric {args.rubric!r}: expected auto or one of {', '.join(KINDS)}")
+    if args.rubric not in ("auto", "reference") and args.rubric not in KINDS:
+        raise LmmixupError(f"--rubric {args.rubric!r}: expected auto, reference or one of {', '.join(KINDS)}")
+    if args.rubric == "reference" and args.reference_field:
+        raise LmmixupError("--rubric reference shows the item only (as the paper's script); drop --reference_field")
     if args.engine == "openai" and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
         if not (args.api_key or os.environ.get("OPENAI_API_KEY")):  # fail now, not once per row
             raise LmmixupError("the OpenAI API needs a key: set OPENAI_API_KEY (or --base_url for a local server)")
     params = {k: v for k, v in asdict(args).items() if k not in _OPERATIONAL}
-    params["rubric_version"] = RUBRIC_VERSION
+    params["rubric_version"] = "reference" if args.rubric == "reference" else RUBRIC_VERSION
     run = StageRun("rate", args.out, inputs=[args.input], params=params)
     if run.is_complete():
         logger.info("rate: up to date, skipping (%s)", args.out)
@@ -243,8 +246,11 @@ def rate(args: RateArgs) -> Dataset:
         except ValueError as e:
             run.quarantine.add(str(args.input), i + 1, fields[0], f"cannot rate: {e}", {ID: ids[i]})
             continue
-        kind = row.get(TASK_TYPE) if args.rubric == "auto" else args.rubric
         ref = row.get(args.reference_field) if args.reference_field else None
+        if args.rubric == "reference":  # the reference showed the item only
+            items[i] = JudgeItem(text, reference_kind(row.get(TASK_TYPE)), style="reference")
+            continue
+        kind = row.get(TASK_TYPE) if args.rubric == "auto" else args.rubric
         items[i] = JudgeItem(text, kind or "general", ref or None)
 
     ckpt = Checkpoint(run.work_dir / CHECKPOINT)

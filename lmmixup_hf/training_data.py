@@ -1,7 +1,10 @@
 """MIXTURE records -> the row formats TRL's SFTTrainer and GRPOTrainer train on.
 
-Both formats use the one distiller prompt of :mod:`lmmixup_hf.distill.prompts` (conversational:
+Both formats use the distiller prompt of :mod:`lmmixup_hf.distill.prompts` (conversational:
 system contract + user instruction and cluster), so SFT, GRPO and inference see the same text.
+``prompt_style="reference"`` renders the paper's prompts instead (its SFT system prompt and
+``instruction + newline + input``; its GRPO single user turn), to continue training or compare
+with a checkpoint trained by its code.
 
 - SFT rows: ``prompt`` (messages) + ``completion`` (``<think>cot</think><answer>output</answer>``
   as one assistant message; the chat template closes it with the end-of-turn token, which is
@@ -22,7 +25,7 @@ from typing import Any, Literal
 
 from datasets import Dataset, load_dataset
 
-from .distill.prompts import MEMBER_SEPARATOR, build_messages, fit_messages, format_target, prompt_token_count
+from .distill.prompts import MEMBER_SEPARATOR, build_grpo_messages, build_messages, format_target, prompt_token_count
 from .schema import DEFAULT_TASK_TYPE, LmmixupError, normalize_task_type
 
 logger = logging.getLogger(__name__)
@@ -51,20 +54,20 @@ def _instruction(record: Mapping[str, Any], merged: bool) -> str | None:
     return "" if merged else None
 
 
-def sft_example(record: Mapping[str, Any], task_type: str | None = None) -> dict[str, Any]:
+def sft_example(record: Mapping[str, Any], task_type: str | None = None, style: str = "ours") -> dict[str, Any]:
     task = record_task(record, task_type)
-    prompt = build_messages(str(record.get("input") or ""), task, _instruction(record, merged=False))
-    target = format_target(str(record.get("output") or ""), record.get("cot"))
+    prompt = build_messages(str(record.get("input") or ""), task, _instruction(record, merged=False), style)
+    target = format_target(str(record.get("output") or ""), record.get("cot"), style)
     return {"prompt": prompt, "completion": [{"role": "assistant", "content": target}], "task_type": task}
 
 
-def grpo_example(record: Mapping[str, Any], task_type: str | None = None) -> dict[str, Any]:
+def grpo_example(record: Mapping[str, Any], task_type: str | None = None, style: str = "ours") -> dict[str, Any]:
     task = record_task(record, task_type)
-    prompt = build_messages(str(record.get("input") or ""), task, _instruction(record, merged=True))
+    prompt = build_grpo_messages(str(record.get("input") or ""), task, _instruction(record, merged=True), style)
     return {"prompt": prompt, "output": str(record.get("output") or ""), "task_type": f"{task}_mixup"}
 
 
-def _convert(ds: Dataset, fn, task_type: str | None, what: str) -> Dataset:
+def _convert(ds: Dataset, fn, task_type: str | None, what: str, style: str = "ours") -> Dataset:
     missing = {"input", "output"} - set(ds.column_names)
     if missing:
         raise LmmixupError(f"{what} data needs columns input and output; missing {', '.join(sorted(missing))}")
@@ -72,15 +75,15 @@ def _convert(ds: Dataset, fn, task_type: str | None, what: str) -> Dataset:
     if len(empty):
         logger.warning("%s: dropping %d rows with an empty output", what, len(empty))
         ds = ds.filter(lambda r: bool((r["output"] or "").strip()))
-    return ds.map(lambda r: fn(r, task_type), remove_columns=ds.column_names, desc=f"{what} rows")
+    return ds.map(lambda r: fn(r, task_type, style), remove_columns=ds.column_names, desc=f"{what} rows")
 
 
-def to_sft_dataset(ds: Dataset, task_type: str | None = None) -> Dataset:
-    return _convert(ds, sft_example, task_type, "SFT")
+def to_sft_dataset(ds: Dataset, task_type: str | None = None, prompt_style: str = "ours") -> Dataset:
+    return _convert(ds, sft_example, task_type, "SFT", prompt_style)
 
 
-def to_grpo_dataset(ds: Dataset, task_type: str | None = None) -> Dataset:
-    return _convert(ds, grpo_example, task_type, "GRPO")
+def to_grpo_dataset(ds: Dataset, task_type: str | None = None, prompt_style: str = "ours") -> Dataset:
+    return _convert(ds, grpo_example, task_type, "GRPO", prompt_style)
 
 
 def cap_prompts(
@@ -100,14 +103,14 @@ def cap_prompts(
             return {"prompt": messages, "_cap": 0}
         if overlong == "drop":
             return {"prompt": messages, "_cap": 2}
-        system, user = messages[0]["content"], messages[-1]["content"]
-        members = user.split(MEMBER_SEPARATOR)
-        head, members = members[0], members[1:]  # the instruction (or the first member) always stays
-        kept, _ = fit_messages(tokenizer, members, row.get("task_type"), max_prompt_tokens, instruction=head)
-        if kept is None:
-            return {"prompt": messages, "_cap": 2}
-        kept[0]["content"] = system
-        return {"prompt": kept, "_cap": 1}
+        *before, user = messages
+        head, *members = user["content"].split(MEMBER_SEPARATOR)  # the head (instruction) always stays
+        while members:
+            members.pop()
+            kept = [*before, {**user, "content": MEMBER_SEPARATOR.join([head, *members])}]
+            if prompt_token_count(tokenizer, kept) <= max_prompt_tokens:
+                return {"prompt": kept, "_cap": 1}
+        return {"prompt": messages, "_cap": 2}
 
     ds = ds.map(fit, desc="prompt token cap")
     n_trunc = sum(1 for c in ds["_cap"] if c == 1)

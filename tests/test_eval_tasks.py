@@ -55,7 +55,8 @@ def test_lm_eval_validate_every_task():
     tasks = [
         "lmmixup_openllm",  # mmlu_0shot, truthfulqa_judge, gsm8k_8shot_cot_200, bbh_3shot_cot_40, tydiqa_goldp_1shot
         "truthfulqa_mc2_6shot",
-        "bbh_3shot_cot_40_t08",
+        "bbh_3shot_cot_40_greedy",
+        "tydiqa_goldp_1shot_greedy",
         "mixture_distill",  # the five mixture_distill_<task>
     ]
     proc = subprocess.run(
@@ -79,8 +80,24 @@ def test_group_and_variant_yaml():
         "tydiqa_goldp_1shot",
     ]
     assert group["aggregate_metric_list"] == [{"metric": "score", "aggregation": "mean", "weight_by_size": False}]
-    t08 = yaml.safe_load((TASKS / "openllm" / "bbh_3shot_cot_40_t08.yaml").read_text())
-    assert t08["generation_kwargs"]["temperature"] == 0.8 and t08["generation_kwargs"]["do_sample"] is True
+
+    # the group's tasks decode as the protocol: BBH sampled at 0.8, TyDiQA at 1, GSM8K greedy
+    class Loader(yaml.SafeLoader):  # lm-eval's !function tags are not needed here
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: node.value)
+
+    def gen(name: str) -> dict:
+        return yaml.load((TASKS / "openllm" / f"{name}.yaml").read_text(), Loader=Loader)["generation_kwargs"]
+
+    assert gen("bbh_3shot_cot_40") == {"until": ["\n\n"], "do_sample": True, "temperature": 0.8, "max_gen_toks": 512}
+    assert gen("tydiqa_goldp_1shot") == {"until": ["\n"], "do_sample": True, "temperature": 1.0, "max_gen_toks": 50}
+    assert gen("gsm8k_8shot_cot_200") == {"until": ["\n"], "do_sample": False, "max_gen_toks": 512}
+    assert gen("truthfulqa_judge") == {"until": ["\n\n"], "do_sample": False, "max_gen_toks": 50}
+    # the greedy variants stay, separately named
+    assert (
+        gen("bbh_3shot_cot_40_greedy")["do_sample"] is False and gen("tydiqa_goldp_1shot_greedy")["do_sample"] is False
+    )
 
 
 # --- loaders on the local mirrors ----------------------------------------------------------------------
@@ -90,7 +107,8 @@ def test_mmlu_loader(openllm):
     test = openllm.load_mmlu(data_dir=str(EVAL_DATA))["test"]
     assert len(test) == 6 and set(test["subject"]) == {"astronomy", "high_school_mathematics"}
     row = test[0]
-    assert row["prompt"].startswith("The following are multiple choice questions (with answers) about astronomy.\n\n")
+    # the protocol's header: a space before every subject word, hence two after "about"
+    assert row["prompt"].startswith("The following are multiple choice questions (with answers) about  astronomy.\n\n")
     assert row["prompt"].endswith("\nA. Venus\nB. Mercury\nC. Earth\nD. Mars\nAnswer:")
     assert row["answer"] == 1
 
@@ -102,8 +120,11 @@ def test_gsm8k_subset_is_deterministic(openllm, monkeypatch):
     full = openllm.load_gsm8k(n_items=200)["test"]
     assert a["question"] == b["question"] and len(a) == 2 and len(full) == 4
     prompt = a[0]["prompt"]
-    assert prompt.count("Question: ") == 9 and prompt.endswith(f"Question: {a[0]['question']}\nAnswer:")
-    assert "There are 15 trees in the grove." in prompt  # the first Wei et al. exemplar
+    assert prompt.count("Question: ") == 9 and prompt.endswith(f"Question: {a[0]['question'].strip()}\nAnswer:")
+    # the protocol's header line, then the first Wei et al. exemplar worded as its exemplar file
+    assert prompt.startswith("Answer the following questions.\n\nQuestion: There are 15 trees in the grove.")
+    assert "So there must have been 21 - 15 = 6. So the answer is 6.\n\nQuestion: If there are 3 cars" in prompt
+    assert prompt.count("So the answer is") == 8 and "The answer is" not in prompt
 
 
 def test_gsm8k_subset_matches_seeded_sample(openllm):
@@ -159,16 +180,13 @@ def test_truthfulqa_mc_from_csv_only(openllm, tmp_path):
 
 
 def test_tydiqa_loader(openllm):
-    test = openllm.load_tydiqa(data_dir=str(EVAL_DATA), n_per_language=1)["test"]
+    test = openllm.load_tydiqa(data_dir=str(EVAL_DATA), n_per_language=1, max_context_tokens=0)["test"]
     assert sorted(test["language"]) == ["english", "finnish", "swahili"]
     row = test[test["language"].index("finnish")]
     instruction, passage, question, answer = openllm.TYDIQA_TEMPLATES["finnish"]
     assert row["prompt"].startswith(f"{instruction}\n\n{passage} Saarella asuu")  # the 1-shot exemplar (train file)
     assert row["prompt"].count(f"{question} ") == 2 and row["prompt"].endswith(f"\n{answer}")
-    assert len(openllm.load_tydiqa(data_dir=str(EVAL_DATA))["test"]) == 5
-    short = openllm.load_tydiqa(data_dir=str(EVAL_DATA), max_context_words=3)["test"]
-    assert "Lake Orla is" in short["prompt"][0] or "Bren Bridge was" in short["prompt"][0]
-    assert "freshwater" not in "".join(short["prompt"])
+    assert len(openllm.load_tydiqa(data_dir=str(EVAL_DATA), max_context_tokens=0)["test"]) == 5
 
 
 def test_scorers(openllm):
@@ -187,6 +205,200 @@ def test_scorers(openllm):
     out = openllm.process_tydiqa({"language": "english", "answers": ["1911"]}, [" in 1911"])
     assert out["f1"] == ("english", pytest.approx(2 / 3)) and out["exact_match"] == ("english", 0.0)
     assert openllm.macro_mean([("a", 1.0), ("b", 0.0), ("b", 0.0)]) == 0.5
+
+
+# --- the protocol, point by point (DS2 / open-instruct eval scripts) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "output, gold, expected",
+    [
+        ("So the answer is 18.0.", "#### 18", 0.0),  # "180" vs "18" after dropping punctuation
+        ("The temperature is -5 degrees.", "#### 5", 1.0),  # the pattern reads no sign on an integer
+        ("It is -5.", "#### -5", 1.0),
+        ("Half: .5", "#### 0.5", 0.0),  # "5" vs "05"
+        ("So 3,600 rolls.", "#### 3,600", 1.0),  # digit-group commas removed on both sides
+        ("She has 19, not 20.", "#### 19", 0.0),  # the last number counts
+        ("I do not know", "#### 8", 0.0),  # no number: the whole output is compared
+        ("eight", "#### Eight", 1.0),  # ... ignoring case
+    ],
+)
+def test_gsm8k_protocol_scoring(openllm, output, gold, expected):
+    assert openllm.process_gsm8k({"answer": gold}, [output])["exact_match"] == expected
+
+
+@pytest.mark.parametrize(
+    "output, target, expected",
+    [
+        (" not False = True. So the answer is True.", "True", 1.0),
+        ("So the answer is (B).\n\nQ: more", "(B)", 1.0),
+        ("So the answer is false.", "False", 1.0),  # case ignored
+        ("So the answer is (A).", "A", 1.0),  # punctuation ignored
+        ("The answer is 3.5.", "3.5", 0.0),  # cut at the first period: "3"
+        ("THE ANSWER IS Yes.", "Yes", 0.0),  # the pattern is case-sensitive: no match, whole output
+        ("the answer is\nYes.", "Yes", 0.0),  # the answer does not cross a line
+        ("Yes", "Yes", 1.0),  # no pattern: the whole output, stripped
+    ],
+)
+def test_bbh_protocol_scoring(openllm, output, target, expected):
+    assert openllm.process_bbh({"task": "t", "target": target}, [output])["exact_match"] == expected
+
+
+def _bbh_mirror(root: Path, sizes: dict[str, int]) -> None:
+    for sub in ("bbh", "cot-prompts"):
+        (root / "bbh" / sub).mkdir(parents=True)
+    for task, n in sizes.items():
+        examples = [{"input": f"{task} item {i}", "target": str(i)} for i in range(n)]
+        (root / "bbh" / "bbh" / f"{task}.json").write_text(json.dumps({"examples": examples}))
+        (root / "bbh" / "cot-prompts" / f"{task}.txt").write_text(f"canary\n-----\n{task} prompt\n\nQ: x\nA: y")
+
+
+def test_bbh_subsets_come_from_one_seeded_stream(openllm, tmp_path):
+    import random
+
+    sizes = {"web_of_lies": 60, "boolean_expressions": 50, "navigate": 45}
+    _bbh_mirror(tmp_path, sizes)
+    test = openllm.load_bbh(data_dir=str(tmp_path), n_per_task=40, seed=42)["test"]
+    rng = random.Random(42)  # seeded once, tasks in sorted order, 40 drawn from each in turn
+    expected = [f"{task} item {i}" for task in sorted(sizes) for i in rng.sample(range(sizes[task]), 40)]
+    assert test["input"] == expected
+    # a fresh seed per task (the old behaviour) agrees on the first task only
+    fresh = [f"{task} item {i}" for task in sorted(sizes) for i in random.Random(42).sample(range(sizes[task]), 40)]
+    assert fresh[:40] == expected[:40] and fresh[40:80] != expected[40:80]
+    assert test[0]["prompt"] == f"boolean_expressions prompt\n\nQ: x\nA: y\n\nQ: {test[0]['input']}\nA:"
+
+
+def _tydiqa_mirror(root: Path, dev: dict[str, int], train: dict[str, int]) -> None:
+    (root / "tydiqa").mkdir(parents=True)
+    for name, sizes in (("dev", dev), ("train", train)):
+        data = [
+            {
+                "title": f"{lang} {i}",
+                "paragraphs": [
+                    {
+                        "context": f"{lang} {name} passage {i} " + "word " * 20,
+                        "qas": [
+                            {
+                                "id": f"{lang}-{name}{i}-1",
+                                "question": f"{lang} {name} question {i}?",
+                                "answers": [{"text": f"answer {i}", "answer_start": 0}],
+                            }
+                        ],
+                    }
+                ],
+            }
+            for lang, n in sizes.items()
+            for i in range(n)
+        ]
+        (root / "tydiqa" / f"tydiqa-goldp-v1.1-{name}.json").write_text(json.dumps({"data": data}))
+
+
+def test_tydiqa_subsets_and_exemplars_come_from_one_seeded_stream(openllm, tmp_path):
+    import random
+
+    dev, train = {"swahili": 7, "english": 9, "korean": 3}, {"english": 5, "korean": 4, "swahili": 6}
+    _tydiqa_mirror(tmp_path, dev, train)
+    test = openllm.load_tydiqa(data_dir=str(tmp_path), n_per_language=4, seed=42, max_context_tokens=0)["test"]
+    rng = random.Random(42)  # dev subsets of all languages (sorted) first, then one exemplar each
+    ids = []
+    for lang in sorted(dev):
+        chosen = rng.sample(range(dev[lang]), 4) if dev[lang] > 4 else range(dev[lang])
+        ids += [f"{lang}-dev{i}-1" for i in chosen]
+    shots = {lang: rng.sample(range(train[lang]), 1)[0] for lang in sorted(dev)}
+    assert test["id"] == ids
+    row = test[test["language"].index("korean")]
+    instruction, passage, question, answer = openllm.TYDIQA_TEMPLATES["korean"]
+    k = shots["korean"]
+    shot = f"{passage} korean train passage {k} {'word ' * 20}\n{question} korean train question {k}?\n{answer} answer {k}"
+    item = f"{passage} korean dev passage 0 {'word ' * 20}\n{question} korean dev question 0?\n{answer}"
+    assert row["prompt"] == f"{instruction}\n\n{shot}\n\n{item}"
+
+
+def test_tydiqa_protocol_wording():
+    templates = _module(TASKS / "openllm" / "utils.py", "lmmixup_openllm_wording").TYDIQA_TEMPLATES
+    assert len(templates) == 9
+    assert templates["english"] == (
+        "Answer the following question based on the information in the given passage.",
+        "Passage:",
+        "Question:",
+        "Answer:",
+    )
+    assert templates["finnish"] == (
+        "Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.",
+        "Kappale:",
+        "Kysymys:",
+        "Vastaus:",
+    )
+    assert templates["korean"][1:] == ("문단:", "질문:", "답변:")
+    assert templates["swahili"][3] == "Jibu:" and templates["russian"][1] == "Отрывок:"
+
+
+def test_tydiqa_cuts_passages_with_the_model_tokenizer(openllm, tiny_qwen_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    _tydiqa_mirror(tmp_path, {"english": 2}, {"english": 1})
+    tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
+    full = openllm.load_tydiqa(data_dir=str(tmp_path), max_context_tokens=0)["test"]
+    # lm-eval hands --model_args to the loader: pretrained= names the tokenizer
+    cut = openllm.load_tydiqa(data_dir=str(tmp_path), max_context_tokens=6, pretrained=tiny_qwen_dir)["test"]
+
+    def kept(text: str) -> str:
+        ids = tok(text)["input_ids"]
+        assert len(ids) > 6
+        return tok.decode(ids[:6])
+
+    shot = kept("english train passage 0 " + "word " * 20)
+    for row in cut:
+        i = row["id"].split("-dev")[1].split("-")[0]
+        item = kept(f"english dev passage {i} " + "word " * 20)
+        assert f"Passage: {shot}\nQuestion: english train question 0?" in row["prompt"]  # the exemplar too
+        assert row["prompt"].endswith(f"Passage: {item}\nQuestion: english dev question {i}?\nAnswer:")
+    roomy = openllm.load_tydiqa(data_dir=str(tmp_path), max_context_tokens=10_000, tokenizer=tiny_qwen_dir)["test"]
+    assert roomy["prompt"] == full["prompt"]  # passages within the budget are left as they are
+    with pytest.raises(ValueError, match="needs the evaluated model's tokenizer"):
+        openllm.load_tydiqa(data_dir=str(tmp_path))
+
+
+def test_tydiqa_f1_is_zero_when_both_normalise_to_empty(openllm):
+    out = openllm.process_tydiqa({"language": "english", "answers": ["the"]}, ["  a  "])
+    assert out["f1"] == ("english", 0.0) and out["exact_match"] == ("english", 1.0)  # as SQuAD v1.1's script
+
+
+def test_mmlu_cells_render_as_the_protocol(openllm, tmp_path):
+    (tmp_path / "mmlu" / "test").mkdir(parents=True)
+    (tmp_path / "mmlu" / "test" / "college_physics_test.csv").write_text(
+        '"  What is x? ",1.50,2,None,4,A\n"Pick one",0.25,3,Both,5,C\n'
+    )
+    test = openllm.load_mmlu(data_dir=str(tmp_path))["test"]
+    # pandas reads the all-numeric option columns as numbers and "None" as missing, as the protocol did;
+    # the question is not stripped
+    assert test[0]["prompt"] == (
+        "The following are multiple choice questions (with answers) about  college physics.\n\n"
+        "  What is x? \nA. 1.5\nB. 2\nC. nan\nD. 4\nAnswer:"
+    )
+    assert test["answer"] == [0, 2]
+
+
+def test_truthfulqa_judge_scores_the_whole_yes_completion(tiny_qwen_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmmixup_hf.eval_judges import YesNoJudge, truth_prompt
+
+    judge = YesNoJudge(tiny_qwen_dir, device="cpu")
+    prompts = [truth_prompt("Is water wet?", "Yes."), truth_prompt("What is 2+2, if you ask me politely?", "4")]
+    got = judge.p_yes(prompts, batch_size=2)
+    tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir).eval()
+    for prompt, p in zip(prompts, got, strict=True):
+        n = len(tok(prompt)["input_ids"])
+        ids = tok(prompt + " yes")["input_ids"]
+        assert len(ids) - n >= 2  # " yes" is several tokens here, so the first one alone would differ
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        expected = math.exp(sum(logp[i - 1, ids[i]].item() for i in range(n, len(ids))))
+        first_only = math.exp(logp[n - 1, ids[n]].item())
+        assert p == pytest.approx(expected, rel=1e-4) and p != pytest.approx(first_only, rel=1e-3)
 
 
 def test_missing_mirror_is_a_clear_error(openllm, tmp_path):

@@ -28,6 +28,8 @@ from lmmixup_hf.judge import (
     build_judge_messages,
     expected_score,
     parse_reply,
+    parse_reply_reference,
+    reference_kind,
 )
 from lmmixup_hf.schema import compress_score
 
@@ -100,6 +102,86 @@ def test_expected_score_geval():
     assert expected_score(lp_r) == pytest.approx(8.0)
     assert expected_score(None) is None
     assert expected_score(token_logprobs(["no", " score"])) is None
+
+
+# -- the reference rubric (the paper's rating script) ------------------------------------------------
+def test_reference_rubric_prompt():
+    (user,) = build_judge_messages(JudgeItem("  Q: What is 2+2?\nA: 4 ", "qa", style="reference"))
+    assert user == {
+        "role": "user",
+        "content": "You are a data-quality estimator. Rate this **single** QA pair on Rarity, Complexity, "
+        "Informativeness, and Overall (1-10 integers).\nReturn ONLY a JSON object like:\n"
+        '{ "Rarity": <int>, "Complexity": <int>, "Informativeness": <int>, "Overall rating": <int> }\n\n'
+        "### QA Pair:\n\n\n### Output:\nQ: What is 2+2?\nA: 4\n\n### Rating:",
+    }  # one user turn, no system turn; the item stripped; only the item shown
+    (cs,) = build_judge_messages(JudgeItem("C: x\nS: y", "cs", style="reference"))
+    assert "Rate this **single** category–statement example on" in cs["content"]
+    assert "### CS Example:\n" in cs["content"]
+    assert [reference_kind(t) for t in ("mcq_mixup", "para", None, "general", "poem")] == [
+        "mcq",
+        "para",
+        "qa",
+        "qa",
+        "qa",
+    ]  # anything it does not know is rated as a QA pair, as the reference did
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (
+            '{"Rarity": 6, "Complexity": 5, "Informativeness": 7, "Overall rating": 7.6}',
+            {"rarity": 6, "complexity": 5, "informativeness": 7, "overall": 7},
+        ),  # int() cuts 7.6 to 7 (our parser would round to 8)
+        (
+            'Sure. {"Overall rating": 9.9, "Rarity": "4"}',
+            {"rarity": 4, "complexity": 0, "informativeness": 0, "overall": 9},
+        ),
+        ('{"Overall rating": 0, "Overall": 8}', {"rarity": 0, "complexity": 0, "informativeness": 0, "overall": 8}),
+        (
+            '[{"Overall": 3}, {"Overall rating": 9}]',
+            {"rarity": 0, "complexity": 0, "informativeness": 0, "overall": 3},
+        ),
+        ('{"Rarity": 2, "Overall rating": 12}', {"rarity": 2, "complexity": 0, "informativeness": 0, "overall": 12}),
+    ],
+)
+def test_parse_reply_reference(reply, expected):
+    assert parse_reply_reference(reply) == expected
+    assert compress_score(expected["overall"]) == min(9, max(4, expected["overall"])) - 4
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "exception",  # what the reference's client returned after its retries: it scored it 0
+        "",
+        "{}",  # no Overall: 0 in the reference
+        '{"Overall rating": "7.6"}',  # int("7.6") fails in the reference too
+        "{Overall rating: 8}",  # not JSON
+        'scores [1, 2] then {"Overall rating": 8}',  # the first array wins, and holds no object
+    ],
+)
+def test_parse_reply_reference_failures_stay_failures(reply):
+    with pytest.raises(ReplyParseError):
+        parse_reply_reference(reply)
+
+
+def test_openai_judge_reference_style(openai_server, tmp_path):
+    def responder(body):
+        assert [m["role"] for m in body["messages"]] == ["user"]
+        if "UNPARSEABLE" in last_user_text(body):
+            return {"content": "exception"}
+        return {"content": 'Here you go: {"Rarity": 5, "Complexity": 6, "Informativeness": 7, "Overall rating": 8.7}'}
+
+    server = openai_server(responder)
+    judge = OpenAIJudge("stub-judge", base_url=server.base_url, api_key=KEY, cache_dir=tmp_path, parse_retries=0)
+    good, bad = judge.rate_many(
+        [JudgeItem("Q: a?\nA: b.", "qa", style="reference"), JudgeItem("UNPARSEABLE", "qa", style="reference")],
+        show_progress=False,
+    )
+    assert good.ok and good.raw == 8 and good.score == 4
+    assert good.dims == {"rarity": 5, "complexity": 6, "informativeness": 7, "overall": 8}
+    assert not bad.ok and bad.raw is None and bad.score is None  # the reference scored this 0
 
 
 # -- the OpenAI judge over HTTP ------------------------------------------------------------------

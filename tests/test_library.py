@@ -42,6 +42,42 @@ def test_transition_and_prior_match_hand_computation():
     np.testing.assert_allclose(lib.p, n / n.sum(), rtol=1e-12)
 
 
+# Duplicate texts: items 0 and 2 share one embedding (A) but were scored 5 and 0; B and C are each
+# other's nearest item. Values are exact in float32, so the distances are exact too.
+DUP_EMB = np.array([[1, 0, 0], [0.6, 0.8, 0], [1, 0, 0], [0, 0.8, 0.6]], dtype=np.float32)
+DUP_SCORES = np.array([5, 3, 0, 3])
+
+
+def test_transition_with_duplicate_texts_matches_the_reference_builder():
+    from lmmixup_hf.rewards.library import transition_neighbours
+
+    # the reference lists the k_t + 1 nearest items, self included, and drops the first: A's two copies
+    # tie at distance 0 and share the list [0, 2], so item 0 votes for 2 and item 2 votes for itself
+    assert transition_neighbours(DUP_EMB, k_t=1).tolist() == [[2], [3], [2], [1]]
+    lib = build_task_library("qa", DUP_EMB, DUP_SCORES, "toy-model", k_t=1)
+    # classes 0, 3, 5: 5 -> 0 (item 0), 0 -> 0 (item 2, itself), 3 -> 3 twice (B, C)
+    counts = np.array([[1.01, 0.01, 0.01], [0.01, 2.01, 0.01], [1.01, 0.01, 0.01]])
+    np.testing.assert_allclose(lib.T, counts / counts.sum(axis=1, keepdims=True), rtol=1e-12)
+    # a library without duplicates votes with each item's nearest other items, as before
+    assert transition_neighbours(TOY_EMB, k_t=1).tolist() == [[1], [0], [3], [2], [5], [4]]
+
+
+def test_duplicate_texts_against_scikit_learn():
+    """The reference's own neighbour search (scikit-learn, cosine) on the same library."""
+    neighbors = pytest.importorskip("sklearn.neighbors")
+    from lmmixup_hf.rewards.library import transition_neighbours
+
+    _, idx = neighbors.NearestNeighbors(n_neighbors=2, metric="cosine").fit(DUP_EMB).kneighbors(DUP_EMB)
+    assert transition_neighbours(DUP_EMB, k_t=1).tolist() == idx[:, 1:].tolist()
+
+
+def test_transition_neighbours_pad_tiny_libraries():
+    from lmmixup_hf.rewards.library import transition_neighbours
+
+    # two copies of one text and k_t = 3: one vote each (the list holds two items), -1 pads the rest
+    assert transition_neighbours(DUP_EMB[[0, 2]], k_t=3).tolist() == [[1, -1, -1], [1, -1, -1]]
+
+
 def test_posterior_reproduces_the_reference_worked_check():
     counts = np.array([[8, 3, 1], [2, 10, 4], [1, 3, 12]], dtype=np.float64) + 0.01
     T = counts / counts.sum(axis=1, keepdims=True)

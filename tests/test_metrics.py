@@ -22,7 +22,7 @@ def test_squad_f1_hand_computed():
     # repeated tokens: "x x y" vs "x y y" share one x and one y -> P 2/3, R 2/3 -> 2/3
     assert metrics.squad_f1("x x y", "x y y") == pytest.approx(2 / 3)
     assert metrics.squad_f1("nothing", "something else") == 0.0
-    assert metrics.squad_f1("", "") == 1.0
+    assert metrics.squad_f1("", "") == 0.0  # SQuAD v1.1: no shared token is 0, even for two empties
     assert metrics.squad_f1("", "an answer") == 0.0
 
 

@@ -41,3 +41,94 @@ def test_sft_grpo_and_inference_prompts_are_identical(task, tiny_qwen_dir):
     # the text every engine sends through the chat template is the same string
     rendered = tok.apply_chat_template(expected, add_generation_prompt=True, tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\n") and expected[0]["content"] in rendered
+
+
+# -- prompt_style="reference": what a checkpoint trained by the paper's code saw ----------------------
+REF_SYSTEM = (
+    "You are an expert in data mix-up. Your task is to merge the provided content into a single coherent and "
+    "high-quality output.\n"
+    "You MUST ALWAYS follow this exact format:\n"
+    "1. First, provide your reasoning wrapped in <think> tags\n"
+    "2. Then, provide your final answer wrapped in <answer> tags\n"
+    "NEVER output anything outside these tags.\n\n"
+    "Example format:\n"
+    "<think>\n[Your step-by-step reasoning about how and why the merge makes sense]\n</think>\n\n"
+    "<answer>\n[The final merged content]\n</answer>"
+)
+# its GRPO template, character for character: one line, newlines written as backslash + n
+REF_GRPO = (
+    r"You are an expert in data mix-up. Your task is to merge the provided content into a single coherent and "
+    r"high-quality output. You MUST ALWAYS follow this exact format:\n1. First, provide your reasoning wrapped in "
+    r"<think> tags\n2. Then, provide your final answer wrapped in <answer> tags\nNEVER output anything outside "
+    r"these tags.\n\nExample format:\n<think>\n[Your step-by-step reasoning about how and why the merge makes "
+    r"sense]\n</think>\n\n<answer>\n[The final merged content]\n</answer>\n"
+)
+REF_INSTRUCTION = (
+    "Given some related question-answer pairs, merge them into a single coherent question-answer pair that "
+    "preserves all essential information from the originals."
+)
+
+
+def test_reference_style_sft_and_inference():
+    rec = {"instruction": "Merge these.", "input": "Q: a\nA: b\n\nQ: c\nA: d", "output": "Q: x\nA: y ", "cot": "why"}
+    sft = sft_example({**rec, "task_type": "qa"}, style="reference")
+    assert sft["prompt"] == [
+        {"role": "system", "content": REF_SYSTEM},
+        {"role": "user", "content": "Merge these.\nQ: a\nA: b\n\nQ: c\nA: d"},  # one newline after the instruction
+    ]
+    assert sft["completion"][0]["content"] == "<think>\nwhy\n</think>\n\n<answer>\nQ: x\nA: y\n</answer>"
+    # no reasoning: no think block at all (ours always writes one)
+    no_cot = sft_example({**rec, "cot": ""}, style="reference")["completion"][0]["content"]
+    assert no_cot == "<answer>\nQ: x\nA: y\n</answer>"
+    assert format_target("o", "", style="ours").startswith("<think>\n\n</think>")
+
+
+def test_reference_style_grpo_turn():
+    grpo = grpo_example(
+        {"input": "Merge these.\n\nQ: a\nA: b", "output": "o", "task_type": "qa_mixup"}, style="reference"
+    )
+    # a single user turn: no system message, so the chat template's default one applies, as in the reference
+    assert grpo["prompt"] == [{"role": "user", "content": REF_GRPO + "Merge these.\n\nQ: a\nA: b"}]
+    # an SFT-style record: instruction and input joined by a blank line, as its GRPO split did
+    split = grpo_example({"instruction": "Merge.", "input": " Q: a\nA: b ", "output": "o"}, style="reference")
+    assert split["prompt"][0]["content"] == REF_GRPO + "Merge.\n\n Q: a\nA: b"  # only the whole is trimmed
+
+
+def test_reference_style_cluster_to_input(tiny_qwen_dir):
+    cluster = linearize_cluster(PAIRS, "reference")
+    # members "Q: ...\n A: ..." (a space before A:), joined by the four characters \n\n
+    assert (
+        cluster
+        == "Q: when was the riverton bridge built\n A: 1890s i think\\n\\nQ: Riverton bridge made of?\n A: iron"
+    )
+    assert instruction_for("mcq", "reference") == REF_INSTRUCTION  # one fixed instruction
+    expected = build_messages(cluster, "qa", style="reference")
+    assert expected == [
+        {"role": "system", "content": REF_SYSTEM},
+        {"role": "user", "content": f"{REF_INSTRUCTION}\n{cluster}"},
+    ]
+    tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
+    staged, dropped = fit_messages(tok, PAIRS, "qa", max_prompt_tokens=100_000, style="reference")
+    assert dropped == 0 and staged == expected  # what the distill stage sends with prompt_style: reference
+    with pytest.raises(ValueError, match="prompt_style"):
+        build_messages(cluster, "qa", style="paper")
+
+
+def test_reference_style_mixture_task(monkeypatch):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).parent / "fixtures" / "mixture"
+    spec = importlib.util.spec_from_file_location(
+        "mixture_utils_style", Path(__file__).parents[1] / "eval_tasks/mixture/utils.py"
+    )
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    raw = json.loads((root / "data_sft" / "qa" / "merged_test_qa_noisy.json").read_text())[0]
+    monkeypatch.setenv(utils.ENV_STYLE, "reference")
+    row = utils.load_mixture("qa", data_dir=str(root))["test"][0]
+    assert row["system"] == REF_SYSTEM
+    assert row["user"] == f"{raw['instruction'].strip()}\n{raw['input'].strip()}"
+    ours = utils.load_mixture("qa", data_dir=str(root), prompt_style="ours")["test"][0]
+    assert ours["user"] == user_content(raw["instruction"], raw["input"])

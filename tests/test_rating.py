@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from openai_server import Faults, judge_responder, last_user_text, messages_key,
 from lmmixup_hf.io import read_stage_data, write_stage_data
 from lmmixup_hf.judge import RUBRICS, JudgeItem, build_judge_messages
 from lmmixup_hf.rating import RateArgs, rate, render_item
-from lmmixup_hf.schema import compress_score
+from lmmixup_hf.schema import LmmixupError, compress_score
 
 _openai_server = pytest.fixture(server_factory, name="openai_server")
 
@@ -285,6 +286,42 @@ def test_rate_task_rubrics_fields_and_reference(openai_server, tmp_path):
                 progress=False,
             )
         )
+
+
+def test_rate_reference_rubric(openai_server, tmp_path):
+    def responder(body):
+        text = last_user_text(body)
+        assert text.startswith("You are a data-quality estimator.") and text.endswith("### Rating:")
+        if "FAIL" in text:
+            return {"content": "no json here"}
+        return {"content": '{"Rarity": 3, "Complexity": 3, "Informativeness": 3, "Overall rating": 8.9}'}
+
+    server = openai_server(responder)
+    pool = tmp_path / "pool.jsonl"
+    rows = [
+        {"id": "a", "prompt": "Q1", "completion": "A1", "task_type": "mcq"},
+        {"id": "b", "prompt": "Q2", "completion": "A2"},
+        {"id": "c", "prompt": "Q3", "completion": "FAIL"},
+    ]
+    pool.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    args = RateArgs(
+        input=str(pool),
+        out=str(tmp_path / "rated"),
+        judge_model="stub-judge",
+        base_url=server.base_url,
+        api_key=KEY,
+        rubric="reference",
+        cache_dir=str(tmp_path / "c"),
+        progress=False,
+    )
+    ds = rate(args)
+    headers = sorted(re.search(r"### (.*?):\n", last_user_text(b)).group(1) for b in server.bodies)
+    assert headers[:2] == ["MCQ Item", "QA Pair"]  # the row's task type, else a QA pair
+    by_id = {r["id"]: r["rating"] for r in ds}
+    assert by_id["a"]["raw"] == 8 and by_id["a"]["score"] == 4  # 8.9 -> 8 as the reference's int()
+    assert "c" not in by_id  # a failed rating stays a failure, not a 0
+    with pytest.raises(LmmixupError, match="item only"):
+        rate(RateArgs(**{**asdict(args), "reference_field": "prompt", "out": str(tmp_path / "x")}))
 
 
 def test_rate_local_engine(tiny_qwen_dir, tmp_path):

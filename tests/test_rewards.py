@@ -40,7 +40,10 @@ PARA = (
 # (completion, task_type, reference score, strict score)
 FORMAT_TABLE = [
     (wrap("Q: When was it built?\nA: In the 1890s."), "qa_mixup", 1.0, 1.0),
-    (wrap("Q: When was it built?\nA: In the 1890s."), "qa", 1.0, 1.0),
+    # the reference's task names are exact MIXTURE keys: "qa" or "QA_mixup" earn no task credit there
+    (wrap("Q: When was it built?\nA: In the 1890s."), "qa", 0.5, 1.0),
+    (wrap("Q: When was it built?\nA: In the 1890s."), "QA_mixup", 0.5, 1.0),
+    (wrap("ok"), "para", 0.5, 0.5),
     ("<answer>\nQ: When?\nA: 1890s.\n</answer>", "qa_mixup", 0.5, 0.0),  # no think block
     (wrap("FAQ: see the Data: section"), "qa_mixup", 1.0, 0.5),  # IGNORECASE finds Q: and a: inside words
     (wrap("Just some text."), "qa_mixup", 0.5, 0.5),
@@ -167,7 +170,7 @@ def test_alignment_modes_and_none(library_dir):
     completions = [wrap(out), wrap("Q: best pizza topping?\nA: pineapple"), wrap(out), wrap(out)]
     outputs = [out, out, None, "   "]
     ref = AlignmentReward(cfg_for(library_dir))(None, completions, output=outputs)
-    assert ref == [1.0, 0.0, None, None]
+    assert ref == [1.0, 0.0, None, 0.0]  # reference: a blank output is embedded and scored like any other
     cfg = cfg_for(library_dir, mode="smooth")
     smooth = AlignmentReward(cfg)(None, completions, output=outputs)
     e = embedder_for(cfg).encode([out, "Q: best pizza topping?\nA: pineapple"])
@@ -207,6 +210,64 @@ def test_mixup_is_the_weighted_sum_with_one_encode(library_dir):
         assert total[i] == pytest.approx(0.5 * q[i] + 0.4 * a[i] + 0.1 * f[i])
     assert total[3] == pytest.approx((0.5 * q[3] + 0.1 * f[3]) / 0.6)  # no reference: renormalised
     assert total[0] == pytest.approx(1.0) and total[1] == pytest.approx(0.1)
+
+
+# -- reference mode, value for value ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference_library(tmp_path_factory, minilm_path):
+    """qa: every item scored 5 (quality 1 whatever the answer); mcq: every item 0 (quality 0);
+    no cs or para library (the reference gives those 0.5)."""
+    clear_caches()
+    emb = embedder_for(RewardConfig(embedding_model="minilm-offline")).encode(GOOD + POOR)
+    libs = {
+        "qa": build_task_library("qa", emb, np.full(8, 5), "minilm-offline", k_t=2),
+        "mcq": build_task_library("mcq", emb, np.zeros(8, dtype=int), "minilm-offline", k_t=2),
+    }
+    root = tmp_path_factory.mktemp("reference-library")
+    save_library(libs, root)
+    return str(root)
+
+
+ANS = GOOD[0]
+# (completion, task_type, output, hand-computed (quality, alignment, format, mixup)) in reference mode;
+# a matching answer and output embed identically (cosine 1 -> alignment 1)
+REFERENCE_TABLE = [
+    # an exact MIXTURE key: its library, full format credit, weights 0.5/0.4/0.1
+    (wrap(ANS), "qa_mixup", ANS, (1.0, 1.0, 1.0, 0.5 + 0.4 + 0.1)),
+    # other names: no task credit (format 0.5), the qa library, and the 0.8/0/0.2 fallback weights
+    (wrap(ANS), "qa", ANS, (1.0, 1.0, 0.5, 0.8 * 1.0 + 0.0 + 0.2 * 0.5)),
+    (wrap(ANS), "QA_mixup", ANS, (1.0, 1.0, 0.5, 0.9)),
+    (wrap(ANS), None, ANS, (1.0, 1.0, 0.5, 0.9)),
+    (wrap(ANS), "mcq", ANS, (1.0, 1.0, 0.5, 0.9)),  # "mcq" is not "mcq_mixup": the qa library scores it
+    (wrap(MCQ), "mcq_mixup", MCQ, (0.0, 1.0, 1.0, 0.5 * 0.0 + 0.4 * 1.0 + 0.1 * 1.0)),
+    # a key without a library: quality 0.5; the cs pattern is absent: format 0.5
+    (wrap(ANS), "cs_mixup", ANS, (0.5, 1.0, 0.5, 0.5 * 0.5 + 0.4 + 0.1 * 0.5)),
+    (wrap("ok"), "para_mixup", "ok", (0.5, 1.0, 1.0, 0.25 + 0.4 + 0.1)),  # para: task half for free
+    (wrap("ok"), "para", "ok", (1.0, 1.0, 0.5, 0.8 + 0.2 * 0.5)),
+    # an empty or blank target is embedded and scored (cosine far below 0.8 -> 0), not skipped
+    (wrap(ANS), "qa_mixup", "", (1.0, 0.0, 1.0, 0.5 + 0.0 + 0.1)),
+    (wrap(ANS), "qa_mixup", "   ", (1.0, 0.0, 1.0, 0.6)),
+    # no output at all: alignment does not apply, the other weights renormalised
+    (wrap(ANS), "qa_mixup", None, (1.0, None, 1.0, (0.5 + 0.1) / 0.6)),
+]
+
+
+def test_reference_mode_value_for_value(reference_library):
+    cfg = RewardConfig(mode="reference", embedding_model="minilm-offline", library=reference_library, k=3)
+    texts = [row[0] for row in REFERENCE_TABLE]
+    tasks = [row[1] for row in REFERENCE_TABLE]
+    outputs = [row[2] for row in REFERENCE_TABLE]
+    parts = MixupReward(cfg).components(texts, tasks, outputs)
+    total = MixupReward(cfg)(None, texts, task_type=tasks, output=outputs)
+    for i, (_, task, output, (q, a, f, overall)) in enumerate(REFERENCE_TABLE):
+        got = (parts["quality"][i], parts["alignment"][i], parts["format"][i])
+        assert got == pytest.approx((q, a, f)), (task, output, got)
+        assert total[i] == pytest.approx(overall), (task, output, total[i])
+    # the smooth mode keeps the lenient names and skips empty targets
+    smooth = RewardConfig(mode="smooth", embedding_model="minilm-offline", library=reference_library, k=3)
+    s = MixupReward(smooth).components(texts, tasks, outputs)
+    assert s["format"][1] == 1.0 and s["alignment"][9] is None and s["alignment"][10] is None
+    assert s["quality"][4] < 0.5  # "mcq" reads as mcq: the all-0 library
 
 
 def test_combine_handles_none():

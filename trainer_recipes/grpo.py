@@ -48,6 +48,12 @@ class GRPOScriptArguments(ScriptArguments):
     )
     max_prompt_tokens: int = field(default=2400, metadata={"help": "Prompt cap in tokens (GRPO has none; 0: none)."})
     overlong: str = field(default="truncate", metadata={"help": "Over the cap: truncate (drop members) or drop."})
+    prompt_style: str = field(
+        default="ours",
+        metadata={
+            "help": "ours, or reference: the paper's prompts, to continue from a checkpoint trained by its code."
+        },
+    )
 
 
 def resolve_reward(path: str):
@@ -74,7 +80,10 @@ def main(script_args: GRPOScriptArguments, training_args: GRPOConfig, model_args
         script_args.dataset_name, script_args.dataset_config, script_args.data_dir, script_args.dataset_train_split
     )
     dataset = cap_prompts(
-        to_grpo_dataset(records, script_args.task_type), tokenizer, script_args.max_prompt_tokens, script_args.overlong
+        to_grpo_dataset(records, script_args.task_type, script_args.prompt_style),
+        tokenizer,
+        script_args.max_prompt_tokens,
+        script_args.overlong,
     )
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,

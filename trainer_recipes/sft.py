@@ -26,6 +26,12 @@ class SFTScriptArguments(ScriptArguments):
     task_type: str | None = field(default=None, metadata={"help": "Task of records without task_type/source."})
     max_prompt_tokens: int = field(default=2400, metadata={"help": "Prompt cap in tokens (0: none)."})
     overlong: str = field(default="truncate", metadata={"help": "Over the cap: truncate (drop members) or drop."})
+    prompt_style: str = field(
+        default="ours",
+        metadata={
+            "help": "ours, or reference: the paper's prompts, to continue from a checkpoint trained by its code."
+        },
+    )
 
 
 def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> None:
@@ -36,7 +42,10 @@ def main(script_args: SFTScriptArguments, training_args: SFTConfig, model_args: 
         script_args.dataset_name, script_args.dataset_config, script_args.data_dir, script_args.dataset_train_split
     )
     dataset = cap_prompts(
-        to_sft_dataset(records, script_args.task_type), tokenizer, script_args.max_prompt_tokens, script_args.overlong
+        to_sft_dataset(records, script_args.task_type, script_args.prompt_style),
+        tokenizer,
+        script_args.max_prompt_tokens,
+        script_args.overlong,
     )
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,

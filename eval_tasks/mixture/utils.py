@@ -12,6 +12,9 @@ follow the same ``LMMIXUP_*`` settings (reward mode, embedding model, quality li
   ``LMMIXUP_JUDGE_MODEL`` / ``LMMIXUP_JUDGE_BASE_URL`` / ``OPENAI_API_KEY``).
 
 A metric that does not apply to an item is None and is left out of its mean (NaN if none applies).
+
+``prompt_style`` (``--metadata '{"prompt_style": "reference"}'`` or ``LMMIXUP_PROMPT_STYLE``) renders
+the paper's SFT / inference prompt instead of ours, to evaluate a distiller trained by its code.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from pathlib import Path
 import datasets
 
 from lmmixup_hf import metrics
-from lmmixup_hf.distill.prompts import SYSTEM_PROMPT, format_target, instruction_for, user_content
+from lmmixup_hf.distill.prompts import format_target, instruction_for, system_prompt, user_content
 
 logger = logging.getLogger(__name__)
 
 ENV_DATA = "LMMIXUP_MIXTURE_DATA"
+ENV_STYLE = "LMMIXUP_PROMPT_STYLE"
 HUB_REPO = "dokiik/MIXTURE"
 
 
@@ -37,8 +41,10 @@ def test_file(task: str) -> str:
     return f"data_sft/{task}/merged_test_{task}_noisy.json"
 
 
-def load_mixture(task: str, data_dir: str | None = None, **_) -> datasets.DatasetDict:
-    """The MIXTURE test file of one task, from ``data_dir`` / ``$LMMIXUP_MIXTURE_DATA`` or the Hub."""
+def load_mixture(task: str, data_dir: str | None = None, prompt_style: str | None = None, **_) -> datasets.DatasetDict:
+    """The MIXTURE test file of one task, from ``data_dir`` / ``$LMMIXUP_MIXTURE_DATA`` or the Hub,
+    with the prompt in ``prompt_style`` (``$LMMIXUP_PROMPT_STYLE``, else ours)."""
+    style = prompt_style or os.environ.get(ENV_STYLE) or "ours"
     root = data_dir or os.environ.get(ENV_DATA)
     if root:
         path = Path(root).expanduser().resolve() / test_file(task)
@@ -55,15 +61,15 @@ def load_mixture(task: str, data_dir: str | None = None, **_) -> datasets.Datase
         for field in ("input", "output"):
             if not isinstance(rec.get(field), str) or not rec[field].strip():
                 raise ValueError(f"{path}: item {i}: field {field!r} must be a non-empty string")
-        instruction = rec.get("instruction") or instruction_for(task)
+        instruction = rec.get("instruction") or instruction_for(task, style)
         rows.append(
             {
                 "id": str(rec.get("id", i)),
                 "task_type": task,
-                "system": SYSTEM_PROMPT,
-                "user": user_content(instruction, rec["input"]),
+                "system": system_prompt(style),
+                "user": user_content(instruction, rec["input"], style),
                 "output": rec["output"],
-                "target": format_target(rec["output"], rec.get("cot")),
+                "target": format_target(rec["output"], rec.get("cot"), style),
             }
         )
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
@@ -77,7 +83,8 @@ def process_results(doc: dict, results: list) -> dict:
     from lmmixup_hf import rewards
 
     completion = results[0]
-    columns = {"task_type": [doc["task_type"]], "output": [doc["output"]]}
+    # the GRPO data's task name (``qa_mixup``): reference-mode rewards give task credit to it only
+    columns = {"task_type": [f"{doc['task_type']}_mixup"], "output": [doc["output"]]}
     prompt = [doc["user"]]
     scores = {
         "format": rewards.format_reward(prompt, [completion], **columns)[0],

@@ -1,7 +1,10 @@
-"""Loaders and scorers for the ``lmmixup_openllm`` tasks (the downstream protocol of LM-mixup).
+"""Loaders and scorers for the ``lmmixup_openllm`` tasks (the downstream protocol of LM-mixup,
+i.e. the DS2 evaluation scripts, themselves open-instruct's).
 
 Every loader builds the whole prompt (fixed shots included) into a ``prompt`` column, so the shots
 and the item subsets are exactly the protocol's and do not depend on lm-eval's few-shot sampler.
+Subsets are drawn as the protocol draws them: one ``random.Random(seed)`` stream per benchmark,
+consumed in the protocol's order. ``docs/evaluation.md`` lists what is identical and what is not.
 
 Data come from the Hub by default. A local mirror in the benchmarks' original file formats is used
 when ``data_dir`` is given through lm-eval ``--metadata`` or the ``LMMIXUP_EVAL_DATA`` environment
@@ -11,6 +14,7 @@ variable names a folder with ``mmlu/``, ``gsm8k/``, ``bbh/``, ``truthfulqa/`` an
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -52,11 +56,15 @@ def _test(rows: list[dict]) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
-def _subset(items: list, n: int | None, seed: int) -> list:
-    """A deterministic random subset (``random.Random(seed).sample``, in sample order)."""
+def _subset(items: list, n: int | None, rng: random.Random) -> list:
+    """``rng.sample(items, n)`` (in sample order) when there are more than ``n`` items; else all.
+
+    The RNG is passed in, not created here: the protocol seeds one stream per benchmark and
+    draws every subset from it in turn.
+    """
     if n is None or n <= 0 or n >= len(items):
         return list(items)
-    return random.Random(seed).sample(items, n)
+    return rng.sample(items, n)
 
 
 def _lm_eval_tasks_dir() -> Path:
@@ -70,39 +78,77 @@ def _lm_eval_tasks_dir() -> Path:
 LETTERS = ("A", "B", "C", "D")
 
 
+def mmlu_header(subject: str) -> str:
+    """The protocol's header: every word of the subject gets a leading space, so the text after
+    "about" has two spaces (``about  high school mathematics.``)."""
+    words = "".join(f" {word}" for word in subject.split("_"))
+    return f"The following are multiple choice questions (with answers) about {words}.\n\n"
+
+
 def mmlu_prompt(subject: str, question: str, choices: list[str]) -> str:
-    header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
     options = "".join(f"\n{letter}. {text}" for letter, text in zip(LETTERS, choices, strict=True))
-    return f"{header}{question.strip()}{options}\nAnswer:"
+    return f"{mmlu_header(subject)}{question}{options}\nAnswer:"
+
+
+def _mmlu_cells(source, where: str) -> list[tuple[str, list[str], int]]:
+    """(question, options, answer index) per row, each cell rendered as the protocol renders it.
+
+    The protocol reads each subject's CSV with ``pandas.read_csv(header=None)`` and formats the
+    cells with ``str.format``: pandas' type inference is part of the prompt (an all-numeric option
+    column prints ``2.5`` for ``2.50``; the option ``None`` is read as missing and prints ``nan``).
+    Reading with pandas here keeps those renderings.
+    """
+    import pandas as pd
+
+    df = pd.read_csv(source, header=None, encoding="utf-8")
+    if df.shape[1] != 6:
+        raise ValueError(f"{where}: expected 6 columns (question, 4 options, answer letter), got {df.shape[1]}")
+    out = []
+    for i, rec in enumerate(df.itertuples(index=False), 1):
+        letter = str(rec[5]).strip()
+        if letter not in LETTERS:
+            raise ValueError(f"{where}:{i}: answer {rec[5]!r} is not one of A-D")
+        out.append((f"{rec[0]}", [f"{c}" for c in rec[1:5]], LETTERS.index(letter)))
+    return out
+
+
+def _mmlu_csv_text(rows: list[dict]) -> io.StringIO:
+    """One subject's Hub rows written back as its original CSV (what the protocol reads)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for r in rows:
+        writer.writerow([r["question"], *r["choices"], LETTERS[int(r["answer"])]])
+    buf.seek(0)
+    return buf
 
 
 def load_mmlu(data_dir: str | None = None, **_) -> datasets.DatasetDict:
     local = _local("mmlu", data_dir)
-    rows: list[dict] = []
+    by_subject: dict[str, list[tuple[str, list[str], int]]] = {}
     if local is not None:  # Hendrycks tarball layout: [data/]test/<subject>_test.csv, no header
         files = sorted(local.rglob("*_test.csv"))
         if not files:
             raise FileNotFoundError(f"{local}: no <subject>_test.csv files")
         for file in files:
-            subject = file.name[: -len("_test.csv")]
-            with open(file, encoding="utf-8", newline="") as f:
-                for line_no, rec in enumerate(csv.reader(f), 1):
-                    if len(rec) != 6 or rec[5].strip() not in LETTERS:
-                        raise ValueError(f"{file}:{line_no}: expected question, 4 options, answer letter")
-                    rows.append(
-                        {
-                            "subject": subject,
-                            "question": rec[0],
-                            "choices": rec[1:5],
-                            "answer": LETTERS.index(rec[5].strip()),
-                        }
-                    )
+            by_subject[file.name[: -len("_test.csv")]] = _mmlu_cells(file, str(file))
     else:
-        ds = datasets.load_dataset(*HUB["mmlu"], split="test")
-        rows = [{k: r[k] for k in ("subject", "question", "choices", "answer")} for r in ds]
-    for r in rows:
-        r["prompt"] = mmlu_prompt(r["subject"], r["question"], r["choices"])
-    logger.info("mmlu: %d questions, %d subjects", len(rows), len({r["subject"] for r in rows}))
+        hub: dict[str, list[dict]] = {}
+        for r in datasets.load_dataset(*HUB["mmlu"], split="test"):
+            hub.setdefault(r["subject"], []).append(r)
+        for subject in sorted(hub):
+            by_subject[subject] = _mmlu_cells(_mmlu_csv_text(hub[subject]), f"{HUB['mmlu'][0]}:{subject}")
+    rows = [
+        {
+            "subject": subject,
+            "question": question,
+            "choices": choices,
+            "answer": answer,
+            "prompt": mmlu_prompt(subject, question, choices),
+        }
+        for subject in sorted(by_subject)
+        for question, choices, answer in by_subject[subject]
+    ]
+    logger.info("mmlu: %d questions, %d subjects", len(rows), len(by_subject))
     return _test(rows)
 
 
@@ -115,11 +161,30 @@ def process_mmlu(doc: dict, results: list) -> dict:
 # --- GSM8K (8-shot CoT, 200 items) ------------------------------------------------------------------
 
 
+GSM8K_HEADER = "Answer the following questions."
+
+
 def gsm8k_exemplars() -> list[tuple[str, str]]:
-    """The 8 chain-of-thought exemplars of Wei et al., as lm-eval ships them (gsm8k-cot.yaml)."""
+    """The 8 chain-of-thought exemplars of Wei et al. (Table 20), worded as the protocol's exemplar
+    file words them: lm-eval's copy (gsm8k-cot.yaml) ends each with "The answer is N.", the
+    protocol's with "So the answer is N."; everything else is the same text."""
     with open(_lm_eval_tasks_dir() / "gsm8k" / "gsm8k-cot.yaml", encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
-    return [(s["question"], s["target"]) for s in cfg["fewshot_config"]["samples"]]
+    shots = []
+    for s in cfg["fewshot_config"]["samples"]:
+        head, sep, number = s["target"].rpartition(" The answer is ")
+        if not sep or not number.endswith("."):
+            raise ValueError(f"gsm8k-cot.yaml: unexpected exemplar ending {s['target'][-40:]!r}")
+        shots.append((s["question"], f"{head} So the answer is {number}"))
+    if len(shots) != 8:
+        raise ValueError(f"gsm8k-cot.yaml: expected 8 exemplars, found {len(shots)}")
+    return shots
+
+
+def gsm8k_prefix() -> str:
+    """The protocol's header line and the 8 exemplars, ready for ``Question: <q>\\nAnswer:``."""
+    shots = "\n\n".join(f"Question: {q}\nAnswer: {a}" for q, a in gsm8k_exemplars())
+    return f"{GSM8K_HEADER}\n\n{shots}\n\n"
 
 
 def load_gsm8k(data_dir: str | None = None, n_items: int = 200, seed: int = 42, **_) -> datasets.DatasetDict:
@@ -139,15 +204,15 @@ def load_gsm8k(data_dir: str | None = None, n_items: int = 200, seed: int = 42, 
             {"question": r["question"], "answer": r["answer"]}
             for r in datasets.load_dataset(*HUB["gsm8k"], split="test")
         ]
-    shots = "\n\n".join(f"Question: {q}\nAnswer: {a}" for q, a in gsm8k_exemplars())
-    rows = _subset(rows, n_items, seed)
+    rows = _subset(rows, n_items, random.Random(seed))
+    prefix = gsm8k_prefix()
     for r in rows:
-        r["prompt"] = f"{shots}\n\nQuestion: {r['question']}\nAnswer:"
+        r["prompt"] = f"{prefix}Question: {r['question'].strip()}\nAnswer:"
     return _test(rows)
 
 
 def process_gsm8k(doc: dict, results: list) -> dict:
-    em = metrics.gsm_exact_match(results[0], doc["answer"])
+    em = metrics.gsm_protocol_exact_match(results[0], doc["answer"])
     return {"exact_match": em, "score": em}
 
 
@@ -170,6 +235,9 @@ def _bbh_hub_prompt(task: str) -> str:
 
 
 def load_bbh(data_dir: str | None = None, n_per_task: int = 40, seed: int = 42, **_) -> datasets.DatasetDict:
+    """27 tasks x ``n_per_task`` items, drawn from one ``random.Random(seed)`` stream with the tasks
+    visited in sorted name order (the protocol walks the task files in ``glob`` order, which is the
+    directory listing's order; sorted is that order on file systems that list sorted)."""
     local = _local("bbh", data_dir)
     rows: list[dict] = []
     if local is not None:  # BIG-Bench-Hard repo layout: bbh/<task>.json + cot-prompts/<task>.txt
@@ -189,8 +257,11 @@ def load_bbh(data_dir: str | None = None, n_per_task: int = 40, seed: int = 42, 
             (t, _bbh_hub_prompt(t), list(datasets.load_dataset(HUB["bbh"][0], t, split="test")))
             for t in bbh_task_names()
         ]
-    for task, cot_prompt, examples in tasks:
-        for ex in _subset(examples, n_per_task, seed):
+    rng = random.Random(seed)
+    for task, cot_prompt, examples in sorted(tasks, key=lambda t: t[0]):
+        # the protocol samples every task, even one with no more than n items (a permutation)
+        picked = rng.sample(examples, min(n_per_task, len(examples))) if n_per_task else examples
+        for ex in picked:
             rows.append(
                 {
                     "task": task,
@@ -203,7 +274,7 @@ def load_bbh(data_dir: str | None = None, n_per_task: int = 40, seed: int = 42, 
 
 
 def process_bbh(doc: dict, results: list) -> dict:
-    em = metrics.bbh_exact_match(results[0], doc["target"])
+    em = metrics.bbh_protocol_exact_match(results[0], doc["target"])
     return {"exact_match": em, "score": (doc["task"], em)}
 
 
@@ -242,7 +313,7 @@ def _truthfulqa_csv(local: Path) -> list[dict]:
                 raise ValueError(f"{file}:{line_no}: missing column(s) {sorted(missing)}")
             rows.append(
                 {
-                    "question": rec["Question"].strip(),
+                    "question": rec["Question"],  # raw: the protocol's prompt does not strip it
                     "best_answer": rec["Best Answer"].strip(),
                     "correct_answers": _split_answers(rec["Correct Answers"]),
                     "incorrect_answers": _split_answers(rec["Incorrect Answers"]),
@@ -323,22 +394,53 @@ def process_mc2(doc: dict, results: list) -> dict:
 
 # --- TyDiQA-GoldP (1-shot, 9 languages x 100, F1) ---------------------------------------------------
 
-# instruction, passage / question / answer labels
+# The protocol's instruction and passage / question / answer labels per language (facts of the
+# DS2 / open-instruct TyDiQA script; our own translations would change the prompt).
 TYDIQA_TEMPLATES: dict[str, tuple[str, str, str, str]] = {
-    "english": ("Answer the question below using the information in the passage.", "Passage:", "Question:", "Answer:"),
-    "arabic": ("أجب عن السؤال أدناه مستعينًا بالمعلومات الواردة في النص.", "النص:", "السؤال:", "الجواب:"),
-    "bengali": ("অনুচ্ছেদের তথ্য ব্যবহার করে নিচের প্রশ্নের উত্তর দাও।", "অনুচ্ছেদ:", "প্রশ্ন:", "উত্তর:"),
-    "finnish": ("Vastaa alla olevaan kysymykseen tekstin tietojen avulla.", "Teksti:", "Kysymys:", "Vastaus:"),
+    "english": (
+        "Answer the following question based on the information in the given passage.",
+        "Passage:",
+        "Question:",
+        "Answer:",
+    ),
+    "arabic": ("أجب على السؤال التالي بناءً على المعلومات في المقطع المعطى.", "المقطع:", "السؤال:", "الإجابة:"),
+    "bengali": (
+        "প্রদত্ত অধ্যায়ের তথ্যের উপর ভিত্তি করে নিম্নলিখিত প্রশ্নের উত্তর দিন।",
+        "অধ্যায়:",
+        "প্রশ্ন:",
+        "উত্তর:",
+    ),
+    "finnish": (
+        "Vastaa seuraavaan kysymykseen annetun kappaleen tiedon perusteella.",
+        "Kappale:",
+        "Kysymys:",
+        "Vastaus:",
+    ),
     "indonesian": (
-        "Jawablah pertanyaan di bawah ini berdasarkan informasi dalam bacaan.",
-        "Bacaan:",
+        "Jawab pertanyaan berikut berdasarkan informasi di bagian yang diberikan.",
+        "Bagian:",
         "Pertanyaan:",
         "Jawaban:",
     ),
-    "korean": ("지문의 정보를 이용하여 아래 질문에 답하세요.", "지문:", "질문:", "답:"),
-    "russian": ("Ответьте на вопрос ниже, используя информацию из текста.", "Текст:", "Вопрос:", "Ответ:"),
-    "swahili": ("Jibu swali lililo hapa chini ukitumia habari iliyo katika kifungu.", "Kifungu:", "Swali:", "Jibu:"),
-    "telugu": ("పాఠ్యభాగంలోని సమాచారం ఉపయోగించి క్రింది ప్రశ్నకు జవాబు ఇవ్వండి.", "పాఠ్యభాగం:", "ప్రశ్న:", "జవాబు:"),
+    "korean": ("주어진 문단의 정보에 기반하여 다음 질문에 답하십시오.", "문단:", "질문:", "답변:"),
+    "russian": (
+        "Ответьте на следующий вопрос на основе информации в данном отрывке.",
+        "Отрывок:",
+        "Вопрос:",
+        "Ответ:",
+    ),
+    "swahili": (
+        "Jibu swali lifuatalo kulingana na habari kwenye kifungu kilichotolewa.",
+        "Kifungu:",
+        "Swali:",
+        "Jibu:",
+    ),
+    "telugu": (
+        "ఇచ్చిన పేరాలోని సమాచారం ఆధారంగా కింది ప్రశ్నకు సమాధానం ఇవ్వండి.",
+        "పేరా:",
+        "ప్రశ్న:",
+        "సమాధానం:",
+    ),
 }
 
 
@@ -360,29 +462,66 @@ def _squad_items(file: Path) -> list[dict]:
     return items
 
 
-def _by_language(items: list[dict]) -> dict[str, list[dict]]:
+def _by_language(items: list[dict], where: str | None = None) -> dict[str, list[dict]]:
+    """Items per language (the question id's prefix), in file order; with ``where``, a language
+    without a template is an error (the protocol asserts it for the evaluated languages)."""
     out: dict[str, list[dict]] = {}
     for item in items:
-        lang = item["id"].split("-", 1)[0]
-        if lang in TYDIQA_TEMPLATES:
-            out.setdefault(lang, []).append(item)
+        out.setdefault(item["id"].split("-", 1)[0], []).append(item)
+    unknown = sorted(set(out) - set(TYDIQA_TEMPLATES))
+    if unknown and where:
+        raise ValueError(f"{where}: no TyDiQA template for language(s) {unknown}")
     return out
 
 
-def _truncate_words(text: str, max_words: int) -> str:
-    words = text.split()
-    return text if len(words) <= max_words else " ".join(words[:max_words])
+def _context_cutter(name: str | None, max_tokens: int):
+    """Cut a passage to its first ``max_tokens`` tokens of the evaluated model's tokenizer, as the
+    protocol does: ``encode`` with the tokenizer's special tokens (a BOS counts as one of the
+    ``max_tokens``) and ``decode`` of the kept ids as they are (so a cut passage of a BOS-adding
+    tokenizer starts with the BOS text, as in the protocol's prompts). Passages within the budget
+    are left untouched."""
+    if not max_tokens or max_tokens <= 0:
+        return lambda texts: list(texts)
+    if not name:
+        raise ValueError(
+            "tydiqa: cutting passages at max_context_tokens needs the evaluated model's tokenizer; "
+            "lm_eval passes --model_args pretrained=... (or tokenizer=...) to the loader, or give "
+            '--metadata \'{"tokenizer": "<name or path>"}\' (max_context_tokens: 0 keeps whole passages)'
+        )
+    from transformers import AutoTokenizer
+
+    from lmmixup_hf.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+
+    def cut(texts: list[str]) -> list[str]:
+        ids = tokenizer(list(texts))["input_ids"] if texts else []
+        return [
+            tokenizer.decode(x[:max_tokens]) if len(x) > max_tokens else t for t, x in zip(texts, ids, strict=True)
+        ]
+
+    return cut
 
 
-def tydiqa_block(lang: str, item: dict, max_context_words: int, with_answer: bool) -> str:
+def tydiqa_block(lang: str, item: dict, with_answer: bool) -> str:
     _, passage, question, answer = TYDIQA_TEMPLATES[lang]
-    text = f"{passage} {_truncate_words(item['context'], max_context_words)}\n{question} {item['question']}\n{answer}"
+    text = f"{passage} {item['context']}\n{question} {item['question']}\n{answer}"
     return f"{text} {item['answers'][0]}" if with_answer else text
 
 
 def load_tydiqa(
-    data_dir: str | None = None, n_per_language: int = 100, seed: int = 42, max_context_words: int = 512, **_
+    data_dir: str | None = None,
+    n_per_language: int = 100,
+    seed: int = 42,
+    max_context_tokens: int = 512,
+    tokenizer: str | None = None,
+    pretrained: str | None = None,
+    **_,
 ) -> datasets.DatasetDict:
+    """100 dev items per language and one training exemplar per language, drawn as the protocol
+    draws them: one ``random.Random(seed)`` stream, first the dev subsets of all languages in sorted
+    order, then one exemplar per language in the same order. ``tokenizer`` / ``pretrained`` (lm-eval
+    hands the model arguments to the loader) name the tokenizer that cuts the passages."""
     local = _local("tydiqa", data_dir)
     if local is not None:  # the TyDiQA-GoldP v1.1 SQuAD-format files
         dev = _squad_items(local / "tydiqa-goldp-v1.1-dev.json")
@@ -397,24 +536,34 @@ def load_tydiqa(
             ]
 
         dev, train = hub("validation"), hub("train")
-    dev_by_lang, train_by_lang = _by_language(dev), _by_language(train)
-    rows = []
-    for lang in sorted(dev_by_lang):
-        if lang not in train_by_lang:
+    dev_by_lang, train_by_lang = _by_language(dev, "tydiqa dev"), _by_language(train)
+    languages = sorted(dev_by_lang)
+    rng = random.Random(seed)
+    items = {lang: _subset(dev_by_lang[lang], n_per_language, rng) for lang in languages}
+    shots = {}
+    for lang in languages:
+        if not train_by_lang.get(lang):
             raise ValueError(f"tydiqa: no training example in {lang} for the 1-shot exemplar")
-        shot = random.Random(seed).choice([t for t in train_by_lang[lang] if t["answers"]])
-        instruction = TYDIQA_TEMPLATES[lang][0]
-        prefix = f"{instruction}\n\n{tydiqa_block(lang, shot, max_context_words, True)}\n\n"
-        for item in _subset(dev_by_lang[lang], n_per_language, seed):
-            rows.append(
-                {
-                    "id": item["id"],
-                    "language": lang,
-                    "question": item["question"],
-                    "answers": item["answers"],
-                    "prompt": prefix + tydiqa_block(lang, item, max_context_words, False),
-                }
-            )
+        shots[lang] = dict(rng.sample(train_by_lang[lang], 1)[0])
+    cut = _context_cutter(tokenizer or pretrained, max_context_tokens)
+    picked = [dict(item) for lang in languages for item in items[lang]]
+    for item, context in zip(picked, cut([i["context"] for i in picked]), strict=True):
+        item["context"] = context
+    for lang, context in zip(languages, cut([shots[lang]["context"] for lang in languages]), strict=True):
+        shots[lang]["context"] = context
+    rows = []
+    for item in picked:
+        lang = item["id"].split("-", 1)[0]
+        prefix = f"{TYDIQA_TEMPLATES[lang][0]}\n\n{tydiqa_block(lang, shots[lang], True)}\n\n"
+        rows.append(
+            {
+                "id": item["id"],
+                "language": lang,
+                "question": item["question"],
+                "answers": item["answers"],
+                "prompt": prefix + tydiqa_block(lang, item, False),
+            }
+        )
     return _test(rows)
 
 

@@ -1,8 +1,15 @@
 """The distiller's prompt: the single source of truth for SFT, GRPO, inference and the pipeline.
 
-The reference code used three slightly different prompts (system vs. user turn, literal ``\\n``
-escapes, different joins). Here there is one: a system message with the output contract, and a
-user message ``instruction + blank line + linearised cluster``.
+Two styles (``prompt_style``):
+
+- ``ours`` (the default): one prompt everywhere, a system message with the output contract and a
+  user message ``instruction + blank line + linearised cluster``.
+- ``reference``: exactly what a checkpoint trained by the paper's code saw, for running or
+  evaluating such a checkpoint. The reference used three prompts: SFT and inference a "data mix-up"
+  system prompt with ``instruction + newline + input``; GRPO no system message (the chat
+  template's default one then applies) and the same instructions in the user turn, written with
+  literal backslash-n escapes; its cluster-to-input step a fixed QA-merge instruction and members
+  ``Q: ...\\n A: ...`` joined by the literal characters ``\\n\\n``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from ..schema import TASK_TYPES, normalize_task_type
 logger = logging.getLogger(__name__)
 
 PROMPT_VERSION = "1"
+PROMPT_STYLES = ("ours", "reference")
 
 SYSTEM_PROMPT = (
     "You are an expert at data mix-up: you fuse several related, noisy or partial samples into one "
@@ -56,51 +64,116 @@ assert set(TASK_INSTRUCTIONS) == set(TASK_TYPES)
 
 MEMBER_SEPARATOR = "\n\n"  # real blank lines between members
 
+# -- the reference's prompts (facts of its SFT / inference / GRPO / cluster-to-input code) ----------
+REFERENCE_SYSTEM_PROMPT = (
+    "You are an expert in data mix-up. Your task is to merge the provided content into a single coherent and "
+    "high-quality output.\n"
+    "You MUST ALWAYS follow this exact format:\n"
+    "1. First, provide your reasoning wrapped in <think> tags\n"
+    "2. Then, provide your final answer wrapped in <answer> tags\n"
+    "NEVER output anything outside these tags.\n\n"
+    "Example format:\n"
+    "<think>\n[Your step-by-step reasoning about how and why the merge makes sense]\n</think>\n\n"
+    "<answer>\n[The final merged content]\n</answer>"
+)
+# its GRPO user turn: the same text on one line, each newline written as the two characters "\\n"
+# (its Jinja template does not turn them into newlines), a space after the first sentence instead
+# of a newline, then a literal "\\n" before the content
+REFERENCE_GRPO_PREFIX = (
+    REFERENCE_SYSTEM_PROMPT.replace("high-quality output.\n", "high-quality output. ").replace("\n", "\\n") + "\\n"
+)
+REFERENCE_INSTRUCTION = (
+    "Given some related question-answer pairs, merge them into a single coherent question-answer pair that "
+    "preserves all essential information from the originals."
+)
+REFERENCE_MEMBER_SEPARATOR = "\\n\\n"  # the README's --sep "\n\n": four characters through the shell
 
-def format_member(prompt: str, completion: str) -> str:
-    """One cluster member as ``Q: ...`` / ``A: ...`` (line endings normalised, ends stripped)."""
+
+def _check_style(style: str) -> str:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt_style {style!r}; expected one of {', '.join(PROMPT_STYLES)}")
+    return style
+
+
+def format_member(prompt: str, completion: str, style: str = "ours") -> str:
+    """One cluster member as ``Q: ...`` / ``A: ...`` (line endings normalised, ends stripped); the
+    reference puts a space before ``A:``."""
     q = prompt.replace("\r\n", "\n").replace("\r", "\n").strip()
     a = completion.replace("\r\n", "\n").replace("\r", "\n").strip()
-    return f"Q: {q}\nA: {a}"
+    return f"Q: {q}\n A: {a}" if _check_style(style) == "reference" else f"Q: {q}\nA: {a}"
 
 
-def _member_text(m: Any) -> str:
+def _member_text(m: Any, style: str) -> str:
     if isinstance(m, str):
         return m.strip()
     if isinstance(m, Mapping):
-        return format_member(str(m.get("prompt", "")), str(m.get("completion", "")))
+        return format_member(str(m.get("prompt", "")), str(m.get("completion", "")), style)
     if isinstance(m, Sequence) and len(m) == 2:
-        return format_member(str(m[0]), str(m[1]))
+        return format_member(str(m[0]), str(m[1]), style)
     raise TypeError(f"a cluster member must be a string, a (prompt, completion) pair or a dict, got {m!r}")
 
 
-def linearize_cluster(members: Sequence[Any]) -> str:
-    """A cluster as the model sees it: members separated by blank lines."""
-    return MEMBER_SEPARATOR.join(_member_text(m) for m in members)
+def member_separator(style: str = "ours") -> str:
+    return REFERENCE_MEMBER_SEPARATOR if _check_style(style) == "reference" else MEMBER_SEPARATOR
 
 
-def instruction_for(task_type: str | None) -> str:
+def linearize_cluster(members: Sequence[Any], style: str = "ours") -> str:
+    """A cluster as the model sees it: members separated by blank lines (reference: by ``\\n\\n``)."""
+    return member_separator(style).join(_member_text(m, style) for m in members)
+
+
+def instruction_for(task_type: str | None, style: str = "ours") -> str:
+    """Our per-task instruction; the reference's one fixed QA-merge instruction for any task."""
+    if _check_style(style) == "reference":
+        return REFERENCE_INSTRUCTION
     return TASK_INSTRUCTIONS[normalize_task_type(task_type)]
 
 
-def user_content(instruction: str, cluster_text: str) -> str:
+def user_content(instruction: str, cluster_text: str, style: str = "ours") -> str:
+    """``instruction``, a blank line (reference: one newline), then the cluster; either alone if the
+    other is empty."""
     instruction, cluster_text = instruction.strip(), cluster_text.strip()
     if instruction and cluster_text:
-        return f"{instruction}\n\n{cluster_text}"
+        join = "\n" if _check_style(style) == "reference" else "\n\n"
+        return f"{instruction}{join}{cluster_text}"
     return instruction or cluster_text
 
 
-def build_messages(cluster_text: str, task_type: str | None = "qa", instruction: str | None = None) -> list[dict]:
-    """The chat messages for one cluster (system contract + user instruction and cluster)."""
-    instruction = instruction if instruction is not None else instruction_for(task_type)
+def system_prompt(style: str = "ours") -> str:
+    return REFERENCE_SYSTEM_PROMPT if _check_style(style) == "reference" else SYSTEM_PROMPT
+
+
+def build_messages(
+    cluster_text: str, task_type: str | None = "qa", instruction: str | None = None, style: str = "ours"
+) -> list[dict]:
+    """The chat messages for one cluster (system contract + user instruction and cluster): what SFT,
+    inference and (our style) GRPO use."""
+    instruction = instruction if instruction is not None else instruction_for(task_type, style)
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": user_content(instruction, cluster_text)},
+        {"role": "system", "content": system_prompt(style)},
+        {"role": "user", "content": user_content(instruction, cluster_text, style)},
     ]
 
 
-def format_target(output: str, cot: str | None = None) -> str:
-    """The completion the model is trained to write (SFT targets, reference completions)."""
+def build_grpo_messages(
+    cluster_text: str, task_type: str | None = "qa", instruction: str | None = None, style: str = "ours"
+) -> list[dict]:
+    """The GRPO prompt. Ours: the same messages as SFT. Reference: one user turn, the escaped
+    instructions + ``instruction + blank line + input`` (its GRPO data merged the two that way)."""
+    if _check_style(style) != "reference":
+        return build_messages(cluster_text, task_type, instruction, style)
+    instruction = instruction if instruction is not None else instruction_for(task_type, style)
+    content = "\n\n".join(x for x in (instruction, cluster_text) if x)
+    return [{"role": "user", "content": REFERENCE_GRPO_PREFIX + content.strip()}]
+
+
+def format_target(output: str, cot: str | None = None, style: str = "ours") -> str:
+    """The completion the model is trained to write (SFT targets, reference completions). The
+    reference writes the think block only when there is reasoning and right-strips both parts."""
+    if _check_style(style) == "reference":
+        think = (cot or "").rstrip()
+        head = f"<think>\n{think}\n</think>\n\n" if think else ""
+        return f"{head}<answer>\n{output.rstrip()}\n</answer>"
     think = (cot or "").strip()
     return f"<think>\n{think}\n</think>\n\n<answer>\n{output.strip()}\n</answer>"
 
@@ -118,13 +191,14 @@ def fit_messages(
     task_type: str | None = "qa",
     max_prompt_tokens: int = 2400,
     instruction: str | None = None,
+    style: str = "ours",
 ) -> tuple[list[dict] | None, int]:
     """Build the messages for a cluster within ``max_prompt_tokens``, dropping whole members from
     the end when over budget (never cutting the chat template). Returns ``(messages, n_dropped)``;
     messages is None when even one member does not fit."""
     kept = list(members)
     while kept:
-        messages = build_messages(linearize_cluster(kept), task_type, instruction)
+        messages = build_messages(linearize_cluster(kept, style), task_type, instruction, style)
         if prompt_token_count(tokenizer, messages) <= max_prompt_tokens:
             dropped = len(members) - len(kept)
             if dropped:

@@ -44,7 +44,7 @@ from ..schema import (
 )
 from ..workflow import StageRun
 from .engines import ENGINES, Engine, make_engine
-from .prompts import PROMPT_VERSION, fit_messages, instruction_for, linearize_cluster
+from .prompts import PROMPT_STYLES, PROMPT_VERSION, fit_messages, instruction_for, linearize_cluster
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,13 @@ class DistillArgs:
     checkpoint_every: int = field(default=64, metadata={"help": "Clusters per checkpointed chunk."})
     limit: int | None = field(default=None, metadata={"help": "Distill only the first N clusters (smoke runs)."})
     task_type: str | None = field(default=None, metadata={"help": "Override every cluster's task type."})
+    prompt_style: str = field(
+        default="ours",
+        metadata={
+            "help": "ours, or reference: the paper's prompt, for a distiller trained by its code.",
+            "choices": list(PROMPT_STYLES),
+        },
+    )
     # transformers
     batch_size: int = field(default=8, metadata={"help": "transformers: prompts per generate() call."})
     device: str | None = field(default=None, metadata={"help": "transformers: cpu, cuda, cuda:1 (default: auto)."})
@@ -192,6 +199,10 @@ def distill(args: DistillArgs, engine: Engine | None = None) -> Dataset:
     params = asdict(args)
     for k in ("out", "checkpoint_every", "max_concurrency", "cache_dir", "device", "batch_size"):
         params.pop(k, None)  # they do not change the result, so they must not invalidate finished work
+    if args.prompt_style not in PROMPT_STYLES:
+        raise LmmixupError(f"unknown prompt_style {args.prompt_style!r}; choose one of {', '.join(PROMPT_STYLES)}")
+    if params.get("prompt_style") == "ours":
+        params.pop("prompt_style")  # the default: runs made before the option keep their fingerprint
     params["prompt_version"] = PROMPT_VERSION
     run = StageRun("distill", args.out, inputs=[args.input], params=params)
     if run.is_complete():
@@ -227,7 +238,9 @@ def distill(args: DistillArgs, engine: Engine | None = None) -> Dataset:
         convs = []
         for cid, idx in chunks[k]:
             c = _cluster_row(cid, members_table[idx.tolist()], args.task_type)
-            messages, dropped = fit_messages(engine.tokenizer, c["members"], c[TASK_TYPE], args.max_prompt_tokens)
+            messages, dropped = fit_messages(
+                engine.tokenizer, c["members"], c[TASK_TYPE], args.max_prompt_tokens, style=args.prompt_style
+            )
             if messages is None:
                 over_budget.append((c, dropped))
                 continue
@@ -235,8 +248,8 @@ def distill(args: DistillArgs, engine: Engine | None = None) -> Dataset:
             c.update(
                 member_ids=c["member_ids"][:kept],
                 n_dropped_members=dropped,
-                instruction=instruction_for(c[TASK_TYPE]),
-                input=linearize_cluster(c["members"][:kept]),
+                instruction=instruction_for(c[TASK_TYPE], args.prompt_style),
+                input=linearize_cluster(c["members"][:kept], args.prompt_style),
             )
             rows.append(c)
             convs.append(messages)
@@ -285,7 +298,7 @@ def distill(args: DistillArgs, engine: Engine | None = None) -> Dataset:
             out_rows.append(
                 _record(
                     c,
-                    instruction=instruction_for(c[TASK_TYPE]),
+                    instruction=instruction_for(c[TASK_TYPE], args.prompt_style),
                     finish_reason="skipped",
                     n_dropped_members=dropped,
                     parse_error=f"over the prompt budget (not even one member fits in {args.max_prompt_tokens} tokens)",

@@ -1,7 +1,9 @@
 """Alignment reward: cosine between the answer's and the reference ``output``'s embeddings.
 
 ``reference``: 1 if cosine >= 0.8, else 0. ``linear``: the cosine mapped linearly from
-``alignment_range`` onto [0, 1] and clipped. None for rows without a reference output.
+``alignment_range`` onto [0, 1] and clipped. None for rows without a reference output; in
+``reference`` mode an empty or blank output is a reference output like any other (embedded as given
+and scored, as the reference did), otherwise it counts as none.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .base import Reward
-from .common import extract_answer, reference_text
+from .common import extract_answer, reference_target, reference_text
 from .config import RewardConfig, encode
 
 
@@ -23,12 +25,18 @@ def alignment_from_cosine(cos: np.ndarray, config: RewardConfig) -> np.ndarray:
     raise ValueError(f"unknown alignment mode {mode!r}; use reference or linear")
 
 
+def targets(outputs, config: RewardConfig) -> list[str | None]:
+    """The reference outputs alignment compares with (None: the reward does not apply)."""
+    pick = reference_target if config.targets == "reference" else reference_text
+    return [pick(o) for o in outputs]
+
+
 class AlignmentReward(Reward):
     name = "alignment_reward"
 
     def score(self, texts, task_types, outputs):
         cfg = self.config
-        refs = [reference_text(o) for o in outputs]
+        refs = targets(outputs, cfg)
         rows = [i for i, r in enumerate(refs) if r is not None]
         out: list[float | None] = [None] * len(texts)
         if not rows:

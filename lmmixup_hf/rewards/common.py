@@ -62,6 +62,28 @@ def task_of(value: Any) -> str | None:
         return None
 
 
+REFERENCE_TASK_NAMES = {
+    "qa_mixup": "qa",
+    "mcq_mixup": "mcq",
+    "cs_mixup": "cs",
+    "tfq_mixup": "tfq",
+    "para_mixup": "para",
+}
+
+
+def reference_task(value: Any) -> str | None:
+    """The task as the reference scorer reads ``task_type``: only the exact MIXTURE keys
+    (``qa_mixup``, ``mcq_mixup``, ``cs_mixup``, ``tfq_mixup``, ``para_mixup``) name a task; ``qa``,
+    ``QA_mixup``, None or anything else names none."""
+    return REFERENCE_TASK_NAMES.get(value) if isinstance(value, str) else None
+
+
+def reference_target(value: Any) -> str | None:
+    """The reference ``output`` as the reference scorer embeds it: the string as given, empty or
+    blank included; None only when there is no string at all (the reward does not apply)."""
+    return value if isinstance(value, str) else None
+
+
 def column(kwargs: Mapping[str, Any], name: str, n: int) -> list[Any]:
     """A dataset column passed by TRL as a list, or ``n`` Nones when the dataset lacks it."""
     values = kwargs.get(name)

@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 Mode = Literal["reference", "smooth"]
 REFERENCE_WEIGHTS = (0.5, 0.4, 0.1)  # quality, alignment, format
+# the reference's weights for a task type missing from its task config (anything but the five
+# exact ``<task>_mixup`` keys, e.g. None or ``qa``): quality and format only
+REFERENCE_FALLBACK_WEIGHTS = (0.8, 0.0, 0.2)
 
 _ENV = {
     "mode": "LMMIXUP_REWARD_MODE",
@@ -81,6 +84,21 @@ class RewardConfig:
     @property
     def extraction(self) -> str:
         return "reference" if self.mode == "reference" else "fixed"
+
+    @property
+    def targets(self) -> str:
+        """``reference``: an empty or blank reference output is embedded and scored as the
+        reference did; ``nonempty``: alignment does not apply to it (None)."""
+        return "reference" if self.mode == "reference" else "nonempty"
+
+    def weights_for(self, task_type: Any) -> tuple[float, float, float]:
+        """Per-row weights: in ``reference`` mode a task type outside the five ``<task>_mixup``
+        keys falls back to (0.8, 0, 0.2) as in the reference; otherwise ``weights``."""
+        from .common import reference_task
+
+        if self.mode == "reference" and reference_task(task_type) is None:
+            return REFERENCE_FALLBACK_WEIGHTS
+        return self.weights
 
     @classmethod
     def from_env(cls, **overrides: Any) -> RewardConfig:

@@ -2,8 +2,9 @@
 answer pattern.
 
 ``reference`` reproduces the reference scorer, leniencies included (case-insensitive patterns found
-anywhere, mcq letters and tfq verdicts unchecked, ``para`` scored for free, unknown task -> no task
-credit). ``strict`` checks the answer body line by line: exactly one think and one non-empty answer
+anywhere, mcq letters and tfq verdicts unchecked, ``para_mixup`` scored for free) and its task-name
+handling: only the exact ``<task>_mixup`` keys earn the task half (``qa``, ``QA_mixup``, None or an
+unknown name: structure only). ``strict`` checks the answer body line by line: exactly one think and one non-empty answer
 block, a valid mcq letter, a True/False verdict, and a real paragraph for ``para``.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from .common import task_of
+from .common import reference_task, task_of
 
 FormatMode = Literal["reference", "strict"]
 
@@ -51,8 +52,8 @@ def _strict_para(answer: str) -> bool:
 
 def format_score(text: str, task_type: str | None, mode: FormatMode = "reference") -> float | None:
     """One completion's format score in {0, 0.5, 1}; None in strict mode when the task is unknown."""
-    task = task_of(task_type)
     if mode == "reference":
+        task = reference_task(task_type)
         score = 0.5 if _REF_STRUCTURE.match(text) else 0.0
         if task is not None:
             pattern = _REF_TASK[task]
@@ -61,6 +62,7 @@ def format_score(text: str, task_type: str | None, mode: FormatMode = "reference
         return score
     if mode != "strict":
         raise ValueError(f"unknown format mode {mode!r}; use reference or strict")
+    task = task_of(task_type)
     if task is None:
         return None
     m = _STRICT_STRUCTURE.fullmatch(text)

@@ -91,18 +91,61 @@ def posterior_from_histogram(H: np.ndarray, T: np.ndarray, p: np.ndarray) -> np.
     return post / post.sum(axis=1, keepdims=True)
 
 
+def transition_neighbours(embeddings: np.ndarray, k_t: int = DEFAULT_K_T) -> np.ndarray:
+    """Each item's k_t voting neighbours (``-1`` pads rows of tiny libraries), as the reference's
+    builder picks them: the k_t + 1 nearest items, the item itself included, minus the first one.
+
+    Without duplicates the first one is the item itself, so the votes are its k_t nearest other
+    items. Duplicate texts (identical embeddings) are all at distance 0 from each other, tied with
+    the item itself: every member of such a group sees the same list, led by the group in index
+    order, and drops its first member, so the other members vote for themselves (the builder
+    assumes position 0 is the item). This is the rule in exact arithmetic; in float32 the
+    reference's own distances of duplicates sometimes round to 6e-8 instead of 0, which depends on
+    the BLAS kernel and is not reproducible across machines. Computed on the unique embeddings,
+    each group expanded to its members, so no Python loop runs over items.
+    """
+    emb = np.ascontiguousarray(embeddings, np.float32)
+    n = emb.shape[0]
+    if n == 0 or k_t <= 0:
+        return np.full((n, 0), -1, np.int64)
+    uniq, group = np.unique(emb, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    n_u, width = uniq.shape[0], k_t + 1
+    # members of each group in index order, the first k_t + 1 of them (-1 padded)
+    order = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[order], np.arange(n_u))
+    rank = np.arange(n) - starts[group[order]]
+    members = np.full((n_u, width), -1, np.int64)
+    keep = rank < width
+    members[group[order][keep], rank[keep]] = order[keep]
+    # the group itself, then its nearest other groups, each expanded to its members
+    if n_u > 1:
+        _, nbr = knn(uniq, k=min(k_t, n_u - 1), exclude_self=True)
+    else:
+        nbr = np.zeros((1, 0), np.int64)
+    candidates = np.concatenate([members[:, None, :], members[nbr]], axis=1).reshape(n_u, -1)
+    compact = np.argsort(candidates < 0, axis=1, kind="stable")[:, :width]  # valid entries first, in order
+    lists = np.take_along_axis(candidates, compact, axis=1)
+    if lists.shape[1] < width:
+        lists = np.pad(lists, ((0, 0), (0, width - lists.shape[1])), constant_values=-1)
+    return lists[group, 1:]
+
+
 def estimate_transition(embeddings: np.ndarray, scores: np.ndarray, k_t: int = DEFAULT_K_T):
-    """Classes, T and p from the library itself: each item's k_t nearest other items vote
-    ``Cnt[class(item), class(neighbour)] += 1`` over a 0.01-smoothed table, rows normalised."""
+    """Classes, T and p from the library itself: each item's k_t voting neighbours
+    (:func:`transition_neighbours`) add ``Cnt[class(item), class(neighbour)] += 1`` over a
+    0.01-smoothed table, rows normalised."""
     scores = np.asarray(scores, np.int64)
     class_values = np.unique(scores)
     C = len(class_values)
     cls = np.searchsorted(class_values, scores)
     counts = np.full((C, C), T_SMOOTHING, dtype=np.float64)
     if len(scores) > 1 and k_t > 0:
-        _, idx = knn(np.asarray(embeddings, np.float32), k=k_t, exclude_self=True)
+        idx = transition_neighbours(embeddings, k_t)
         rows = np.repeat(cls, idx.shape[1])
-        np.add.at(counts, (rows, cls[idx].ravel()), 1.0)
+        flat = idx.ravel()
+        valid = flat >= 0
+        np.add.at(counts, (rows[valid], cls[flat[valid]]), 1.0)
     T = counts / counts.sum(axis=1, keepdims=True)
     n_c = np.bincount(cls, minlength=C).astype(np.float64)
     p = (n_c + PRIOR_EPS) / (n_c + PRIOR_EPS).sum()

@@ -3,26 +3,33 @@
 Answers and reference outputs are encoded together, once per batch, and the same embeddings feed
 both quality and alignment. A component that does not apply to a row (no reference output, no
 library for the task) is left out and the remaining weights are renormalised; a row where nothing
-applies gives None.
+applies gives None. In ``reference`` mode a row whose task type is not one of the five
+``<task>_mixup`` keys is weighted 0.8/0/0.2, as the reference weighted task types missing from its
+task config.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .alignment import alignment_from_cosine
+from .alignment import alignment_from_cosine, targets
 from .base import Reward
-from .common import extract_answer, reference_text
+from .common import extract_answer
 from .config import encode, libraries_for
 from .format import format_score
 from .quality import quality_scores
 
 
-def combine(components: list[list[float | None]], weights: tuple[float, ...]) -> list[float | None]:
-    """Weighted sum per row over the components that are not None, weights renormalised."""
+def combine(
+    components: list[list[float | None]], weights: tuple[float, ...] | list[tuple[float, ...]]
+) -> list[float | None]:
+    """Weighted sum per row over the components that are not None, weights renormalised.
+    ``weights`` is one tuple for every row or one tuple per row."""
+    rows = list(zip(*components))
+    per_row = weights if weights and isinstance(weights[0], tuple | list) else [weights] * len(rows)
     out: list[float | None] = []
-    for values in zip(*components):
-        pairs = [(w, v) for w, v in zip(weights, values) if v is not None and w > 0]
+    for values, row_weights in zip(rows, per_row, strict=True):
+        pairs = [(w, v) for w, v in zip(row_weights, values) if v is not None and w > 0]
         total = sum(w for w, _ in pairs)
         out.append(sum(w * v for w, v in pairs) / total if total > 0 else None)
     return out
@@ -35,7 +42,7 @@ class MixupReward(Reward):
         cfg = self.config
         n = len(texts)
         answers = [extract_answer(t, cfg.extraction) for t in texts]
-        refs = [reference_text(o) for o in outputs]
+        refs = targets(outputs, cfg)
         aligned = [i for i, r in enumerate(refs) if r is not None]
         libs = libraries_for(cfg)
         need_answers = bool(libs) or bool(aligned)
@@ -54,4 +61,5 @@ class MixupReward(Reward):
 
     def score(self, texts, task_types, outputs):
         c = self.components(texts, task_types, outputs)
-        return combine([c["quality"], c["alignment"], c["format"]], self.config.weights)
+        weights = [self.config.weights_for(t) for t in task_types]
+        return combine([c["quality"], c["alignment"], c["format"]], weights)

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..schema import HIGH_QUALITY_THRESHOLD
 from .base import Reward
-from .common import extract_answer, task_of
+from .common import extract_answer, reference_task, task_of
 from .config import encode, libraries_for
 from .library import TaskLibrary
 
@@ -37,9 +37,12 @@ def quality_from_posterior(post: np.ndarray, lib: TaskLibrary, mode: str) -> np.
 
 
 def library_key(task_type: Any, mode: str) -> str | None:
-    """Which library scores a row: the reference sends unknown/None tasks to ``qa``."""
-    task = task_of(task_type)
-    return task if task is not None or mode != "reference" else "qa"
+    """Which library scores a row. ``reference``: an exact ``<task>_mixup`` key picks its task's
+    library and any other name (``mcq``, None, ...) the ``qa`` library, as the reference did;
+    otherwise the lenient task name, None when unknown."""
+    if mode == "reference":
+        return reference_task(task_type) or "qa"
+    return task_of(task_type)
 
 
 def quality_scores(
