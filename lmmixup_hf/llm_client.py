@@ -89,6 +89,23 @@ def price_for(model: str, prices: dict[str, Any] | None = None) -> tuple[float, 
     return float(found[0]), float(found[1])
 
 
+# Batch jobs (OpenAI's Batch API) are billed at half the synchronous price. A price-table entry may
+# give its own batch prices as ``{"input": .., "output": .., "batch_input": .., "batch_output": ..}``.
+BATCH_DISCOUNT = 0.5
+
+
+def batch_price_for(model: str, prices: dict[str, Any] | None = None) -> tuple[float, float] | None:
+    """(input, output) USD per 1M tokens for ``model`` in a batch job, or None when unknown."""
+    price = price_for(model, prices)
+    if price is None:
+        return None
+    name = model.rsplit("/", 1)[-1].lower()
+    entry = {**DEFAULT_PRICES, **(prices or {})}.get(name)
+    if isinstance(entry, dict) and "batch_input" in entry:
+        return float(entry["batch_input"]), float(entry.get("batch_output", 0.0))
+    return price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT
+
+
 class UsageMeter:
     """Thread-safe counters for requests, tokens and cost; ``as_dict()`` goes into manifests."""
 

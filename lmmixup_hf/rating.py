@@ -25,6 +25,7 @@ from datasets import Dataset, Value
 
 from .io import read_pool, write_json, write_jsonl, write_stage_data
 from .judge import DIMENSIONS, KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
+from .llm_client import request_key
 from .schema import (
     COMPLETION,
     HIGH_QUALITY_THRESHOLD,
@@ -65,6 +66,10 @@ _OPERATIONAL = (
     "prices",
     "batch_size",
     "progress",
+    "mode",
+    "batch_file_only",
+    "batch_results",
+    "batch_poll_interval",
 )
 
 
@@ -131,6 +136,25 @@ class RateArgs:
     )
     batch_size: int = field(default=8, metadata={"help": "Batch size of the local judge."})
     progress: bool = field(default=True, metadata={"help": "Show the progress bar."})
+    mode: str = field(
+        default="sync",
+        metadata={
+            "help": "sync: one request per row, answered at once; batch: the provider's Batch API (about half "
+            "the price, answered within 24 h; rerun the command to re-attach after an interruption).",
+            "choices": ["sync", "batch"],
+        },
+    )
+    batch_file_only: bool = field(
+        default=False,
+        metadata={"help": "Batch mode: only write <out>/batch_input.jsonl (e.g. for `vllm run-batch`) and stop."},
+    )
+    batch_results: str | None = field(
+        default=None,
+        metadata={
+            "help": "Batch mode: read replies from these batch output files (comma-separated) instead of an API."
+        },
+    )
+    batch_poll_interval: float = field(default=30.0, metadata={"help": "Batch mode: seconds between status polls."})
 
 
 def _label(column: str) -> str:
@@ -205,7 +229,7 @@ def _cache_dir(value: str | None) -> Path | None:
     return cache_root() / "llm"
 
 
-def rate(args: RateArgs) -> Dataset:
+def rate(args: RateArgs) -> Dataset | None:
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     if not fields:
         raise LmmixupError("--fields: name at least one column")
@@ -252,6 +276,14 @@ def rate(args: RateArgs) -> Dataset:
         len(todo),
         args.judge_model,
     )
+    if args.mode == "batch" or args.batch_file_only or args.batch_results:
+        try:
+            batch_usage = _rate_batch(args, run, items, ids, todo, ckpt)
+        finally:
+            ckpt.close()
+        if batch_usage is None:  # --batch_file_only: the requests are written, nothing is rated yet
+            return None
+        return _finish(run, args, ds, items, ckpt.done, batch_usage)
     judge = (
         make_judge(
             args.engine,
@@ -285,8 +317,123 @@ def rate(args: RateArgs) -> Dataset:
             )
     finally:
         ckpt.close()
-    usage = judge.usage.as_dict() if judge is not None else {}
+    usage = {**judge.usage.as_dict(), "mode": "sync"} if judge is not None else {}
     return _finish(run, args, ds, items, ckpt.done, usage)
+
+
+def _rate_batch(
+    args: RateArgs,
+    run: StageRun,
+    items: Mapping[int, JudgeItem],
+    ids: Sequence[str],
+    todo: Sequence[int],
+    ckpt: Checkpoint,
+) -> dict[str, Any] | None:
+    """Batch mode: rate ``todo`` through a batch API (or a batch output file from elsewhere) into the
+    same checkpoint as the synchronous path. Returns the usage, or None with ``--batch_file_only``."""
+    from .batch_judge import (
+        BatchRunner,
+        BatchState,
+        Chunk,
+        batch_requests,
+        batch_usage,
+        iter_jsonl,
+        rating_of,
+        read_results,
+        write_inputs,
+    )
+    from .judge import OpenAIJudge, build_judge_messages
+    from .llm_client import ChatResult
+
+    if args.engine != "openai":
+        raise LmmixupError(f"--mode batch: needs --engine openai (got {args.engine!r})")
+    judge = OpenAIJudge(
+        args.judge_model,
+        json_mode=args.json_mode,
+        logprobs=args.logprobs,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        cache_dir=_cache_dir(args.cache_dir),
+    )
+    cache, prices = judge.client.cache, _load_prices(args.prices)
+    usage = batch_usage(args.judge_model, prices)
+    row_of = {ids[i]: i for i in items}
+
+    def record(custom_id: str, rating: Rating) -> None:
+        i = row_of.get(custom_id)
+        if i is None:
+            logger.warning("rate: a batch reply for unknown row id %r; ignored", custom_id)
+        elif rating.ok or not (ckpt.done.get(i) or {}).get("ok"):  # a late failure never replaces a score
+            ckpt.add(i, custom_id, rating)
+
+    # rows whose reply is cached (from either mode) need no request
+    misses = []
+    for i in todo:
+        attempt = int(str((ckpt.done.get(i) or {}).get("error") or "").startswith("unparseable reply"))
+        messages = build_judge_messages(items[i])
+        if cache is not None:
+            hot = {**judge.params, "temperature": max(float(args.temperature), 0.7)} if attempt else judge.params
+            hit = cache.get(
+                request_key(args.judge_model, messages, {**hot, "cache_tag": f"{RUBRIC_VERSION}|{attempt}"})
+            )
+            if hit is not None:
+                result = ChatResult(hit["text"], None, hit.get("usage", {}), hit.get("logprobs"), cached=True)
+                usage.add(result)
+                record(ids[i], rating_of(result, judge.name))
+                continue
+        misses.append((ids[i], messages, attempt))
+    lines = batch_requests(misses, args.judge_model, judge.params)
+
+    if args.batch_file_only:
+        path = Path(args.out) / "batch_input.jsonl"
+        write_jsonl(path, lines)
+        logger.info(
+            "rate: wrote %d requests to %s; run them elsewhere (e.g. `vllm run-batch -i %s -o results.jsonl "
+            "--model %s`), then rerun this command with --batch_results results.jsonl",
+            len(misses),
+            path,
+            path,
+            args.judge_model,
+        )
+        return None
+    if args.batch_results:
+        files = [Path(p.strip()) for p in args.batch_results.split(",") if p.strip()]
+        for f in files:
+            if not f.is_file():
+                raise LmmixupError(f"--batch_results: {f}: no such file")
+        results = read_results(files)
+        for cid, _, _ in misses:
+            result = results.get(cid) or ChatResult(None, f"no reply for this row in {args.batch_results}")
+            usage.add(result)
+            rating = rating_of(result, judge.name)
+            record(cid, rating)
+        return {**usage.as_dict(), "mode": "batch"}
+
+    state = BatchState(run.work_dir)
+    queued = {line["custom_id"] for chunk in state.pending for _, line in iter_jsonl(state.folder / chunk.input)}
+    new = (line for line in lines if line["custom_id"] not in queued)
+    prefix = f"batch-{state.rounds:03d}"
+    written = [(p, n) for p, n in write_inputs(new, state.folder, prefix) if n]
+    if written:
+        state.chunks += [Chunk(p.name, n) for p, n in written]
+        state.rounds += 1
+        state.save()
+    runner = BatchRunner(
+        state,
+        model=args.judge_model,
+        judge=judge.name,
+        base_url=args.base_url,
+        api_key=args.api_key,
+        poll_interval=args.batch_poll_interval,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        cache=cache,
+        usage=usage,
+        show_progress=args.progress,
+        temperature=args.temperature,
+    )
+    runner.run(record)
+    return {**usage.as_dict(), "mode": "batch"}
 
 
 def _finish(
