@@ -70,7 +70,10 @@ _OPERATIONAL = (
     "batch_file_only",
     "batch_results",
     "batch_poll_interval",
+    "estimate",
 )
+# a rubric reply, {"rarity": 7, "complexity": 6, "informativeness": 7, "overall": 8}, is about 30 tokens
+REPLY_TOKENS = 32
 
 
 @dataclass
@@ -155,6 +158,10 @@ class RateArgs:
         },
     )
     batch_poll_interval: float = field(default=30.0, metadata={"help": "Batch mode: seconds between status polls."})
+    estimate: bool = field(
+        default=False,
+        metadata={"help": "Only print the rows to rate, estimated tokens and cost (sync and batch), then stop."},
+    )
 
 
 def _label(column: str) -> str:
@@ -276,6 +283,12 @@ def rate(args: RateArgs) -> Dataset | None:
         len(todo),
         args.judge_model,
     )
+    estimate = estimate_cost(args, [items[i] for i in todo])
+    logger.info("rate: %s", estimate["line"])
+    if args.estimate:
+        ckpt.close()
+        print(estimate["line"], flush=True)
+        return None
     if args.mode == "batch" or args.batch_file_only or args.batch_results:
         try:
             batch_usage = _rate_batch(args, run, items, ids, todo, ckpt)
@@ -283,7 +296,7 @@ def rate(args: RateArgs) -> Dataset | None:
             ckpt.close()
         if batch_usage is None:  # --batch_file_only: the requests are written, nothing is rated yet
             return None
-        return _finish(run, args, ds, items, ckpt.done, batch_usage)
+        return _finish(run, args, ds, items, ckpt.done, {**batch_usage, "estimate": estimate["numbers"]})
     judge = (
         make_judge(
             args.engine,
@@ -318,7 +331,50 @@ def rate(args: RateArgs) -> Dataset | None:
     finally:
         ckpt.close()
     usage = {**judge.usage.as_dict(), "mode": "sync"} if judge is not None else {}
-    return _finish(run, args, ds, items, ckpt.done, usage)
+    return _finish(run, args, ds, items, ckpt.done, {**usage, "estimate": estimate["numbers"]})
+
+
+def estimate_cost(args: RateArgs, todo: Sequence[JudgeItem]) -> dict[str, Any]:
+    """Rows, estimated tokens (prompt characters / 4, ``REPLY_TOKENS`` per reply) and the cost in
+    synchronous and batch mode from the price table, before anything is sent."""
+    from .judge import build_judge_messages
+    from .llm_client import batch_price_for, price_for
+
+    # the rubric around an item is the same for every row of a kind: measure it once per kind
+    frame: dict[tuple[str, bool], int] = {}
+    chars = 0
+    for item in todo:
+        key = (item.kind, bool(item.reference))
+        if key not in frame:
+            kind = item.kind if item.kind in KINDS else "general"  # an unknown kind fails later, with its row
+            empty = JudgeItem("", kind, "-" if item.reference else None)
+            frame[key] = sum(len(m["content"]) for m in build_judge_messages(empty)) - (1 if item.reference else 0)
+        chars += frame[key] + len(item.text.strip()) + len((item.reference or "").strip())
+    prompt = chars // 4
+    output = len(todo) * min(REPLY_TOKENS, args.max_tokens)
+    prices = _load_prices(args.prices)
+    costs = {}
+    for mode, price in (
+        ("sync", price_for(args.judge_model, prices)),
+        ("batch", batch_price_for(args.judge_model, prices)),
+    ):
+        costs[mode] = (
+            round((prompt * price[0] + output * price[1]) / 1e6, 4) if price and args.engine == "openai" else None
+        )
+    money = (
+        f"${costs['sync']:,.4f} synchronous, ${costs['batch']:,.4f} batch"
+        if costs["sync"] is not None
+        else "cost unknown (no price for this model; see --prices)"
+    )
+    if args.engine != "openai":
+        money = "no API cost (local judge)"
+    line = (
+        f"estimate: {len(todo):,} rows to rate, ~{prompt:,} prompt + ~{output:,} output tokens; "
+        f"{args.judge_model}: {money}"
+    )
+    numbers = {"rows": len(todo), "prompt_tokens": prompt, "completion_tokens": output}
+    numbers.update({f"{mode}_usd": cost for mode, cost in costs.items()})
+    return {"line": line, "numbers": numbers}
 
 
 def _rate_batch(

@@ -17,6 +17,7 @@ from test_rating import KEY, all_bytes, cli, expected_raw, write_pool
 from lmmixup_hf import batch_judge
 from lmmixup_hf.batch_judge import BatchRunner, BatchState, Chunk, read_results, write_inputs
 from lmmixup_hf.io import read_stage_data
+from lmmixup_hf.judge import JudgeItem
 from lmmixup_hf.rating import RateArgs, rate
 
 _openai_server = pytest.fixture(server_factory, name="openai_server")
@@ -295,3 +296,42 @@ def test_pipeline_config_passes_the_mode_through(tmp_path):
     for name in ("rate", "rerate"):  # rerate uses the rate judge settings unless told otherwise
         args = stage_args(by_name[name], cfg, config)
         assert args.mode == "batch" and args.batch_poll_interval == 5.0
+
+
+def test_estimate_before_the_bill(openai_server, tmp_path, capsys):
+    from lmmixup_hf.judge import build_judge_messages
+    from lmmixup_hf.rating import REPLY_TOKENS, render_item
+    from lmmixup_hf.report import _stage_rows, find_costs, summarize
+
+    server = openai_server(judge_responder, batch_polls=1)
+    pool, out = tmp_path / "pool.jsonl", tmp_path / "run" / "rate"
+    rows = write_pool(pool, 20)
+    chars = sum(
+        len(m["content"])
+        for r in rows
+        for m in build_judge_messages(JudgeItem(render_item(r, ("prompt", "completion")), "general"))
+    )
+    assert rate(batch_args(pool, out, server, tmp_path, estimate=True)) is None
+    line = capsys.readouterr().out
+    prompt, output = chars // 4, 20 * REPLY_TOKENS
+    sync = (prompt * PRICE[0] + output * PRICE[1]) / 1e6
+    assert f"20 rows to rate, ~{prompt:,} prompt + ~{output:,} output tokens" in line
+    assert f"${sync:,.4f} synchronous, ${sync / 2:,.4f} batch" in line
+    assert server.n_requests == 0 and not server.batches and not (out / "manifest.json").exists()
+
+    rate(batch_args(pool, out, server, tmp_path))  # the estimate is also logged and kept in the manifest
+    usage = json.loads((out / "manifest.json").read_text())["usage"]
+    assert usage["estimate"] == {
+        "rows": 20,
+        "prompt_tokens": prompt,
+        "completion_tokens": output,
+        "sync_usd": round(sync, 4),
+        "batch_usd": round(sync / 2, 4),
+    }
+    assert abs(usage["prompt_tokens"] - prompt) <= 20  # the stub counts tokens as characters / 4 too
+    assert usage["mode"] == "batch"
+    # the report shows the actual cost with its mode, and never adds the estimate to it
+    assert "usage.estimate.prompt_tokens" not in find_costs({"usage": usage})
+    stage = next(s for s in summarize(out.parent) if s.name == "rate")
+    assert _stage_rows([stage])[0][6] == f"${usage['cost_usd']:.4f} (batch)"
+    assert stage.tokens == usage["prompt_tokens"] + usage["completion_tokens"]
