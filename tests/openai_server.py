@@ -108,6 +108,14 @@ def judge_responder(body: dict) -> dict:
     return {"content": "".join(tokens), "logprobs": token_logprobs(tokens, top)}
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # the listen backlog is fixed when the socket starts listening, inside the constructor: set on the
+    # class, not afterwards. With the default of 5, a burst of new connections loses SYNs, and each
+    # lost one costs the client a 1 s (then 3 s, 7 s, ...) retransmission wait
+    request_queue_size = 1024
+
+
 @dataclass
 class OpenAIStubServer:
     responder: Responder = field(default=lambda body: "ok")
@@ -134,6 +142,7 @@ class OpenAIStubServer:
             self.ok_by_key: Counter[str] = Counter()  # successful replies per messages key
             self.bodies: list[dict] = []
             self.authorization: set[str] = set()
+            self.last_headers: dict[str, str] = {}  # of the last chat request
             self.max_in_flight = 0
             self._in_flight = 0
             self.files: dict[str, bytes] = {}
@@ -208,9 +217,7 @@ class OpenAIStubServer:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
                     pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.request_queue_size = 1024
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -252,6 +259,7 @@ class OpenAIStubServer:
             self.calls_by_key[key] += 1
             self.bodies.append(body)
             self.authorization.add(h.headers.get("Authorization", ""))
+            self.last_headers = dict(h.headers)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
