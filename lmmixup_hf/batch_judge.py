@@ -39,6 +39,7 @@ MAX_REQUESTS = 50_000
 MAX_BYTES = 200 * 1000 * 1000
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 STATE = "batches.json"
+POLL_FAILURES = 10  # polls in a row that may fail (after the client's own retries) before the run stops
 
 
 # -- request and result lines ---------------------------------------------------------------------
@@ -354,11 +355,25 @@ class BatchRunner:
                     self._upload(chunk)
                 if chunk.batch_id is None:
                     self._create(chunk)
+            failures = 0
             while True:
                 done = 0
                 for chunk in pending:
                     if chunk.status not in TERMINAL:
-                        batch = self._poll(chunk)
+                        try:
+                            batch = self._poll(chunk)
+                        except Exception as e:  # noqa: BLE001 - an outage during a 24 h wait is not fatal at once
+                            failures += 1
+                            if failures > POLL_FAILURES:
+                                raise
+                            logger.warning(
+                                "batch %s: poll failed (%s); next try in %g s",
+                                chunk.batch_id,
+                                type(e).__name__,
+                                self.poll_interval,
+                            )
+                            continue
+                        failures = 0
                         counts = batch.request_counts
                         done += (counts.completed + counts.failed) if counts else 0
                     if chunk.status in TERMINAL:

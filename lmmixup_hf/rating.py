@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,31 +422,31 @@ def _rate_batch(
         elif rating.ok or not (ckpt.done.get(i) or {}).get("ok"):  # a late failure never replaces a score
             ckpt.add(i, custom_id, rating)
 
-    # rows whose reply is cached (from either mode) need no request
-    misses = []
-    for i in todo:
-        attempt = int(str((ckpt.done.get(i) or {}).get("error") or "").startswith("unparseable reply"))
-        messages = build_judge_messages(items[i])
-        if cache is not None:
-            hot = {**judge.params, "temperature": max(float(args.temperature), 0.7)} if attempt else judge.params
-            hit = cache.get(
-                request_key(args.judge_model, messages, {**hot, "cache_tag": f"{RUBRIC_VERSION}|{attempt}"})
-            )
-            if hit is not None:
-                result = ChatResult(hit["text"], None, hit.get("usage", {}), hit.get("logprobs"), cached=True)
-                usage.add(result)
-                record(ids[i], rating_of(result, judge.name))
-                continue
-        misses.append((ids[i], messages, attempt))
-    lines = batch_requests(misses, args.judge_model, judge.params)
+    def misses() -> Iterator[tuple[str, list[dict], int]]:
+        """(row id, messages, attempt) of the rows to send, built one at a time; a row whose reply is
+        cached (from either mode) is recorded on the way and needs no request."""
+        for i in todo:
+            attempt = int(str((ckpt.done.get(i) or {}).get("error") or "").startswith("unparseable reply"))
+            messages = build_judge_messages(items[i])
+            if cache is not None:
+                hot = {**judge.params, "temperature": max(float(args.temperature), 0.7)} if attempt else judge.params
+                tag = f"{RUBRIC_VERSION}|{attempt}"
+                hit = cache.get(request_key(args.judge_model, messages, {**hot, "cache_tag": tag}))
+                if hit is not None:
+                    result = ChatResult(hit["text"], None, hit.get("usage", {}), hit.get("logprobs"), cached=True)
+                    usage.add(result)
+                    record(ids[i], rating_of(result, judge.name))
+                    continue
+            yield ids[i], messages, attempt
 
+    lines = batch_requests(misses(), args.judge_model, judge.params)
     if args.batch_file_only:
         path = Path(args.out) / "batch_input.jsonl"
-        write_jsonl(path, lines)
+        n = write_jsonl(path, lines)
         logger.info(
             "rate: wrote %d requests to %s; run them elsewhere (e.g. `vllm run-batch -i %s -o results.jsonl "
             "--model %s`), then rerun this command with --batch_results results.jsonl",
-            len(misses),
+            n,
             path,
             path,
             args.judge_model,
@@ -458,7 +458,7 @@ def _rate_batch(
             if not f.is_file():
                 raise LmmixupError(f"--batch_results: {f}: no such file")
         results = read_results(files)
-        for cid, _, _ in misses:
+        for cid, _, _ in misses():
             result = results.get(cid) or ChatResult(None, f"no reply for this row in {args.batch_results}")
             usage.add(result)
             rating = rating_of(result, judge.name)

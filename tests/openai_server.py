@@ -124,6 +124,7 @@ class OpenAIStubServer:
     model: str = "stub-model"
     reject_params: tuple[str, ...] = ()  # answer 400 when a request uses one of these (e.g. response_format)
     batch_polls: int = 3  # retrieves a batch takes before it completes
+    batch_retrieve_errors: int = 0  # answer this many batch retrieves with a 500 first
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -358,6 +359,10 @@ class OpenAIStubServer:
                     if batch["status"] not in ("completed", "failed", "expired", "cancelled"):
                         batch["status"] = "cancelling"
                 elif method == "GET" and not rest[1:]:
+                    if self.batch_retrieve_errors > 0:
+                        self.batch_retrieve_errors -= 1
+                        h._send(500, {"error": {"message": "try again", "type": "server_error"}})
+                        return
                     self._advance(batch)
                 h._send(200, self._public(batch))
             else:

@@ -187,10 +187,13 @@ def test_create_reattaches_to_a_batch_whose_id_was_never_saved(openai_server, tm
     state.chunks = [Chunk("in.jsonl", 4, uploaded_at=time.time(), file_id=file_id)]
     state.save()
     got = {}
-    BatchRunner(state, model="stub-judge", judge="j", base_url=server.base_url, api_key=KEY, poll_interval=0.01).run(
-        lambda cid, r: got.setdefault(cid, r)
+    server.batch_retrieve_errors = 3  # an outage while polling: logged, then polled again
+    runner = BatchRunner(
+        state, model="stub-judge", judge="j", base_url=server.base_url, api_key=KEY, poll_interval=0.01, max_retries=0
     )
+    runner.run(lambda cid, r: got.setdefault(cid, r))
     assert server.n_batch_creates == 1 and len(got) == 4 and all(r.ok for r in got.values())
+    assert server.batch_retrieve_errors == 0
     assert json.loads((work / "batches.json").read_text())["chunks"][0]["batch_id"] == "batch_1"
 
 
