@@ -338,6 +338,8 @@ class BatchRunner:
                 attempt = 0 if body.get("temperature") == self.temperature else 1
                 self.cache.put(cache_key(body, f"{RUBRIC_VERSION}|{attempt}"), value)
             on_result(cid, rating)
+        if self.cache is not None:
+            self.cache.flush()
         chunk.applied = True
         self.state.save()
 

@@ -422,6 +422,11 @@ def _rate_batch(
         elif rating.ok or not (ckpt.done.get(i) or {}).get("ok"):  # a late failure never replaces a score
             ckpt.add(i, custom_id, rating)
 
+    def cache_key(messages: list[dict], attempt: int) -> str:
+        """The synchronous judge's cache key for this request (attempts after an unusable reply run hotter)."""
+        params = {**judge.params, "temperature": max(float(args.temperature), 0.7)} if attempt else judge.params
+        return request_key(args.judge_model, messages, {**params, "cache_tag": f"{RUBRIC_VERSION}|{attempt}"})
+
     def misses() -> Iterator[tuple[str, list[dict], int]]:
         """(row id, messages, attempt) of the rows to send, built one at a time; a row whose reply is
         cached (from either mode) is recorded on the way and needs no request."""
@@ -429,9 +434,7 @@ def _rate_batch(
             attempt = int(str((ckpt.done.get(i) or {}).get("error") or "").startswith("unparseable reply"))
             messages = build_judge_messages(items[i])
             if cache is not None:
-                hot = {**judge.params, "temperature": max(float(args.temperature), 0.7)} if attempt else judge.params
-                tag = f"{RUBRIC_VERSION}|{attempt}"
-                hit = cache.get(request_key(args.judge_model, messages, {**hot, "cache_tag": tag}))
+                hit = cache.get(cache_key(messages, attempt))
                 if hit is not None:
                     result = ChatResult(hit["text"], None, hit.get("usage", {}), hit.get("logprobs"), cached=True)
                     usage.add(result)
@@ -458,11 +461,16 @@ def _rate_batch(
             if not f.is_file():
                 raise LmmixupError(f"--batch_results: {f}: no such file")
         results = read_results(files)
-        for cid, _, _ in misses():
+        for cid, messages, attempt in misses():
             result = results.get(cid) or ChatResult(None, f"no reply for this row in {args.batch_results}")
             usage.add(result)
             rating = rating_of(result, judge.name)
+            if rating.ok and cache is not None:
+                value = {"text": result.text, "usage": result.usage, "logprobs": result.logprobs}
+                cache.put(cache_key(messages, attempt), value)
             record(cid, rating)
+        if cache is not None:
+            cache.flush()
         return {**usage.as_dict(), "mode": "batch"}
 
     state = BatchState(run.work_dir)

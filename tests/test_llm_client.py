@@ -254,3 +254,21 @@ def test_error_names_headers_and_timeouts(openai_server, monkeypatch, tmp_path):
 
     cached = ChatClient("stub-model", base_url=server.base_url, api_key=KEY, cache_dir=tmp_path)
     assert cached.cache._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+
+
+def test_cache_buffers_writes_and_reads_its_buffer(tmp_path):
+    from lmmixup_hf.llm_client import ResponseCache
+
+    cache = ResponseCache(tmp_path / "c.sqlite", flush_every=3, flush_seconds=3600)
+    cache.put("a", {"text": "A"})
+    cache.put("b", {"text": "B"})
+    assert cache.get("a") == {"text": "A"}  # still buffered, already visible
+    assert ResponseCache(tmp_path / "c.sqlite").get("a") is None  # not yet on disk
+    cache.delete("b")
+    cache.put("c", {"text": "C"})  # the third write commits the buffer
+    other = ResponseCache(tmp_path / "c.sqlite")
+    assert other.get("a") == {"text": "A"} and other.get("b") is None and other.get("c") == {"text": "C"}
+    cache.delete("a")
+    assert cache.get("a") is None
+    cache.flush()
+    assert ResponseCache(tmp_path / "c.sqlite").get("a") is None

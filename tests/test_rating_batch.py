@@ -259,6 +259,22 @@ def test_batch_file_only_then_results_from_elsewhere(openai_server, tmp_path):
     assert {r["id"]: r["rating"]["raw"] for r in ds} == {i: expected_raw(by_id[i]) for i in by_id if i not in failed}
     assert not server.files  # nothing went through the Batch API
 
+    # the replies entered the cache: a synchronous run elsewhere asks only about the failed rows
+    n_bodies = len(server.bodies)
+    rate(
+        RateArgs(
+            input=str(pool),
+            out=str(tmp_path / "sync"),
+            judge_model="stub-judge",
+            base_url=server.base_url,
+            api_key=KEY,
+            cache_dir=str(tmp_path / "cache"),
+            progress=False,
+        )
+    )
+    asked = {r["id"] for b in server.bodies[n_bodies:] for r in rows if r["completion"] in last_user_text(b)}
+    assert asked == {"r002", "r005", "r006"}
+
 
 def test_write_inputs_splits_at_requests_and_bytes(tmp_path):
     lines = [{"custom_id": f"r{i}", "body": {"x": "y" * 50}} for i in range(10)]
