@@ -215,6 +215,15 @@ class BatchState:
             yield line
 
 
+def _transient(exc: Exception) -> bool:
+    """Worth retrying: no answer, a rate limit or a server error (a 4xx answer is final)."""
+    import openai
+
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in (408, 409, 429) or exc.status_code >= 500
+    return isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError))
+
+
 class BatchRunner:
     """Upload, create, poll and download batches; hand every row's result to ``on_result``."""
 
@@ -284,8 +293,8 @@ class BatchRunner:
                         completion_window="24h",
                         metadata={"lmmixup_input": chunk.input},
                     )
-                except Exception as e:  # noqa: BLE001 - any failure: look again, then retry
-                    if attempt == self.max_retries:
+                except Exception as e:  # noqa: BLE001 - a transient failure: look again, then retry
+                    if attempt == self.max_retries or not _transient(e):
                         raise
                     logger.warning("batch create for %s failed (%s); retrying", chunk.input, type(e).__name__)
                     time.sleep(min(60.0, 2**attempt) * (0.5 + random.random() / 2))

@@ -125,6 +125,7 @@ class OpenAIStubServer:
     reject_params: tuple[str, ...] = ()  # answer 400 when a request uses one of these (e.g. response_format)
     batch_polls: int = 3  # retrieves a batch takes before it completes
     batch_retrieve_errors: int = 0  # answer this many batch retrieves with a 500 first
+    batch_create_lost: int = 0  # create this many batches but answer 500, as if the reply were lost
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -349,6 +350,10 @@ class OpenAIStubServer:
                     "request_counts": {"total": 0, "completed": 0, "failed": 0},
                     "_polls": 0,
                 }
+                if self.batch_create_lost > 0:
+                    self.batch_create_lost -= 1
+                    h._send(500, {"error": {"message": "lost reply", "type": "server_error"}})
+                    return
                 h._send(200, self._public(self.batches[bid]))
             elif kind == "batches" and method == "GET" and not rest:
                 data = [self._public(b) for b in reversed(self.batches.values())]

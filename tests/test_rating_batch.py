@@ -197,6 +197,15 @@ def test_create_reattaches_to_a_batch_whose_id_was_never_saved(openai_server, tm
     assert json.loads((work / "batches.json").read_text())["chunks"][0]["batch_id"] == "batch_1"
 
 
+def test_a_lost_create_reply_never_makes_a_second_batch(openai_server, tmp_path):
+    server = openai_server(judge_responder, batch_polls=1, batch_create_lost=1)
+    pool, out = tmp_path / "pool.jsonl", tmp_path / "rated"
+    write_pool(pool, 5)
+    ds = rate(batch_args(pool, out, server, tmp_path))
+    assert server.batch_create_lost == 0  # the first create was answered with a 500 ...
+    assert server.n_batch_creates == 1 and len(ds) == 5  # ... and found again, not created twice
+
+
 def test_cancelled_batch_rows_fail_and_are_retried(openai_server, tmp_path):
     server = openai_server(judge_responder, batch_polls=10_000)
     pool, out = tmp_path / "pool.jsonl", tmp_path / "rated"
