@@ -419,7 +419,7 @@ def _rate_batch(
         i = row_of.get(custom_id)
         if i is None:
             logger.warning("rate: a batch reply for unknown row id %r; ignored", custom_id)
-        elif rating.ok or not (ckpt.done.get(i) or {}).get("ok"):  # a late failure never replaces a score
+        elif not (ckpt.done.get(i) or {}).get("ok"):  # a late reply never replaces a score: nothing twice
             ckpt.add(i, custom_id, rating)
 
     def cache_key(messages: list[dict], attempt: int) -> str:
