@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from datasets import Dataset, Value
 
 from .io import read_pool, write_json, write_jsonl, write_stage_data
 from .judge import DIMENSIONS, KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge, reference_kind
+from .llm_client import request_key
 from .quality import high_quality_mask
 from .schema import (
     COMPLETION,
@@ -67,7 +68,14 @@ _OPERATIONAL = (
     "prices",
     "batch_size",
     "progress",
+    "mode",
+    "batch_file_only",
+    "batch_results",
+    "batch_poll_interval",
+    "estimate",
 )
+# a rubric reply, {"rarity": 7, "complexity": 6, "informativeness": 7, "overall": 8}, is about 30 tokens
+REPLY_TOKENS = 32
 
 
 @dataclass
@@ -134,6 +142,29 @@ class RateArgs:
     )
     batch_size: int = field(default=8, metadata={"help": "Batch size of the local judge."})
     progress: bool = field(default=True, metadata={"help": "Show the progress bar."})
+    mode: str = field(
+        default="sync",
+        metadata={
+            "help": "sync: one request per row, answered at once; batch: the provider's Batch API (about half "
+            "the price, answered within 24 h; rerun the command to re-attach after an interruption).",
+            "choices": ["sync", "batch"],
+        },
+    )
+    batch_file_only: bool = field(
+        default=False,
+        metadata={"help": "Batch mode: only write <out>/batch_input.jsonl (e.g. for `vllm run-batch`) and stop."},
+    )
+    batch_results: str | None = field(
+        default=None,
+        metadata={
+            "help": "Batch mode: read replies from these batch output files (comma-separated) instead of an API."
+        },
+    )
+    batch_poll_interval: float = field(default=30.0, metadata={"help": "Batch mode: seconds between status polls."})
+    estimate: bool = field(
+        default=False,
+        metadata={"help": "Only print the rows to rate, estimated tokens and cost (sync and batch), then stop."},
+    )
 
 
 def _label(column: str) -> str:
@@ -208,7 +239,7 @@ def _cache_dir(value: str | None) -> Path | None:
     return cache_root() / "llm"
 
 
-def rate(args: RateArgs) -> Dataset:
+def rate(args: RateArgs) -> Dataset | None:
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     if not fields:
         raise LmmixupError("--fields: name at least one column")
@@ -262,6 +293,20 @@ def rate(args: RateArgs) -> Dataset:
         len(todo),
         args.judge_model,
     )
+    estimate = estimate_cost(args, [items[i] for i in todo])
+    logger.info("rate: %s", estimate["line"])
+    if args.estimate:
+        ckpt.close()
+        print(estimate["line"], flush=True)
+        return None
+    if args.mode == "batch" or args.batch_file_only or args.batch_results:
+        try:
+            batch_usage = _rate_batch(args, run, items, ids, todo, ckpt)
+        finally:
+            ckpt.close()
+        if batch_usage is None:  # --batch_file_only: the requests are written, nothing is rated yet
+            return None
+        return _finish(run, args, ds, items, ckpt.done, {**batch_usage, "estimate": estimate["numbers"]})
     judge = (
         make_judge(
             args.engine,
@@ -295,8 +340,174 @@ def rate(args: RateArgs) -> Dataset:
             )
     finally:
         ckpt.close()
-    usage = judge.usage.as_dict() if judge is not None else {}
-    return _finish(run, args, ds, items, ckpt.done, usage)
+    usage = {**judge.usage.as_dict(), "mode": "sync"} if judge is not None else {}
+    return _finish(run, args, ds, items, ckpt.done, {**usage, "estimate": estimate["numbers"]})
+
+
+def estimate_cost(args: RateArgs, todo: Sequence[JudgeItem]) -> dict[str, Any]:
+    """Rows, estimated tokens (prompt characters / 4, ``REPLY_TOKENS`` per reply) and the cost in
+    synchronous and batch mode from the price table, before anything is sent."""
+    from .judge import build_judge_messages
+    from .llm_client import batch_price_for, price_for
+
+    # the rubric around an item is the same for every row of a kind: measure it once per kind
+    frame: dict[tuple[str, bool], int] = {}
+    chars = 0
+    for item in todo:
+        key = (item.kind, bool(item.reference))
+        if key not in frame:
+            kind = item.kind if item.kind in KINDS else "general"  # an unknown kind fails later, with its row
+            empty = JudgeItem("", kind, "-" if item.reference else None)
+            frame[key] = sum(len(m["content"]) for m in build_judge_messages(empty)) - (1 if item.reference else 0)
+        chars += frame[key] + len(item.text.strip()) + len((item.reference or "").strip())
+    prompt = chars // 4
+    output = len(todo) * min(REPLY_TOKENS, args.max_tokens)
+    prices = _load_prices(args.prices)
+    costs = {}
+    for mode, price in (
+        ("sync", price_for(args.judge_model, prices)),
+        ("batch", batch_price_for(args.judge_model, prices)),
+    ):
+        costs[mode] = (
+            round((prompt * price[0] + output * price[1]) / 1e6, 4) if price and args.engine == "openai" else None
+        )
+    money = (
+        f"${costs['sync']:,.4f} synchronous, ${costs['batch']:,.4f} batch"
+        if costs["sync"] is not None
+        else "cost unknown (no price for this model; see --prices)"
+    )
+    if args.engine != "openai":
+        money = "no API cost (local judge)"
+    line = (
+        f"estimate: {len(todo):,} rows to rate, ~{prompt:,} prompt + ~{output:,} output tokens; "
+        f"{args.judge_model}: {money}"
+    )
+    numbers = {"rows": len(todo), "prompt_tokens": prompt, "completion_tokens": output}
+    numbers.update({f"{mode}_usd": cost for mode, cost in costs.items()})
+    return {"line": line, "numbers": numbers}
+
+
+def _rate_batch(
+    args: RateArgs,
+    run: StageRun,
+    items: Mapping[int, JudgeItem],
+    ids: Sequence[str],
+    todo: Sequence[int],
+    ckpt: Checkpoint,
+) -> dict[str, Any] | None:
+    """Batch mode: rate ``todo`` through a batch API (or a batch output file from elsewhere) into the
+    same checkpoint as the synchronous path. Returns the usage, or None with ``--batch_file_only``."""
+    from .batch_judge import (
+        BatchRunner,
+        BatchState,
+        Chunk,
+        batch_requests,
+        batch_usage,
+        iter_jsonl,
+        rating_of,
+        read_results,
+        write_inputs,
+    )
+    from .judge import OpenAIJudge, build_judge_messages
+    from .llm_client import ChatResult
+
+    if args.engine != "openai":
+        raise LmmixupError(f"--mode batch: needs --engine openai (got {args.engine!r})")
+    judge = OpenAIJudge(
+        args.judge_model,
+        json_mode=args.json_mode,
+        logprobs=args.logprobs,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        cache_dir=_cache_dir(args.cache_dir),
+    )
+    cache, prices = judge.client.cache, _load_prices(args.prices)
+    usage = batch_usage(args.judge_model, prices)
+    row_of = {ids[i]: i for i in items}
+
+    def record(custom_id: str, rating: Rating) -> None:
+        i = row_of.get(custom_id)
+        if i is None:
+            logger.warning("rate: a batch reply for unknown row id %r; ignored", custom_id)
+        elif not (ckpt.done.get(i) or {}).get("ok"):  # a late reply never replaces a score: nothing twice
+            ckpt.add(i, custom_id, rating)
+
+    def cache_key(messages: list[dict], attempt: int) -> str:
+        """The synchronous judge's cache key for this request (attempts after an unusable reply run hotter)."""
+        params = {**judge.params, "temperature": max(float(args.temperature), 0.7)} if attempt else judge.params
+        return request_key(args.judge_model, messages, {**params, "cache_tag": f"{RUBRIC_VERSION}|{attempt}"})
+
+    def misses() -> Iterator[tuple[str, list[dict], int]]:
+        """(row id, messages, attempt) of the rows to send, built one at a time; a row whose reply is
+        cached (from either mode) is recorded on the way and needs no request."""
+        for i in todo:
+            attempt = int(str((ckpt.done.get(i) or {}).get("error") or "").startswith("unparseable reply"))
+            messages = build_judge_messages(items[i])
+            if cache is not None:
+                hit = cache.get(cache_key(messages, attempt))
+                if hit is not None:
+                    result = ChatResult(hit["text"], None, hit.get("usage", {}), hit.get("logprobs"), cached=True)
+                    usage.add(result)
+                    record(ids[i], rating_of(result, judge.name))
+                    continue
+            yield ids[i], messages, attempt
+
+    lines = batch_requests(misses(), args.judge_model, judge.params)
+    if args.batch_file_only:
+        path = Path(args.out) / "batch_input.jsonl"
+        n = write_jsonl(path, lines)
+        logger.info(
+            "rate: wrote %d requests to %s; run them elsewhere (e.g. `vllm run-batch -i %s -o results.jsonl "
+            "--model %s`), then rerun this command with --batch_results results.jsonl",
+            n,
+            path,
+            path,
+            args.judge_model,
+        )
+        return None
+    if args.batch_results:
+        files = [Path(p.strip()) for p in args.batch_results.split(",") if p.strip()]
+        for f in files:
+            if not f.is_file():
+                raise LmmixupError(f"--batch_results: {f}: no such file")
+        results = read_results(files)
+        for cid, messages, attempt in misses():
+            result = results.get(cid) or ChatResult(None, f"no reply for this row in {args.batch_results}")
+            usage.add(result)
+            rating = rating_of(result, judge.name)
+            if rating.ok and cache is not None:
+                value = {"text": result.text, "usage": result.usage, "logprobs": result.logprobs}
+                cache.put(cache_key(messages, attempt), value)
+            record(cid, rating)
+        if cache is not None:
+            cache.flush()
+        return {**usage.as_dict(), "mode": "batch"}
+
+    state = BatchState(run.work_dir)
+    queued = {line["custom_id"] for chunk in state.pending for _, line in iter_jsonl(state.folder / chunk.input)}
+    new = (line for line in lines if line["custom_id"] not in queued)
+    prefix = f"batch-{state.rounds:03d}"
+    written = [(p, n) for p, n in write_inputs(new, state.folder, prefix) if n]
+    if written:
+        state.chunks += [Chunk(p.name, n) for p, n in written]
+        state.rounds += 1
+        state.save()
+    runner = BatchRunner(
+        state,
+        model=args.judge_model,
+        judge=judge.name,
+        base_url=args.base_url,
+        api_key=args.api_key,
+        poll_interval=args.batch_poll_interval,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        cache=cache,
+        usage=usage,
+        show_progress=args.progress,
+        temperature=args.temperature,
+    )
+    runner.run(record)
+    return {**usage.as_dict(), "mode": "batch"}
 
 
 def _finish(

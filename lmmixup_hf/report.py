@@ -82,7 +82,7 @@ def find_costs(obj: Any, prefix: str = "") -> dict[str, float]:
                 and any(w in k.lower() for w in ("cost", "usd", "tokens"))
             ):
                 out[key] = float(v)
-            elif isinstance(v, dict) and k not in ("params", "inputs", "versions"):
+            elif isinstance(v, dict) and k not in ("params", "inputs", "versions", "estimate"):
                 out.update(find_costs(v, f"{key}."))
     return out
 
@@ -347,6 +347,9 @@ def _stage_rows(stages: list[StageSummary]) -> list[list[str]]:
     for s in stages:
         splits = ", ".join(f"{k} {v}" for k, v in s.splits.items()) or "-"
         cost = None if s.cost_usd is None else f"${s.cost_usd:.4f}"
+        mode = ((s.manifest or {}).get("usage") or {}).get("mode")
+        if cost is not None and mode:  # sync or batch: the same tokens cost half in a batch
+            cost += f" ({mode})"
         rows.append(
             [
                 s.name,

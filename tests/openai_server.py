@@ -2,7 +2,13 @@
 faults and request counting.
 
 It speaks the wire protocol the ``openai`` client expects (``GET /v1/models``,
-``POST /v1/chat/completions``), so tests exercise the same code paths as a real endpoint.
+``POST /v1/chat/completions``, and the Batch API: ``/v1/files`` upload and content, ``/v1/batches``
+create, retrieve, list and cancel), so tests exercise the same code paths as a real endpoint.
+
+A batch stays ``validating``/``in_progress`` for ``batch_polls`` retrieves, then answers every line
+with the same responder as the chat endpoint: scripted errors go to the error file; items containing
+``BATCH_TRUNCATED`` get a cut-off output line, ``BATCH_NOCHOICES`` a reply without choices and
+``BATCH_ERRORLINE`` an error-file line with a top-level ``error``.
 
 >>> def responder(body):            # body: the parsed request JSON
 ...     return "hello"              # or {"content": ..., "logprobs": [...], "usage": {...}}
@@ -102,6 +108,14 @@ def judge_responder(body: dict) -> dict:
     return {"content": "".join(tokens), "logprobs": token_logprobs(tokens, top)}
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # the listen backlog is fixed when the socket starts listening, inside the constructor: set on the
+    # class, not afterwards. With the default of 5, a burst of new connections loses SYNs, and each
+    # lost one costs the client a 1 s (then 3 s, 7 s, ...) retransmission wait
+    request_queue_size = 1024
+
+
 @dataclass
 class OpenAIStubServer:
     responder: Responder = field(default=lambda body: "ok")
@@ -109,6 +123,9 @@ class OpenAIStubServer:
     faults: Faults = field(default_factory=Faults)
     model: str = "stub-model"
     reject_params: tuple[str, ...] = ()  # answer 400 when a request uses one of these (e.g. response_format)
+    batch_polls: int = 3  # retrieves a batch takes before it completes
+    batch_retrieve_errors: int = 0  # answer this many batch retrieves with a 500 first
+    batch_create_lost: int = 0  # create this many batches but answer 500, as if the reply were lost
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -127,8 +144,15 @@ class OpenAIStubServer:
             self.ok_by_key: Counter[str] = Counter()  # successful replies per messages key
             self.bodies: list[dict] = []
             self.authorization: set[str] = set()
+            self.last_headers: dict[str, str] = {}  # of the last chat request
             self.max_in_flight = 0
             self._in_flight = 0
+            self.files: dict[str, bytes] = {}
+            self.batches: dict[str, dict] = {}
+            self.n_batch_creates = 0
+            self.n_uploads = 0
+            self.downloads: Counter[str] = Counter()  # file content downloads per file id
+            self.batch_lines: Counter[str] = Counter()  # batch requests answered per custom_id
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -147,7 +171,11 @@ class OpenAIStubServer:
                 pass
 
             def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
+                with server._lock:
+                    server.authorization.add(self.headers.get("Authorization", ""))
+                if "/files" in self.path or "/batches" in self.path:
+                    server._batch_api(self, "GET", b"")
+                elif self.path.rstrip("/").endswith("/models"):
                     self._send(
                         200,
                         {
@@ -161,6 +189,11 @@ class OpenAIStubServer:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
+                if "/files" in self.path or "/batches" in self.path:
+                    with server._lock:
+                        server.authorization.add(self.headers.get("Authorization", ""))
+                    server._batch_api(self, "POST", raw)
+                    return
                 if not self.path.rstrip("/").endswith("/chat/completions"):
                     self._send(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
                     return
@@ -186,9 +219,7 @@ class OpenAIStubServer:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
                     pass
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._httpd.daemon_threads = True
-        self._httpd.request_queue_size = 1024
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -230,6 +261,7 @@ class OpenAIStubServer:
             self.calls_by_key[key] += 1
             self.bodies.append(body)
             self.authorization.add(h.headers.get("Authorization", ""))
+            self.last_headers = dict(h.headers)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
@@ -280,6 +312,140 @@ class OpenAIStubServer:
         finally:
             with self._lock:
                 self._in_flight -= 1
+
+    # -- the Batch API ----------------------------------------------------------------------------
+    def _batch_api(self, h: Any, method: str, raw: bytes) -> None:
+        path = h.path.split("?", 1)[0].rstrip("/")
+        parts = path.split("/")  # ['', 'v1', 'files' | 'batches', id?, action?]
+        kind, rest = parts[2], parts[3:]
+        with self._lock:
+            if kind == "files" and method == "POST" and not rest:
+                data, name = self._multipart_file(h.headers.get("Content-Type", ""), raw)
+                fid = f"file-{len(self.files) + 1}"
+                self.files[fid] = data
+                self.n_uploads += 1
+                h._send(200, self._file_obj(fid, name))
+            elif kind == "files" and method == "GET" and len(rest) == 2 and rest[1] == "content":
+                if rest[0] not in self.files:
+                    h._send(404, {"error": {"message": "no such file", "type": "invalid_request_error"}})
+                    return
+                self.downloads[rest[0]] += 1
+                h._send(200, None, raw=self.files[rest[0]])
+            elif kind == "batches" and method == "POST" and not rest:
+                body = json.loads(raw)
+                if body.get("input_file_id") not in self.files:
+                    h._send(400, {"error": {"message": "unknown input file", "type": "invalid_request_error"}})
+                    return
+                self.n_batch_creates += 1
+                bid = f"batch_{len(self.batches) + 1}"
+                self.batches[bid] = {
+                    "id": bid,
+                    "object": "batch",
+                    "endpoint": body["endpoint"],
+                    "input_file_id": body["input_file_id"],
+                    "completion_window": body["completion_window"],
+                    "status": "validating",
+                    "created_at": int(time.time()),
+                    "metadata": body.get("metadata"),
+                    "request_counts": {"total": 0, "completed": 0, "failed": 0},
+                    "_polls": 0,
+                }
+                if self.batch_create_lost > 0:
+                    self.batch_create_lost -= 1
+                    h._send(500, {"error": {"message": "lost reply", "type": "server_error"}})
+                    return
+                h._send(200, self._public(self.batches[bid]))
+            elif kind == "batches" and method == "GET" and not rest:
+                data = [self._public(b) for b in reversed(self.batches.values())]
+                h._send(200, {"object": "list", "data": data, "has_more": False})
+            elif kind == "batches" and rest and rest[0] in self.batches:
+                batch = self.batches[rest[0]]
+                if method == "POST" and rest[1:] == ["cancel"]:
+                    if batch["status"] not in ("completed", "failed", "expired", "cancelled"):
+                        batch["status"] = "cancelling"
+                elif method == "GET" and not rest[1:]:
+                    if self.batch_retrieve_errors > 0:
+                        self.batch_retrieve_errors -= 1
+                        h._send(500, {"error": {"message": "try again", "type": "server_error"}})
+                        return
+                    self._advance(batch)
+                h._send(200, self._public(batch))
+            else:
+                h._send(404, {"error": {"message": f"not found: {method} {path}", "type": "invalid_request_error"}})
+
+    @staticmethod
+    def _multipart_file(content_type: str, raw: bytes) -> tuple[bytes, str]:
+        from email.parser import BytesParser
+        from email.policy import HTTP
+
+        msg = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        for part in msg.iter_parts():
+            if part.get_param("name", header="content-disposition") == "file":
+                return part.get_payload(decode=True), part.get_filename() or "upload.jsonl"
+        raise ValueError("no file in the upload")
+
+    def _file_obj(self, fid: str, name: str) -> dict:
+        return {
+            "id": fid,
+            "object": "file",
+            "bytes": len(self.files[fid]),
+            "created_at": int(time.time()),
+            "filename": name,
+            "purpose": "batch",
+            "status": "processed",
+        }
+
+    @staticmethod
+    def _public(batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    def _advance(self, batch: dict) -> None:
+        """One retrieve: validating -> in_progress (a few polls) -> completed; cancelling -> cancelled."""
+        batch["_polls"] += 1
+        lines = [json.loads(x) for x in self.files[batch["input_file_id"]].splitlines() if x.strip()]
+        if batch["status"] == "cancelling":
+            self._run_lines(batch, lines[: len(lines) // 2])
+            batch.update(status="cancelled", cancelled_at=int(time.time()))
+        elif batch["status"] in ("validating", "in_progress"):
+            batch["request_counts"]["total"] = len(lines)
+            if batch["_polls"] >= self.batch_polls:
+                self._run_lines(batch, lines)
+                batch.update(status="completed", completed_at=int(time.time()))
+            else:
+                batch["status"] = "in_progress"
+                batch["request_counts"]["completed"] = len(lines) * (batch["_polls"] - 1) // self.batch_polls
+
+    def _run_lines(self, batch: dict, lines: list[dict]) -> None:
+        out, err = [], []
+        for k, line in enumerate(lines):
+            cid, body = line["custom_id"], line["body"]
+            self.batch_lines[cid] += 1
+            self.bodies.append(body)
+            text = last_user_text(body)
+            rid = f"req_{batch['id']}_{k}"
+            if "BATCH_TRUNCATED" in text:
+                out.append(json.dumps({"id": rid, "custom_id": cid, "response": {"status_code": 200}})[:-12])
+                continue
+            if "BATCH_ERRORLINE" in text:
+                error = {"code": "server_error", "message": "the batch worker crashed"}
+                err.append(json.dumps({"id": rid, "custom_id": cid, "response": None, "error": error}))
+                continue
+            reply = self._completion(body)
+            if isinstance(reply, tuple):
+                status, payload = reply
+                response = {"status_code": status, "request_id": rid, "body": payload}
+                err.append(json.dumps({"id": rid, "custom_id": cid, "response": response, "error": None}))
+                continue
+            if "BATCH_NOCHOICES" in text:
+                reply["choices"] = []
+            response = {"status_code": 200, "request_id": rid, "body": reply}
+            out.append(json.dumps({"id": rid, "custom_id": cid, "response": response, "error": None}))
+        for name, rows in (("output_file_id", out), ("error_file_id", err)):
+            if rows:
+                fid = f"file-{len(self.files) + 1}"
+                self.files[fid] = ("\n".join(rows) + "\n").encode()
+                batch[name] = fid
+        batch["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
 
     def _completion(self, body: dict) -> dict | tuple[int, dict]:
         reply = self.responder(body)

@@ -218,3 +218,57 @@ def test_extra_body_and_headers_are_sent_like_the_sdk(openai_server):
     body = server.bodies[0]
     assert body["repetition_penalty"] == 1.1 and body["max_tokens"] == 7 and "extra_body" not in body
     assert "extra_headers" not in body and body["model"] == "stub-model"
+
+
+def test_error_names_headers_and_timeouts(openai_server, monkeypatch, tmp_path):
+    """Errors read as the openai client names them; organisation/project headers are sent; a timeout
+    is retried and then reported, never a text; the cache does not fsync per reply."""
+    codes = {"a": 401, "b": 429, "c": 503}
+
+    def responder(body: dict) -> dict:
+        text = last_user_text(body)
+        return {"status": codes[text], "message": f"scripted {text}"} if text in codes else {"content": "ok"}
+
+    server = openai_server(responder)
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-test")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-test")
+    client = ChatClient("stub-model", base_url=server.base_url, api_key=KEY, max_retries=1, base_delay=0.001)
+    batch = [[{"role": "user", "content": t}] for t in ("a", "b", "c", "d")]
+    a, b, c, d = client.complete_many(batch, show_progress=False)
+    assert a.error == "AuthenticationError: Error code: 401 - scripted a"
+    assert b.error == "RateLimitError: Error code: 429 - scripted b"
+    assert c.error == "InternalServerError: Error code: 503 - scripted c"
+    assert d.ok and d.text == "ok"
+    assert server.calls_by_key[messages_key(batch[0][:1])] == 1  # 401: not retried
+    assert server.calls_by_key[messages_key(batch[1][:1])] == 2  # 429, 5xx: retried
+    headers = {k.lower(): v for k, v in server.last_headers.items()}
+    assert headers["openai-organization"] == "org-test" and headers["openai-project"] == "proj-test"
+    assert headers["authorization"] == f"Bearer {KEY}" and headers["content-type"] == "application/json"
+
+    slow = openai_server(_echo, latency=0.5)
+    client = ChatClient(
+        "stub-model", base_url=slow.base_url, api_key=KEY, timeout=0.1, max_retries=1, base_delay=0.001
+    )
+    (r,) = client.complete_many(_batch(1), show_progress=False)
+    assert r.text is None and r.error == "TimeoutError: no reply within 0.1 s" and slow.n_requests == 2
+
+    cached = ChatClient("stub-model", base_url=server.base_url, api_key=KEY, cache_dir=tmp_path)
+    assert cached.cache._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+
+
+def test_cache_buffers_writes_and_reads_its_buffer(tmp_path):
+    from lmmixup_hf.llm_client import ResponseCache
+
+    cache = ResponseCache(tmp_path / "c.sqlite", flush_every=3, flush_seconds=3600)
+    cache.put("a", {"text": "A"})
+    cache.put("b", {"text": "B"})
+    assert cache.get("a") == {"text": "A"}  # still buffered, already visible
+    assert ResponseCache(tmp_path / "c.sqlite").get("a") is None  # not yet on disk
+    cache.delete("b")
+    cache.put("c", {"text": "C"})  # the third write commits the buffer
+    other = ResponseCache(tmp_path / "c.sqlite")
+    assert other.get("a") == {"text": "A"} and other.get("b") is None and other.get("c") == {"text": "C"}
+    cache.delete("a")
+    assert cache.get("a") is None
+    cache.flush()
+    assert ResponseCache(tmp_path / "c.sqlite").get("a") is None
