@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from datasets import Dataset, Value
@@ -239,6 +239,72 @@ def _cache_dir(value: str | None) -> Path | None:
     return cache_root() / "llm"
 
 
+# -- the core: a Dataset in, rated rows out (no files) --------------------------------------------
+class RatedRows(NamedTuple):
+    rated: Dataset  # rows with a `rating` struct
+    failed: list[int]  # input indices the judge failed on (never scored)
+    unratable: list[tuple[int, str]]  # input indices with nothing to rate, and why
+
+
+def judge_items(
+    ds: Dataset, fields: Sequence[str], rubric: str = "general", reference_field: str | None = None
+) -> tuple[dict[int, JudgeItem], list[tuple[int, str]]]:
+    """What the judge sees for each row (by input index); rows with nothing to rate come back apart
+    with the reason. ``rubric``: a kind, ``auto`` (each row's task_type) or ``reference``."""
+    items: dict[int, JudgeItem] = {}
+    unratable: list[tuple[int, str]] = []
+    columns = sorted({*fields, *([TASK_TYPE] if TASK_TYPE in ds.column_names else [])} | ({reference_field} - {None}))
+    for i, row in enumerate(ds.select_columns(columns)):
+        try:
+            text = render_item(row, fields)
+        except ValueError as e:
+            unratable.append((i, str(e)))
+            continue
+        if rubric == "reference":  # the reference showed the item only
+            items[i] = JudgeItem(text, reference_kind(row.get(TASK_TYPE)), style="reference")
+            continue
+        kind = row.get(TASK_TYPE) if rubric == "auto" else rubric
+        ref = row.get(reference_field) if reference_field else None
+        items[i] = JudgeItem(text, kind or "general", ref or None)
+    return items, unratable
+
+
+def with_ratings(
+    ds: Dataset, items: Mapping[int, JudgeItem], done: Mapping[int, Mapping[str, Any]]
+) -> tuple[Dataset, list[int]]:
+    """The rated rows (input order) with their ``rating`` struct, and the indices left failed.
+    ``done[i]`` is ``{"ok": bool, "rating": struct}`` as the checkpoint stores it."""
+    rated = sorted(i for i in items if (done.get(i) or {}).get("ok"))
+    failed = sorted(i for i in items if not (done.get(i) or {}).get("ok"))
+    base = ds.remove_columns([RATING]) if RATING in ds.column_names else ds
+    out = base.select(rated).add_column(RATING, [done[i]["rating"] for i in rated], feature=RATING_FEATURE)
+    return out, failed
+
+
+def rate_rows(
+    ds: Dataset,
+    judge: Any,
+    *,
+    fields: Sequence[str] = (PROMPT, COMPLETION),
+    rubric: str = "general",
+    reference_field: str | None = None,
+    show_progress: bool = False,
+) -> RatedRows:
+    """Rate a Dataset in memory with a judge from :func:`~lmmixup_hf.judge.make_judge`:
+
+    >>> judge = make_judge("openai", "gpt-4o-mini")
+    >>> rated, failed, unratable = rate_rows(load_dataset("json", data_files="pool.jsonl")["train"], judge)
+
+    Failed rows are returned by index, never scored; ``lmmixup rate`` adds checkpoints and retries."""
+    items, unratable = judge_items(ds, fields, rubric, reference_field)
+    order = sorted(items)
+    ratings = judge.rate_many([items[i] for i in order], desc="rate", show_progress=show_progress)
+    done = {i: {"ok": r.ok, "rating": r.as_struct() if r.ok else None} for i, r in zip(order, ratings)}
+    rated, failed = with_ratings(ds, items, done)
+    return RatedRows(rated, failed, unratable)
+
+
+# -- the command: files, checkpoints, batches, summaries around the core ---------------------------
 def rate(args: RateArgs) -> Dataset | None:
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     if not fields:
@@ -267,22 +333,10 @@ def rate(args: RateArgs) -> Dataset | None:
         )
 
     # the items; a row without the text to rate is rejected with its reason, not dropped
-    items: dict[int, JudgeItem] = {}
+    items, unratable = judge_items(ds, fields, args.rubric, args.reference_field)
     ids = ds[ID]
-    for i, row in enumerate(
-        ds.select_columns(sorted({*fields, TASK_TYPE, *([args.reference_field] if args.reference_field else [])}))
-    ):
-        try:
-            text = render_item(row, fields)
-        except ValueError as e:
-            run.quarantine.add(str(args.input), i + 1, fields[0], f"cannot rate: {e}", {ID: ids[i]})
-            continue
-        ref = row.get(args.reference_field) if args.reference_field else None
-        if args.rubric == "reference":  # the reference showed the item only
-            items[i] = JudgeItem(text, reference_kind(row.get(TASK_TYPE)), style="reference")
-            continue
-        kind = row.get(TASK_TYPE) if args.rubric == "auto" else args.rubric
-        items[i] = JudgeItem(text, kind or "general", ref or None)
+    for i, reason in unratable:
+        run.quarantine.add(str(args.input), i + 1, fields[0], f"cannot rate: {reason}", {ID: ids[i]})
 
     ckpt = Checkpoint(run.work_dir / CHECKPOINT)
     todo = [i for i in items if not (ckpt.done.get(i) or {}).get("ok")]
@@ -518,11 +572,9 @@ def _finish(
     done: Mapping[int, Mapping[str, Any]],
     usage: Mapping[str, Any],
 ) -> Dataset:
-    rated = sorted(i for i in items if done.get(i, {}).get("ok"))
-    failed = sorted(i for i in items if not done.get(i, {}).get("ok"))
-    structs = [done[i]["rating"] for i in rated]
-    base = ds.remove_columns([RATING]) if RATING in ds.column_names else ds
-    out = base.select(rated).add_column(RATING, structs, feature=RATING_FEATURE)
+    out, failed = with_ratings(ds, items, done)
+    rated = sorted(set(items) - set(failed))
+    structs = out[RATING] if len(out) else []
 
     write_jsonl(
         Path(args.out) / FAILED,

@@ -430,3 +430,23 @@ def test_rate_all_failed_writes_nothing_invented(openai_server, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {**manifest["counts"], "rated": 0, "failed": 4, "high": 0, "low": 0}
     assert server.n_requests == 8
+
+
+def test_rate_rows_core_in_memory(openai_server, tmp_path):
+    """The core over an in-memory Dataset: no files, failed rows by index, never a score."""
+    from lmmixup_hf.judge import make_judge
+    from lmmixup_hf.rating import rate_rows
+
+    server = openai_server(judge_responder)
+    rows = [
+        {"id": "a", "prompt": "What is 2+2?", "completion": "4", "task_type": "qa"},
+        {"id": "b", "prompt": "Name a colour.", "completion": "UNPARSEABLE blue", "task_type": "qa"},
+        {"id": "c", "prompt": "Say hi.", "completion": "  ", "task_type": "qa"},
+    ]
+    judge = make_judge("openai", "stub-judge", base_url=server.base_url, api_key=KEY, cache_dir=None)
+    rated, failed, unratable = rate_rows(Dataset.from_list(rows), judge)
+    assert rated["id"] == ["a"] and failed == [1] and [i for i, _ in unratable] == [2]
+    assert rated[0]["rating"]["raw"] == expected_raw(rows[0]) and rated[0]["rating"]["score"] == compress_score(
+        expected_raw(rows[0])
+    )
+    assert not any(tmp_path.iterdir())  # nothing written
