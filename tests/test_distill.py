@@ -233,3 +233,23 @@ def test_answers_cut_at_the_budget_are_rejected_unless_complete(tmp_path, tiny_q
     assert rejected[0]["parse_error"] == "truncated at max_new_tokens (the answer was cut off)"
     assert (kept[1]["prompt"], kept[1]["completion"]) == ("What is a tulip?", "A flower.")
     assert kept[2]["completion"] == "Paris." and kept[2]["member_ids"] == ["o1", "o2"]
+
+
+def test_distill_rows_core_in_memory(tmp_path, tiny_qwen_dir):
+    """The core over an in-memory clustered Dataset: no files, one record per cluster."""
+    from datasets import Dataset
+
+    from lmmixup_hf.distill.stage import distill_rows
+
+    head = "<think>\nmerge\n</think>\n\n<answer>\n"
+    replies = [
+        (head + "Q: When was it built?\nA: In the 18", "length"),
+        (head + "Q: What is a tulip?\nA: A flower.\n</answer>", "stop"),
+        (head + "Q: Capital of France?\nA: Paris.\n</answer>", "stop"),
+    ]
+    names = ("id", "cluster_id", "prompt", "completion", "source", "task_type")
+    clustered = Dataset.from_list([dict(zip(names, row)) for row in CLUSTERS])
+    distilled, unparsed = distill_rows(clustered, _ScriptedEngine(tiny_qwen_dir, replies))
+    assert sorted(distilled["cluster_id"]) == [1, 2] and unparsed["cluster_id"] == [0]
+    assert {r["cluster_id"]: r["completion"] for r in distilled} == {1: "A flower.", 2: "Paris."}
+    assert not any(tmp_path.iterdir())

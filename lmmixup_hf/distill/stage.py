@@ -18,7 +18,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +189,112 @@ def _write_part(path: Path, rows: list[dict[str, Any]], stats: dict[str, Any]) -
     path.with_suffix(".json").write_text(json.dumps(stats))
 
 
+# -- the core: clusters in, one parsed record per cluster out (no files) ---------------------------
+def distill_chunk(
+    members: Dataset,
+    clusters: Sequence[tuple[int, np.ndarray]],
+    engine: Engine,
+    *,
+    task_type: str | None = None,
+    max_prompt_tokens: int = 2400,
+    prompt_style: str = "ours",
+    max_new_tokens: int = 1024,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+) -> list[dict[str, Any]]:
+    """Fuse each cluster (``(cluster_id, row indices into members)``) with one batched generation.
+    Every cluster gives one record: parsed (``parse_ok``) or with the reason it was not."""
+    rows, convs, over_budget = [], [], []
+    for cid, idx in clusters:
+        c = _cluster_row(cid, members[idx.tolist()], task_type)
+        messages, dropped = fit_messages(
+            engine.tokenizer, c["members"], c[TASK_TYPE], max_prompt_tokens, style=prompt_style
+        )
+        if messages is None:
+            over_budget.append((c, dropped))
+            continue
+        kept = len(c["members"]) - dropped
+        c.update(
+            member_ids=c["member_ids"][:kept],
+            n_dropped_members=dropped,
+            instruction=instruction_for(c[TASK_TYPE], prompt_style),
+            input=linearize_cluster(c["members"][:kept], prompt_style),
+        )
+        rows.append(c)
+        convs.append(messages)
+    gens = (
+        engine.generate(
+            convs,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+        )
+        if convs
+        else []
+    )
+    out_rows = []
+    for c, g in zip(rows, gens):
+        parsed = parse_response(g.text, c[TASK_TYPE])
+        error = parsed.error
+        if g.error:
+            error = f"generation failed: {g.error}"
+        elif error and g.finish_reason == "length":
+            error = f"truncated at max_new_tokens ({error})"
+        elif g.finish_reason == "length" and g.text.rstrip().endswith(parsed.completion or ""):
+            # the kept completion runs into the cut, so it may be incomplete
+            error = "truncated at max_new_tokens (the answer was cut off)"
+        out_rows.append(
+            _record(
+                c,
+                instruction=c["instruction"],
+                input=c["input"],
+                think=parsed.think,
+                output=parsed.output,
+                prompt=parsed.prompt,
+                completion=parsed.completion,
+                raw_response=g.text,
+                finish_reason=g.finish_reason,
+                prompt_tokens=g.prompt_tokens,
+                completion_tokens=g.completion_tokens,
+                n_dropped_members=c["n_dropped_members"],
+                parse_error=error,
+            )
+        )
+    for c, dropped in over_budget:
+        out_rows.append(
+            _record(
+                c,
+                instruction=instruction_for(c[TASK_TYPE], prompt_style),
+                finish_reason="skipped",
+                n_dropped_members=dropped,
+                parse_error=f"over the prompt budget (not even one member fits in {max_prompt_tokens} tokens)",
+            )
+        )
+    return out_rows
+
+
+def distill_rows(clustered: Dataset, engine: Engine, *, batch: int = 64, **generation: Any) -> tuple[Dataset, Dataset]:
+    """Distil every cluster of a clustered Dataset in memory: ``(distilled, unparsed)``.
+
+    >>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
+    """
+    cluster_ids = np.asarray(clustered[CLUSTER_ID], dtype=np.int64)
+    clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))
+    columns = [c for c in (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE) if c in clustered.column_names]
+    members = clustered.select_columns(columns)
+    records = [
+        r
+        for i in range(0, len(clusters), batch)
+        for r in distill_chunk(members, clusters[i : i + batch], engine, **generation)
+    ]
+    result = Dataset(InMemoryTable(pa.Table.from_pylist(records, schema=SCHEMA)))
+    ok = np.asarray(result["parse_ok"], dtype=bool)
+    return result.select(np.flatnonzero(ok)), result.select(np.flatnonzero(~ok))
+
+
+# -- the command: checkpoints per chunk, manifest and throughput around the core --------------------
 def distill(args: DistillArgs, engine: Engine | None = None) -> Dataset:
     """Run the stage (or return its output when it is up to date). ``engine`` lets a caller that
     already holds a loaded model reuse it."""
@@ -228,82 +334,24 @@ def distill(args: DistillArgs, engine: Engine | None = None) -> Dataset:
     if len(todo) < len(chunks):
         logger.info("distill: resuming, %d of %d chunks already done", len(chunks) - len(todo), len(chunks))
 
+    generation = {
+        "task_type": args.task_type,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "prompt_style": args.prompt_style,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
     bar = tqdm(total=len(clusters), desc="distill", unit="cluster", dynamic_ncols=True)
     bar.update(sum(len(chunks[k]) for k in range(len(chunks)) if k not in set(todo)))
     if todo and engine is None:
         options = {k: v for k, v in asdict(args).items() if k not in ("engine", "model")}
         engine = make_engine(args.engine, args.model, **options)
     for k in todo:
-        rows, over_budget = [], []
-        convs = []
-        for cid, idx in chunks[k]:
-            c = _cluster_row(cid, members_table[idx.tolist()], args.task_type)
-            messages, dropped = fit_messages(
-                engine.tokenizer, c["members"], c[TASK_TYPE], args.max_prompt_tokens, style=args.prompt_style
-            )
-            if messages is None:
-                over_budget.append((c, dropped))
-                continue
-            kept = len(c["members"]) - dropped
-            c.update(
-                member_ids=c["member_ids"][:kept],
-                n_dropped_members=dropped,
-                instruction=instruction_for(c[TASK_TYPE], args.prompt_style),
-                input=linearize_cluster(c["members"][:kept], args.prompt_style),
-            )
-            rows.append(c)
-            convs.append(messages)
         t0 = time.time()
-        gens = (
-            engine.generate(
-                convs,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty,
-            )
-            if convs
-            else []
-        )
+        out_rows = distill_chunk(members_table, chunks[k], engine, **generation)
         seconds = time.time() - t0
-        out_rows = []
-        for c, g in zip(rows, gens):
-            parsed = parse_response(g.text, c[TASK_TYPE])
-            error = parsed.error
-            if g.error:
-                error = f"generation failed: {g.error}"
-            elif error and g.finish_reason == "length":
-                error = f"truncated at max_new_tokens ({error})"
-            elif g.finish_reason == "length" and g.text.rstrip().endswith(parsed.completion or ""):
-                # the kept completion runs into the cut, so it may be incomplete
-                error = "truncated at max_new_tokens (the answer was cut off)"
-            out_rows.append(
-                _record(
-                    c,
-                    instruction=c["instruction"],
-                    input=c["input"],
-                    think=parsed.think,
-                    output=parsed.output,
-                    prompt=parsed.prompt,
-                    completion=parsed.completion,
-                    raw_response=g.text,
-                    finish_reason=g.finish_reason,
-                    prompt_tokens=g.prompt_tokens,
-                    completion_tokens=g.completion_tokens,
-                    n_dropped_members=c["n_dropped_members"],
-                    parse_error=error,
-                )
-            )
-        for c, dropped in over_budget:
-            out_rows.append(
-                _record(
-                    c,
-                    instruction=instruction_for(c[TASK_TYPE], args.prompt_style),
-                    finish_reason="skipped",
-                    n_dropped_members=dropped,
-                    parse_error=f"over the prompt budget (not even one member fits in {args.max_prompt_tokens} tokens)",
-                )
-            )
         _write_part(work / f"part-{k:06d}.parquet", out_rows, {"seconds": seconds, "clusters": len(chunks[k])})
         bar.update(len(chunks[k]))
     bar.close()
