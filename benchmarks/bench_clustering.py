@@ -35,7 +35,7 @@ def synthetic(n: int, d: int, group: int = 3, noise: float = 0.5, seed: int = 0)
 
 
 def one(impl: str, n: int, d: int) -> dict:
-    from lmmixup_hf.clustering import capacity_cluster, cohesion
+    from lmmixup_hf.stages.cluster import capacity_cluster, cohesion
 
     x = synthetic(n, d)
     t = time.perf_counter()

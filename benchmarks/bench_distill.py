@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from lmmixup_hf.distill.engines import make_engine  # noqa: E402
-from lmmixup_hf.distill.prompts import build_messages, format_target, linearize_cluster  # noqa: E402
+from lmmixup_hf.distiller.engines import make_engine  # noqa: E402
+from lmmixup_hf.distiller.prompts import build_messages, format_target, linearize_cluster  # noqa: E402
 
 TOPICS = [
     "tulips",

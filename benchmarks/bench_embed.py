@@ -9,7 +9,7 @@ import argparse
 import tempfile
 import time
 
-from lmmixup_hf.embeddings import Embedder
+from lmmixup_hf.embed.embeddings import Embedder
 
 WORDS = (
     "river bridge iron built engineer design city history water boils temperature capital france paris "

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from lmmixup_hf.judge import JudgeItem, OpenAIJudge
+from lmmixup_hf.judge.judges import JudgeItem, OpenAIJudge
 
 STUB = Path(__file__).resolve().parents[1] / "tests" / "openai_server.py"
 

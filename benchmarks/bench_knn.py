@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from lmmixup_hf.neighbors import knn
+from lmmixup_hf.embed.neighbors import knn
 
 
 def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:

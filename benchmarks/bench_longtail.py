@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_clustering import synthetic  # noqa: E402
 from reference_impls import reference_long_tail  # noqa: E402
 
-from lmmixup_hf.longtail import long_tail_raw  # noqa: E402
-from lmmixup_hf.neighbors import knn  # noqa: E402
+from lmmixup_hf.embed.neighbors import knn  # noqa: E402
+from lmmixup_hf.stages.longtail import long_tail_raw  # noqa: E402
 
 
 def rss_mib() -> int:

@@ -19,9 +19,9 @@ from pathlib import Path
 import datasets
 
 import lmmixup_hf  # noqa: F401  (registers load_dataset("mixture"))
-from lmmixup_hf.mixture import GRPO_FILES, merge_instruction, sft_file, split_sft_grpo
-from lmmixup_hf.mixture_export import MixtureExportArgs, export
-from lmmixup_hf.schema import TASK_TYPES
+from lmmixup_hf.data.schema import TASK_TYPES
+from lmmixup_hf.integrations.mixture import GRPO_FILES, merge_instruction, sft_file, split_sft_grpo
+from lmmixup_hf.integrations.mixture_export import MixtureExportArgs, export
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "mixture"
 

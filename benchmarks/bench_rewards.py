@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from lmmixup_hf.models import resolve_model
+from lmmixup_hf.models.registry import resolve_model
 from lmmixup_hf.rewards import MixupReward, RewardConfig
 from lmmixup_hf.rewards.common import extract_answer
 from lmmixup_hf.rewards.config import clear_caches, embedder_for

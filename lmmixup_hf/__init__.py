@@ -6,9 +6,9 @@ as soon as the library it extends is imported (right away if it already is), so 
 lmmixup_hf`` itself stays cheap: ``transformers.pipelines`` alone takes seconds to import.
 """
 
-from ._hooks import when_imported
+from lmmixup_hf._hooks import when_imported
 
 __version__ = "0.1.0"
 
-when_imported("datasets", "lmmixup_hf.mixture")
-when_imported("transformers.pipelines", "lmmixup_hf.hf_pipeline")
+when_imported("datasets", "lmmixup_hf.integrations.mixture")
+when_imported("transformers.pipelines", "lmmixup_hf.distiller.hf_pipeline")

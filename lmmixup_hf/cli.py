@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .schema import LmmixupError
+from lmmixup_hf.data.schema import LmmixupError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -41,28 +41,37 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "ingest": Command("lmmixup_hf.ingest", "IngestArgs", "ingest", "Validate a pool onto the data contract."),
+    "ingest": Command("lmmixup_hf.pipeline.ingest", "IngestArgs", "ingest", "Validate a pool onto the data contract."),
     "distill": Command(
-        "lmmixup_hf.distill.stage", "DistillArgs", "distill", "Fuse each cluster into one sample with the distiller."
+        "lmmixup_hf.stages.distill", "DistillArgs", "distill", "Fuse each cluster into one sample with the distiller."
     ),
     "push": Command(
-        "lmmixup_hf.hub", "PushArgs", "push_main", "Upload a model or stage folder (with its card) to the Hub."
+        "lmmixup_hf.integrations.hub",
+        "PushArgs",
+        "push_main",
+        "Upload a model or stage folder (with its card) to the Hub.",
     ),
-    "pull": Command("lmmixup_hf.hub", "PullArgs", "pull_main", "Download a model or dataset repo from the Hub."),
-    "rate": Command("lmmixup_hf.rating", "RateArgs", "rate", "Score rows with an LLM judge; split high/low."),
+    "pull": Command(
+        "lmmixup_hf.integrations.hub", "PullArgs", "pull_main", "Download a model or dataset repo from the Hub."
+    ),
+    "rate": Command("lmmixup_hf.stages.rate", "RateArgs", "rate", "Score rows with an LLM judge; split high/low."),
     "cluster": Command(
-        "lmmixup_hf.clustering", "ClusterArgs", "cluster", "Capacity-constrained clustering per source."
+        "lmmixup_hf.stages.cluster", "ClusterArgs", "cluster", "Capacity-constrained clustering per source."
     ),
-    "longtail": Command("lmmixup_hf.longtail", "LongtailArgs", "longtail", "Long-tail (kNN rarity) scores."),
-    "mix": Command("lmmixup_hf.mixing", "MixArgs", "mix", "Original high-quality + top distilled rows at a ratio."),
-    "run": Command("lmmixup_hf.pipeline", "RunArgs", "run", "Run the whole pipeline from a YAML config."),
-    "eval-report": Command("lmmixup_hf.eval_report", "EvalReportArgs", "eval_report", "Paper-style eval table."),
-    "mixture": Command("lmmixup_hf.mixture_export", None, "main", "Export MIXTURE as parquet + dataset card."),
-    "report": Command("lmmixup_hf.report", "ReportArgs", "report", "Write report.html/.md for a run folder."),
-    "split": Command("lmmixup_hf.pipeline", "SplitArgs", "split_rated", "Split rated rows into high/ and low/."),
-    "filter": Command("lmmixup_hf.pipeline", "FilterArgs", "filter_rated", "Keep rated rows at or above a score."),
+    "longtail": Command("lmmixup_hf.stages.longtail", "LongtailArgs", "longtail", "Long-tail (kNN rarity) scores."),
+    "mix": Command(
+        "lmmixup_hf.stages.mix", "MixArgs", "mix", "Original high-quality + top distilled rows at a ratio."
+    ),
+    "run": Command("lmmixup_hf.pipeline.run", "RunArgs", "run", "Run the whole pipeline from a YAML config."),
+    "eval-report": Command("lmmixup_hf.evaluation.report", "EvalReportArgs", "eval_report", "Paper-style eval table."),
+    "mixture": Command(
+        "lmmixup_hf.integrations.mixture_export", None, "main", "Export MIXTURE as parquet + dataset card."
+    ),
+    "report": Command("lmmixup_hf.pipeline.report", "ReportArgs", "report", "Write report.html/.md for a run folder."),
+    "split": Command("lmmixup_hf.pipeline.run", "SplitArgs", "split_rated", "Split rated rows into high/ and low/."),
+    "filter": Command("lmmixup_hf.pipeline.run", "FilterArgs", "filter_rated", "Keep rated rows at or above a score."),
     "build-quality-library": Command(
-        "lmmixup_hf.library_cli",
+        "lmmixup_hf.rewards.build_library",
         "LibraryArgs",
         "build_quality_library",
         "Build the Bayes quality library for rewards.",
@@ -100,7 +109,7 @@ def parse_dataclass(cls: type, argv: list[str], prog: str, description: str) -> 
         parser.set_defaults(**values)
     ns = parser.parse_args(argv)  # HfArgumentParser accepts --judge-model as well as --judge_model
     fields = {k: v for k, v in vars(ns).items() if own_config or k != "config"}
-    from .options import check_options
+    from lmmixup_hf.pipeline.options import check_options
 
     return check_options(cls(**fields))
 
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__
+        from lmmixup_hf import __version__
 
         print(f"lmmixup-hf {__version__}")
         return 0
@@ -178,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _partial_status(name: str, out: str) -> int:
     """EXIT_PARTIAL, with one line saying what is missing, when the stage's manifest says so."""
-    from .workflow import MANIFEST
+    from lmmixup_hf.pipeline.workflow import MANIFEST
 
     try:
         manifest = json.loads((Path(out) / MANIFEST).read_text())

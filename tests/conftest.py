@@ -104,14 +104,14 @@ def tiny_qwen_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> str:
-    from lmmixup_hf.models import smollm2_path
+    from lmmixup_hf.models.registry import smollm2_path
 
     return smollm2_path()
 
 
 @pytest.fixture(scope="session")
 def minilm_path() -> str:
-    from lmmixup_hf.models import minilm_path
+    from lmmixup_hf.models.registry import minilm_path
 
     return minilm_path()
 
@@ -119,7 +119,7 @@ def minilm_path() -> str:
 @pytest.fixture()
 def embedder(minilm_path, tmp_path):
     """A MiniLM Embedder with a private cache folder."""
-    from lmmixup_hf.embeddings import Embedder
+    from lmmixup_hf.embed.embeddings import Embedder
 
     return Embedder("minilm-offline", device="cpu", cache=tmp_path / "emb-cache", show_progress=False)
 

@@ -94,7 +94,7 @@ def scripted_overall(text: str) -> int:
 
 
 def judge_responder(body: dict) -> dict:
-    """Answer an ``lmmixup_hf.judge`` rubric prompt: JSON dims whose overall is
+    """Answer an ``lmmixup_hf.judge.judges`` rubric prompt: JSON dims whose overall is
     ``scripted_overall(<header + item>)``, with logprobs putting 0.75 on it and 0.25 one below.
     Items containing ``UNPARSEABLE`` get a reply with no score."""
     item = last_user_text(body).split("### ", 2)[-1]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmmixup_hf.clustering import (
+from lmmixup_hf.stages.cluster import (
     assign,
     capacity_cluster,
     cohesion,
@@ -179,7 +179,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_cluster_end_to_end(tmp_path):
-    from lmmixup_hf.io import read_stage_data
+    from lmmixup_hf.data.io import read_stage_data
 
     pool = tmp_path / "pool.jsonl"
     _write_pool(pool)

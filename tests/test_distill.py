@@ -11,10 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from openai_server import openai_server  # noqa: F401  (fixture)
 
-from lmmixup_hf.distill.prompts import format_target
-from lmmixup_hf.distill.stage import DistillArgs, distill, group_clusters
-from lmmixup_hf.io import read_stage_data
-from lmmixup_hf.response_parsing import parse_response
+from lmmixup_hf.data.io import read_stage_data
+from lmmixup_hf.distiller.prompts import format_target
+from lmmixup_hf.distiller.response_parsing import parse_response
+from lmmixup_hf.stages.distill import DistillArgs, distill, group_clusters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -213,7 +213,7 @@ class _ScriptedEngine:
         return {"engine": "scripted"}
 
     def generate(self, conversations, **kwargs):
-        from lmmixup_hf.distill.engines import Generation
+        from lmmixup_hf.distiller.engines import Generation
 
         return [Generation(text, 10, 20, reason) for text, reason in self.replies[: len(conversations)]]
 
@@ -239,7 +239,7 @@ def test_distill_rows_core_in_memory(tmp_path, tiny_qwen_dir):
     """The core over an in-memory clustered Dataset: no files, one record per cluster."""
     from datasets import Dataset
 
-    from lmmixup_hf.distill.stage import distill_rows
+    from lmmixup_hf.stages.distill import distill_rows
 
     head = "<think>\nmerge\n</think>\n\n<answer>\n"
     replies = [

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lmmixup_hf.embeddings import Embedder, get_embedder
+from lmmixup_hf.embed.embeddings import Embedder, get_embedder
 
 TEXTS = ["The Eiffel Tower is in Paris.", "Water boils at 100 C.", "The Eiffel Tower is in Paris."]
 

@@ -6,9 +6,9 @@ import importlib.util
 import pytest
 from openai_server import openai_server  # noqa: F401  (fixture)
 
-from lmmixup_hf.distill.engines import ApproxTokenizer, Generation, cut_at_stop, make_engine
-from lmmixup_hf.distill.prompts import build_messages, format_target, linearize_cluster
-from lmmixup_hf.schema import LmmixupError
+from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.distiller.engines import ApproxTokenizer, Generation, cut_at_stop, make_engine
+from lmmixup_hf.distiller.prompts import build_messages, format_target, linearize_cluster
 
 CONVS = [
     build_messages(linearize_cluster([("what is a tulip", "a flower"), ("where from", "central asia")]), "qa"),

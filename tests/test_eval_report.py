@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from lmmixup_hf.eval_report import EvalReportArgs, build_table, eval_report, find_result_files
-from lmmixup_hf.schema import LmmixupError
+from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.evaluation.report import EvalReportArgs, build_table, eval_report, find_result_files
 
 RESULTS = FIXTURES / "eval" / "results"
 BASE = "meta-llama/Llama-3.1-8B"

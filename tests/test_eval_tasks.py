@@ -383,7 +383,7 @@ def test_truthfulqa_judge_scores_the_whole_yes_completion(tiny_qwen_dir):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmmixup_hf.eval_judges import YesNoJudge, truth_prompt
+    from lmmixup_hf.evaluation.truthfulqa_judges import YesNoJudge, truth_prompt
 
     judge = YesNoJudge(tiny_qwen_dir, device="cpu")
     prompts = [truth_prompt("Is water wet?", "Yes."), truth_prompt("What is 2+2, if you ask me politely?", "4")]
@@ -407,7 +407,7 @@ def test_missing_mirror_is_a_clear_error(openllm, tmp_path):
 
 
 def test_mixture_loader(mixture):
-    from lmmixup_hf.distill.prompts import SYSTEM_PROMPT
+    from lmmixup_hf.distiller.prompts import SYSTEM_PROMPT
 
     test = mixture.load_mixture("qa", data_dir=str(MIXTURE_DATA))["test"]
     raw = json.loads((MIXTURE_DATA / "data_sft" / "qa" / "merged_test_qa_noisy.json").read_text())
@@ -528,7 +528,7 @@ def _quality_library(path: Path, embedder) -> None:
 
 @pytest.mark.slow
 def test_lm_eval_mixture_on_tiny_model(tiny_qwen_dir, embedder, tmp_path):
-    from lmmixup_hf.distill.prompts import SYSTEM_PROMPT
+    from lmmixup_hf.distiller.prompts import SYSTEM_PROMPT
 
     _quality_library(tmp_path / "library", embedder)
     out = tmp_path / "out"

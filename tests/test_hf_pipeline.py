@@ -13,9 +13,9 @@ import pytest
 from transformers import pipeline
 
 import lmmixup_hf  # noqa: F401  (registers the task)
-from lmmixup_hf.distill.prompts import build_messages, instruction_for, linearize_cluster, prompt_token_count
-from lmmixup_hf.hf_pipeline import PROMPT_CONFIG_KEY, TASK, InstructionDistillationPipeline
-from lmmixup_hf.response_parsing import parse_response
+from lmmixup_hf.distiller.hf_pipeline import PROMPT_CONFIG_KEY, TASK, InstructionDistillationPipeline
+from lmmixup_hf.distiller.prompts import build_messages, instruction_for, linearize_cluster, prompt_token_count
+from lmmixup_hf.distiller.response_parsing import parse_response
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,5 +158,5 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_package(pipe, tmp
         here = pipe.postprocess({"generated": ids, "task_type": task, "instruction": "merge", "n_dropped": 0})
         assert result["scripted"][task] == here, task
         assert here["prompt"] and here["completion"] and here["parse_error"] is None, here
-    assert (saved / "response_parsing.py").read_text() == (ROOT / "lmmixup_hf" / "response_parsing.py").read_text()
+    assert (saved / "response_parsing.py").read_text() == (ROOT / "lmmixup_hf" / "distiller" / "response_parsing.py").read_text()
     shutil.rmtree(tmp_path / "modules", ignore_errors=True)

@@ -17,7 +17,7 @@ import pytest
 from huggingface_hub import DatasetCard, ModelCard
 from huggingface_hub.utils import _http
 
-from lmmixup_hf.hub import PullArgs, PushArgs, dataset_card, model_card, pull, push
+from lmmixup_hf.integrations.hub import PullArgs, PushArgs, dataset_card, model_card, pull, push
 
 TOKEN = "hf_testsecret0123456789"
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from datasets import Dataset
 
-from lmmixup_hf.io import PoolFormatError, Quarantine, read_pool, read_stage_data, write_stage_data
-from lmmixup_hf.schema import make_id
+from lmmixup_hf.data.io import PoolFormatError, Quarantine, read_pool, read_stage_data, write_stage_data
+from lmmixup_hf.data.schema import make_id
 
 GOOD = {"prompt": "What is the boiling point of water?", "completion": "100 degrees Celsius at sea level."}
 
@@ -121,7 +121,7 @@ def test_large_jsonl_streams_in_batches(tmp_path):
 
 
 def test_normalize_core_on_in_memory_rows():
-    from lmmixup_hf.io import normalize
+    from lmmixup_hf.data.io import normalize
 
     rows = Dataset.from_list(
         [

@@ -18,7 +18,8 @@ from openai_server import (
     token_logprobs,
 )
 
-from lmmixup_hf.judge import (
+from lmmixup_hf.data.schema import compress_score
+from lmmixup_hf.judge.judges import (
     KINDS,
     RUBRICS,
     JudgeItem,
@@ -31,7 +32,6 @@ from lmmixup_hf.judge import (
     parse_reply_reference,
     reference_kind,
 )
-from lmmixup_hf.schema import compress_score
 
 _openai_server = pytest.fixture(server_factory, name="openai_server")
 
@@ -294,7 +294,7 @@ def test_judge_reward_async_for_trl(openai_server, tmp_path):
 
 
 def test_judge_reward_pair_mode_reference_aware(openai_server, tmp_path):
-    from lmmixup_hf.rewards.judge import JudgeReward
+    from lmmixup_hf.rewards.llm_judge import JudgeReward
 
     server = openai_server(judge_responder)
     reward = JudgeReward(

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.rewards.library import (
     build_task_library,
     class_histogram,
@@ -19,7 +20,6 @@ from lmmixup_hf.rewards.library import (
     posterior_from_histogram,
     save_library,
 )
-from lmmixup_hf.schema import LmmixupError
 
 
 def _unit(degrees):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from openai_server import Faults, last_user_text, messages_key, server_factory, token_logprobs
 
-from lmmixup_hf.llm_client import ChatClient, price_for, run_sync
+from lmmixup_hf.models.llm_client import ChatClient, price_for, run_sync
 
 _openai_server = pytest.fixture(server_factory, name="openai_server")
 
@@ -257,7 +257,7 @@ def test_error_names_headers_and_timeouts(openai_server, monkeypatch, tmp_path):
 
 
 def test_cache_buffers_writes_and_reads_its_buffer(tmp_path):
-    from lmmixup_hf.llm_client import ResponseCache
+    from lmmixup_hf.models.llm_client import ResponseCache
 
     cache = ResponseCache(tmp_path / "c.sqlite", flush_every=3, flush_seconds=3600)
     cache.put("a", {"text": "A"})

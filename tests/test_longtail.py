@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmmixup_hf.longtail import long_tail_raw, min_max, score_sets, self_knn_sims
+from lmmixup_hf.stages.longtail import long_tail_raw, min_max, score_sets, self_knn_sims
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_impls import reference_long_tail  # noqa: E402
@@ -89,7 +89,7 @@ def _write(path: Path, rows: list[dict]) -> None:
 
 
 def test_cli_longtail_with_reference(tmp_path):
-    from lmmixup_hf.io import read_stage_data
+    from lmmixup_hf.data.io import read_stage_data
 
     topics = ["rivers", "chess openings", "tax law", "guitar chords", "bird migration", "sql joins", "tea"]
     orig = [
@@ -117,7 +117,7 @@ def test_cli_longtail_with_reference(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["rows"] == 8 and manifest["counts"]["reference_rows"] == 28
     # the scored sets feed `mix` directly: the reference split is the original side
-    from lmmixup_hf.mixing import MixArgs, mix
+    from lmmixup_hf.stages.mix import MixArgs, mix
 
     mixed = mix(
         MixArgs(

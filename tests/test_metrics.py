@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from lmmixup_hf import metrics
+from lmmixup_hf.evaluation import metrics
 
 
 def test_normalize_answer():
@@ -108,7 +108,7 @@ def test_macro_mean_and_average():
 
 
 def test_evaluate_modules_load_offline():
-    from lmmixup_hf.evaluate_metrics import load_metric
+    from lmmixup_hf.evaluation.evaluate_metrics import load_metric
 
     tydiqa = load_metric("tydiqa_f1").compute(
         predictions=["Paris", "the cat sat"],

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from lmmixup_hf.mixing import MixArgs, greedy_dedup, mix
-from lmmixup_hf.schema import LmmixupError, text_of
+from lmmixup_hf.data.schema import LmmixupError, text_of
+from lmmixup_hf.stages.mix import MixArgs, greedy_dedup, mix
 
 SUBJECTS = [
     "volcanoes",
@@ -122,7 +122,7 @@ def test_mix_exact_size_ratio_and_dedup(pools, tmp_path, embedder):
     np.fill_diagonal(sims, 0)
     assert sims.max() < 0.92
     # both formats hold the same rows, in the same shuffled order
-    from lmmixup_hf.io import read_stage_data
+    from lmmixup_hf.data.io import read_stage_data
 
     msgs = read_stage_data(tmp_path / "mix", "messages")
     assert list(msgs["id"]) == ids
@@ -167,7 +167,7 @@ def test_mix_requires_long_tail(tmp_path, embedder):
 
 
 def test_cli_mix(pools, tmp_path):
-    from lmmixup_hf.io import read_stage_data
+    from lmmixup_hf.data.io import read_stage_data
 
     orig, dist = pools
     out = tmp_path / "cli-mix"
@@ -201,7 +201,7 @@ def _vec_rows(prefix: str, vecs: list[list[float]], long_tail: list[float] | Non
 
 
 def test_mix_rows_core_uses_the_embedding_column_and_removes_near_duplicates():
-    from lmmixup_hf.mixing import mix_rows
+    from lmmixup_hf.stages.mix import mix_rows
 
     orig = _vec_rows("o", [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
     # d0 duplicates o0 (removed: originals win), d1 is the rarest, d2 duplicates d1 (the lower-ranked goes)
@@ -217,7 +217,7 @@ def test_mix_rows_core_uses_the_embedding_column_and_removes_near_duplicates():
 
 
 def test_mix_rows_core_errors_and_allow_fewer():
-    from lmmixup_hf.mixing import mix_rows
+    from lmmixup_hf.stages.mix import mix_rows
 
     orig, dist = _vec_rows("o", [[1, 0]]), _vec_rows("d", [[0, 1]], long_tail=[0.5])
     with pytest.raises(LmmixupError, match="not enough rows"):

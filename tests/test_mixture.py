@@ -17,9 +17,11 @@ from datasets.exceptions import DatasetGenerationError
 from huggingface_hub import DatasetCard
 
 import lmmixup_hf  # noqa: F401  (registers load_dataset("mixture"))
-from lmmixup_hf import cli, mixture
-from lmmixup_hf.distill.prompts import linearize_cluster
-from lmmixup_hf.mixture import (
+from lmmixup_hf import cli
+from lmmixup_hf.data.schema import TASK_TYPES, LmmixupError, make_id
+from lmmixup_hf.distiller.prompts import linearize_cluster
+from lmmixup_hf.integrations import mixture
+from lmmixup_hf.integrations.mixture import (
     CONFIG_NAMES,
     FEATURES,
     STAGE_SPLITS,
@@ -29,8 +31,7 @@ from lmmixup_hf.mixture import (
     parse_members,
     split_sft_grpo,
 )
-from lmmixup_hf.mixture_export import render_card
-from lmmixup_hf.schema import TASK_TYPES, LmmixupError, make_id
+from lmmixup_hf.integrations.mixture_export import render_card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIRROR = REPO_ROOT / "tests" / "fixtures" / "mixture"
@@ -285,7 +286,7 @@ def test_data_files_are_refused_not_ignored(tmp_path):
 def test_import_registers_the_builder():
     from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
 
-    assert _PACKAGED_DATASETS_MODULES["mixture"][0] == "lmmixup_hf.mixture"
+    assert _PACKAGED_DATASETS_MODULES["mixture"][0] == "lmmixup_hf.integrations.mixture"
     assert datasets.get_dataset_config_names("mixture", data_dir=str(MIRROR)) == list(CONFIG_NAMES)
 
 

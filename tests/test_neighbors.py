@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from lmmixup_hf import neighbors
-from lmmixup_hf.neighbors import knn
+from lmmixup_hf.embed import neighbors
+from lmmixup_hf.embed.neighbors import knn
 
 
 def _unit(n, d, seed=0):

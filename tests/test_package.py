@@ -35,7 +35,10 @@ def test_import_is_light():
     assert r.stdout.strip() == "[]", r.stderr
 
 
-@pytest.mark.parametrize("module", ["lmmixup_hf.mixture", "lmmixup_hf.hf_pipeline", "lmmixup_hf.mixture_export"])
+@pytest.mark.parametrize(
+    "module",
+    ["lmmixup_hf.integrations.mixture", "lmmixup_hf.distiller.hf_pipeline", "lmmixup_hf.integrations.mixture_export"],
+)
 def test_importing_an_integration_first_still_registers(module):
     r = subprocess.run(
         [sys.executable, "-c", f"import {module}\n{CHECK}"], capture_output=True, text=True, timeout=300

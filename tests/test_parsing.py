@@ -2,8 +2,8 @@
 
 import pytest
 
-from lmmixup_hf.distill.prompts import format_target
-from lmmixup_hf.response_parsing import extract_tags, parse_response, split_output
+from lmmixup_hf.distiller.prompts import format_target
+from lmmixup_hf.distiller.response_parsing import extract_tags, parse_response, split_output
 
 
 def wrap(answer: str, think: str = "They overlap.") -> str:

@@ -25,9 +25,9 @@ import pytest
 import yaml
 from openai_server import OpenAIStubServer, last_user_text
 
-from lmmixup_hf.distill.prompts import format_target
-from lmmixup_hf.pipeline import STAGE_NAMES, RunArgs, load_config, run, select_stages, stage_args
-from lmmixup_hf.schema import LmmixupError
+from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.distiller.prompts import format_target
+from lmmixup_hf.pipeline.run import STAGE_NAMES, RunArgs, load_config, run, select_stages, stage_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample_pool.jsonl"
@@ -335,8 +335,8 @@ def test_demo_models_run_every_stage(tmp_path, smollm2_dir):
 def test_split_by_top_share_ranks_by_score_then_expected(tmp_path):
     from datasets import Dataset
 
-    from lmmixup_hf.pipeline import SplitArgs, split_rated
-    from lmmixup_hf.workflow import StageRun
+    from lmmixup_hf.pipeline.run import SplitArgs, split_rated
+    from lmmixup_hf.pipeline.workflow import StageRun
 
     ratings = [(0, 1.2), (0, 2.9), (1, 1.0), (0, 2.5), None, (0, 1.9), (2, 3.0), (0, 2.0)]
     rows_in = [

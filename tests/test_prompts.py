@@ -4,7 +4,8 @@ import pytest
 from transformers import AutoTokenizer, pipeline
 
 import lmmixup_hf  # noqa: F401  (registers the pipeline)
-from lmmixup_hf.distill.prompts import (
+from lmmixup_hf.distiller.hf_pipeline import prompt_spec, render_messages
+from lmmixup_hf.distiller.prompts import (
     TASK_INSTRUCTIONS,
     build_messages,
     fit_messages,
@@ -13,8 +14,7 @@ from lmmixup_hf.distill.prompts import (
     linearize_cluster,
     user_content,
 )
-from lmmixup_hf.hf_pipeline import prompt_spec, render_messages
-from lmmixup_hf.training_data import grpo_example, sft_example
+from lmmixup_hf.training.data import grpo_example, sft_example
 
 PAIRS = [("when was the riverton bridge built", "1890s i think\r\n"), ("Riverton bridge made of?", " iron ")]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from datasets import Dataset
 
-from lmmixup_hf.quality import high_quality_mask, rating_scores, split_by_quality
-from lmmixup_hf.schema import LmmixupError
+from lmmixup_hf.data.quality import high_quality_mask, rating_scores, split_by_quality
+from lmmixup_hf.data.schema import LmmixupError
 
 
 def rated(scores, expected=None) -> Dataset:

@@ -19,10 +19,10 @@ import pytest
 from datasets import Dataset
 from openai_server import Faults, judge_responder, last_user_text, messages_key, scripted_overall, server_factory
 
-from lmmixup_hf.io import read_stage_data, write_stage_data
-from lmmixup_hf.judge import RUBRICS, JudgeItem, build_judge_messages
-from lmmixup_hf.rating import RateArgs, rate, render_item
-from lmmixup_hf.schema import LmmixupError, compress_score
+from lmmixup_hf.data.io import read_stage_data, write_stage_data
+from lmmixup_hf.data.schema import LmmixupError, compress_score
+from lmmixup_hf.judge.judges import RUBRICS, JudgeItem, build_judge_messages
+from lmmixup_hf.stages.rate import RateArgs, rate, render_item
 
 _openai_server = pytest.fixture(server_factory, name="openai_server")
 
@@ -434,8 +434,8 @@ def test_rate_all_failed_writes_nothing_invented(openai_server, tmp_path):
 
 def test_rate_rows_core_in_memory(openai_server, tmp_path):
     """The core over an in-memory Dataset: no files, failed rows by index, never a score."""
-    from lmmixup_hf.judge import make_judge
-    from lmmixup_hf.rating import rate_rows
+    from lmmixup_hf.judge.judges import make_judge
+    from lmmixup_hf.stages.rate import rate_rows
 
     server = openai_server(judge_responder)
     rows = [

@@ -14,11 +14,11 @@ import pytest
 from openai_server import judge_responder, last_user_text, server_factory
 from test_rating import KEY, all_bytes, cli, expected_raw, write_pool
 
-from lmmixup_hf import batch_judge
-from lmmixup_hf.batch_judge import BatchRunner, BatchState, Chunk, read_results, write_inputs
-from lmmixup_hf.io import read_stage_data
-from lmmixup_hf.judge import JudgeItem
-from lmmixup_hf.rating import RateArgs, rate
+from lmmixup_hf.data.io import read_stage_data
+from lmmixup_hf.judge import batch as batch_judge
+from lmmixup_hf.judge.batch import BatchRunner, BatchState, Chunk, read_results, write_inputs
+from lmmixup_hf.judge.judges import JudgeItem
+from lmmixup_hf.stages.rate import RateArgs, rate
 
 _openai_server = pytest.fixture(server_factory, name="openai_server")
 
@@ -313,7 +313,7 @@ def test_read_results_keeps_first_reply_per_row(tmp_path):
 
 
 def test_pipeline_config_passes_the_mode_through(tmp_path):
-    from lmmixup_hf.pipeline import STAGES, load_config, stage_args
+    from lmmixup_hf.pipeline.run import STAGES, load_config, stage_args
 
     pool = tmp_path / "pool.jsonl"
     write_pool(pool, 2)
@@ -327,9 +327,9 @@ def test_pipeline_config_passes_the_mode_through(tmp_path):
 
 
 def test_estimate_before_the_bill(openai_server, tmp_path, capsys):
-    from lmmixup_hf.judge import build_judge_messages
-    from lmmixup_hf.rating import REPLY_TOKENS, render_item
-    from lmmixup_hf.report import _stage_rows, find_costs, summarize
+    from lmmixup_hf.judge.judges import build_judge_messages
+    from lmmixup_hf.pipeline.report import _stage_rows, find_costs, summarize
+    from lmmixup_hf.stages.rate import REPLY_TOKENS, render_item
 
     server = openai_server(judge_responder, batch_polls=1)
     pool, out = tmp_path / "pool.jsonl", tmp_path / "run" / "rate"

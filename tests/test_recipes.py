@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from lmmixup_hf.distill.prompts import build_messages, format_target, prompt_token_count
-from lmmixup_hf.training_data import (
+from lmmixup_hf.distiller.prompts import build_messages, format_target, prompt_token_count
+from lmmixup_hf.training.data import (
     cap_prompts,
     grpo_example,
     load_records,
@@ -57,7 +57,7 @@ def test_dataset_conversion_drops_empty_outputs_and_checks_columns():
     out = to_grpo_dataset(ds)
     assert len(out) == 1 and set(out.column_names) == {"prompt", "output", "task_type"}
     assert set(to_sft_dataset(ds).column_names) == {"prompt", "completion", "task_type"}
-    from lmmixup_hf.schema import LmmixupError
+    from lmmixup_hf.data.schema import LmmixupError
 
     with pytest.raises(LmmixupError, match="missing output"):
         to_sft_dataset(Dataset.from_list([{"input": "a"}]))

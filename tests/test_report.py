@@ -11,10 +11,10 @@ import sys
 import pytest
 from datasets import Dataset
 
-from lmmixup_hf.pipeline import FilterArgs, SplitArgs, filter_rated, split_rated
-from lmmixup_hf.report import ReportArgs, find_costs, report
-from lmmixup_hf.schema import compress_score
-from lmmixup_hf.workflow import StageRun
+from lmmixup_hf.data.schema import compress_score
+from lmmixup_hf.pipeline.report import ReportArgs, find_costs, report
+from lmmixup_hf.pipeline.run import FilterArgs, SplitArgs, filter_rated, split_rated
+from lmmixup_hf.pipeline.workflow import StageRun
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

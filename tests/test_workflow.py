@@ -6,8 +6,8 @@ import sys
 
 from datasets import Dataset
 
-from lmmixup_hf.schema import compress_score, is_high_quality, normalize_task_type
-from lmmixup_hf.workflow import StageRun, redact
+from lmmixup_hf.data.schema import compress_score, is_high_quality, normalize_task_type
+from lmmixup_hf.pipeline.workflow import StageRun, redact
 
 
 def test_manifest_skip_and_invalidate(tmp_path):

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, ScriptArguments, TrlParser, get_peft_config
 
-from lmmixup_hf.models import resolve_model
+from lmmixup_hf.models.registry import resolve_model
 from lmmixup_hf.rewards import RewardConfig
-from lmmixup_hf.training_data import cap_prompts, load_records, to_grpo_dataset
+from lmmixup_hf.training.data import cap_prompts, load_records, to_grpo_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer
 from trl import ModelConfig, ScriptArguments, SFTConfig, SFTTrainer, TrlParser, get_peft_config
 
-from lmmixup_hf.models import resolve_model
-from lmmixup_hf.training_data import cap_prompts, load_records, to_sft_dataset
+from lmmixup_hf.models.registry import resolve_model
+from lmmixup_hf.training.data import cap_prompts, load_records, to_sft_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Loader and scorer for the ``mixture_distill_<task>`` tasks: a distiller on the MIXTURE test split.
 
-The prompt is the distiller's own (``lmmixup_hf.distill.prompts``): the system contract goes in
+The prompt is the distiller's own (``lmmixup_hf.distiller.prompts``): the system contract goes in
 the ``system`` column, which the task uses as its description, so ``--apply_chat_template`` turns
 it into the system message. The metrics are the training rewards (``lmmixup_hf.rewards``), so they
 follow the same ``LMMIXUP_*`` settings (reward mode, embedding model, quality library):
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import datasets
 
-from lmmixup_hf import metrics
-from lmmixup_hf.distill.prompts import format_target, instruction_for, system_prompt, user_content
+from lmmixup_hf.distiller.prompts import format_target, instruction_for, system_prompt, user_content
+from lmmixup_hf.evaluation import metrics
 
 logger = logging.getLogger(__name__)
 

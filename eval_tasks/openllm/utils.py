@@ -25,7 +25,8 @@ import datasets
 import numpy as np
 import yaml
 
-from lmmixup_hf import eval_judges, metrics
+from lmmixup_hf.evaluation import metrics
+from lmmixup_hf.evaluation import truthfulqa_judges as eval_judges
 
 logger = logging.getLogger(__name__)
 
@@ -490,7 +491,7 @@ def _context_cutter(name: str | None, max_tokens: int):
         )
     from transformers import AutoTokenizer
 
-    from lmmixup_hf.models import resolve_model
+    from lmmixup_hf.models.registry import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
 

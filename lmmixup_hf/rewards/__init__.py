@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .alignment import AlignmentReward
-from .base import Reward
-from .config import RewardConfig
-from .format import FormatReward, format_score
-from .mixup import MixupReward
-from .quality import QualityReward
+from lmmixup_hf.rewards.alignment import AlignmentReward
+from lmmixup_hf.rewards.base import Reward
+from lmmixup_hf.rewards.config import RewardConfig
+from lmmixup_hf.rewards.format import FormatReward, format_score
+from lmmixup_hf.rewards.mixup import MixupReward
+from lmmixup_hf.rewards.quality import QualityReward
 
 
 def format_reward(prompts: Any = None, completions: Any = None, **kwargs: Any) -> list[float | None]:
@@ -58,14 +58,14 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     """``judge_reward`` (an LLM-judge reward) lives in an optional module, imported on first use."""
-    if name in ("judge", "judge_reward", "JudgeReward"):
+    if name in ("llm_judge", "judge_reward", "JudgeReward"):
         import importlib
 
         try:
-            module = importlib.import_module(f"{__name__}.judge")
+            module = importlib.import_module(f"{__name__}.llm_judge")
         except ModuleNotFoundError as e:
-            if e.name == f"{__name__}.judge":
+            if e.name == f"{__name__}.llm_judge":
                 raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
             raise
-        return module if name == "judge" else getattr(module, name)
+        return module if name == "llm_judge" else getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Reward
-from .common import extract_answer, reference_target, reference_text
-from .config import RewardConfig, encode
+from lmmixup_hf.rewards.base import Reward
+from lmmixup_hf.rewards.common import extract_answer, reference_target, reference_text
+from lmmixup_hf.rewards.config import RewardConfig, encode
 
 
 def alignment_from_cosine(cos: np.ndarray, config: RewardConfig) -> np.ndarray:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import column, completion_text
-from .config import RewardConfig
+from lmmixup_hf.rewards.common import column, completion_text
+from lmmixup_hf.rewards.config import RewardConfig
 
 
 class Reward:

@@ -11,7 +11,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from ..schema import normalize_task_type
+from lmmixup_hf.data.schema import normalize_task_type
 
 Extraction = Literal["reference", "fixed"]
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..models import DEFAULT_EMBEDDING_MODEL
+from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class RewardConfig:
     def weights_for(self, task_type: Any) -> tuple[float, float, float]:
         """Per-row weights: in ``reference`` mode a task type outside the five ``<task>_mixup``
         keys falls back to (0.8, 0, 0.2) as in the reference; otherwise ``weights``."""
-        from .common import reference_task
+        from lmmixup_hf.rewards.common import reference_task
 
         if self.mode == "reference" and reference_task(task_type) is None:
             return REFERENCE_FALLBACK_WEIGHTS
@@ -141,7 +141,7 @@ _MEMO: dict[str, OrderedDict[str, np.ndarray]] = {}
 
 
 def embedder_for(config: RewardConfig):
-    from ..embeddings import get_embedder
+    from lmmixup_hf.embed.embeddings import get_embedder
 
     return get_embedder(
         config.embedding_model, cache=False, show_progress=False, batch_size=config.batch_size, device=config.device
@@ -169,7 +169,7 @@ def libraries_for(config: RewardConfig) -> dict:
     """The task libraries named by ``config.library`` (loaded once; embedding model checked)."""
     if not config.library:
         return {}
-    from .library import load_library
+    from lmmixup_hf.rewards.library import load_library
 
     key = (os.path.abspath(config.library), config.embedding_model)
     with _LOCK:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from .common import reference_task, task_of
+from lmmixup_hf.rewards.common import reference_task, task_of
 
 FormatMode = Literal["reference", "strict"]
 
@@ -79,7 +79,7 @@ def _has_extra_tags(body: str) -> bool:
     return re.search(r"</?(think|answer)>", body, re.IGNORECASE) is not None
 
 
-from .base import Reward  # noqa: E402  (the scoring above has no dependencies; the callable wraps it)
+from lmmixup_hf.rewards.base import Reward  # noqa: E402  (the scoring above has no dependencies; the callable wraps it)
 
 
 class FormatReward(Reward):

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..neighbors import knn
-from ..schema import TASK_TYPES, LmmixupError, normalize_task_type
+from lmmixup_hf.data.schema import TASK_TYPES, LmmixupError, normalize_task_type
+from lmmixup_hf.embed.neighbors import knn
 
 FORMAT_VERSION = 1
 T_SMOOTHING = 0.01  # added to every co-occurrence cell before row normalisation

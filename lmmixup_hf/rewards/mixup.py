@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .alignment import alignment_from_cosine, targets
-from .base import Reward
-from .common import extract_answer
-from .config import encode, libraries_for
-from .format import format_score
-from .quality import quality_scores
+from lmmixup_hf.rewards.alignment import alignment_from_cosine, targets
+from lmmixup_hf.rewards.base import Reward
+from lmmixup_hf.rewards.common import extract_answer
+from lmmixup_hf.rewards.config import encode, libraries_for
+from lmmixup_hf.rewards.format import format_score
+from lmmixup_hf.rewards.quality import quality_scores
 
 
 def combine(

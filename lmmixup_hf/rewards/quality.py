@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ..schema import HIGH_QUALITY_THRESHOLD
-from .base import Reward
-from .common import extract_answer, reference_task, task_of
-from .config import encode, libraries_for
-from .library import TaskLibrary
+from lmmixup_hf.data.schema import HIGH_QUALITY_THRESHOLD
+from lmmixup_hf.rewards.base import Reward
+from lmmixup_hf.rewards.common import extract_answer, reference_task, task_of
+from lmmixup_hf.rewards.config import encode, libraries_for
+from lmmixup_hf.rewards.library import TaskLibrary
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The distiller model: its prompt, response parsing, generation engines and the HF pipeline."""

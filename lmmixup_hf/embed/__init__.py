@@ -1,0 +1,1 @@
+"""Sentence embeddings (cached) and k-nearest-neighbour search (exact, faiss, HNSW)."""

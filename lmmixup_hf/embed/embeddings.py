@@ -1,0 +1,176 @@
+"""One ``Embedder`` over sentence-transformers: batched, L2-normalised float32, cached on disk.
+
+The cache is a SQLite file per model, keyed by a hash of the text, so a rerun (or another stage
+embedding the same rows) never encodes a text twice, and a crash loses at most one chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL, cache_root, resolve_model
+
+logger = logging.getLogger(__name__)
+
+_SQL_CHUNK = 900  # stay under SQLite's bound-parameter limit
+
+
+def _text_key(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def embedding_cache_root() -> Path:
+    """``$LMMIXUP_EMBEDDING_CACHE`` or ``<cache root>/embeddings``."""
+    env = os.environ.get("LMMIXUP_EMBEDDING_CACHE")
+    return Path(env) if env else cache_root() / "embeddings"
+
+
+def default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+class EmbeddingCache:
+    """``text hash -> float32 vector`` for one model (and normalisation setting), in SQLite."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+
+    def get(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        with self._lock:
+            for i in range(0, len(keys), _SQL_CHUNK):
+                chunk = keys[i : i + _SQL_CHUNK]
+                q = f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})"
+                for key, blob in self._db.execute(q, chunk):
+                    found[key] = np.frombuffer(blob, dtype=np.float32)
+        return found
+
+    def put(self, keys: Sequence[str], vectors: np.ndarray) -> None:
+        rows = [(k, np.ascontiguousarray(v, dtype=np.float32).tobytes()) for k, v in zip(keys, vectors)]
+        with self._lock, self._db:
+            self._db.executemany("INSERT OR REPLACE INTO emb (key, vec) VALUES (?, ?)", rows)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM emb").fetchone()[0]
+
+
+class Embedder:
+    """Encode texts into L2-normalised float32 vectors, with an on-disk cache.
+
+    ``model_id`` is a Hub id, a local folder or the ``minilm-offline`` alias. ``cache`` is
+    ``True`` (the default cache folder), ``False`` (no cache) or a folder.
+    """
+
+    def __init__(
+        self,
+        model_id: str = DEFAULT_EMBEDDING_MODEL,
+        *,
+        device: str | None = None,
+        batch_size: int = 64,
+        normalize: bool = True,
+        cache: bool | str | Path = True,
+        max_seq_length: int | None = None,
+        show_progress: bool = True,
+    ):
+        self.model_id = model_id
+        self.device = device
+        self.batch_size = batch_size
+        self.normalize = normalize
+        self.max_seq_length = max_seq_length
+        self.show_progress = show_progress
+        self.n_encoded = 0  # texts actually sent through the model (the cache's misses)
+        self._model = None
+        self._lock = threading.Lock()
+        if cache is False:
+            self.cache = None
+        else:
+            root = embedding_cache_root() if cache is True else Path(cache)
+            safe = re.sub(r"[^A-Za-z0-9_.-]+", "__", model_id)
+            self.cache = EmbeddingCache(root / f"{safe}{'' if normalize else '-raw'}.sqlite")
+
+    @property
+    def model(self):
+        """The sentence-transformers model, loaded on first use (so cache hits never load it)."""
+        with self._lock:
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
+
+                device = self.device or default_device()
+                self._model = SentenceTransformer(resolve_model(self.model_id), device=device)
+                if self.max_seq_length:
+                    self._model.max_seq_length = self.max_seq_length
+            return self._model
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.get_sentence_embedding_dimension())
+
+    def _encode_uncached(self, texts: list[str]) -> np.ndarray:
+        vecs = self.model.encode(
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=self.normalize,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        self.n_encoded += len(texts)
+        return np.asarray(vecs, dtype=np.float32)
+
+    def encode(self, texts: Sequence[str], desc: str = "embedding") -> np.ndarray:
+        """Return an ``(n, d)`` float32 array in the order of ``texts``."""
+        texts = list(texts)
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        keys = [_text_key(t) for t in texts]
+        unique: dict[str, str] = dict(zip(keys, texts))
+        found = self.cache.get(list(unique)) if self.cache is not None else {}
+        missing = [k for k in unique if k not in found]
+        if missing:
+            chunk = self.batch_size * 16
+            bar = tqdm(
+                total=len(missing), desc=desc, unit="text", disable=not self.show_progress or len(missing) < chunk
+            )
+            for i in range(0, len(missing), chunk):
+                part = missing[i : i + chunk]
+                vecs = self._encode_uncached([unique[k] for k in part])
+                if self.cache is not None:
+                    self.cache.put(part, vecs)  # committed per chunk: a crash loses at most one chunk
+                found.update(zip(part, vecs))
+                bar.update(len(part))
+            bar.close()
+        return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
+
+
+_SHARED: dict[tuple, Embedder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def get_embedder(model_id: str = DEFAULT_EMBEDDING_MODEL, **kwargs) -> Embedder:
+    """A process-wide ``Embedder`` per (model, options): rewards and stages share one model."""
+    key = (model_id, tuple(sorted(kwargs.items())))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = Embedder(model_id, **kwargs)
+        return _SHARED[key]

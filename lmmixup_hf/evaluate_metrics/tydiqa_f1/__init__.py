@@ -1,1 +1,0 @@
-"""A local `evaluate` metric module (see lmmixup_hf.evaluate_metrics)."""

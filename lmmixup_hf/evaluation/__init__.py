@@ -1,0 +1,1 @@
+"""Metrics, the TruthfulQA judges, local `evaluate` modules and the paper-style report."""

@@ -1,0 +1,1 @@
+"""Model names and aliases (offline stand-ins included) and the OpenAI-compatible client."""

@@ -1,0 +1,33 @@
+"""``lmmixup ingest``: validate a pool onto the data contract, quarantining bad rows."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+from datasets import Dataset
+
+from lmmixup_hf.data.io import read_pool
+from lmmixup_hf.data.schema import DEFAULT_MAX_CHARS
+from lmmixup_hf.pipeline.workflow import StageRun
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestArgs:
+    input: str = field(metadata={"help": "Pool: .jsonl, .json, .parquet, a saved dataset folder or a Hub id."})
+    out: str = field(metadata={"help": "Output folder (data/*.parquet, rejected.jsonl, manifest.json)."})
+    max_chars: int = field(default=DEFAULT_MAX_CHARS, metadata={"help": "Reject rows longer than this."})
+    source: str | None = field(default=None, metadata={"help": "Default `source` (default: the file name)."})
+
+
+def ingest(args: IngestArgs) -> Dataset:
+    run = StageRun("ingest", args.out, inputs=[args.input], params=asdict(args))
+    if run.is_complete():
+        logger.info("ingest: up to date, skipping (%s)", args.out)
+        return run.load()
+    ds = read_pool(args.input, quarantine=run.quarantine, max_chars=args.max_chars, default_source=args.source)
+    run.finish(ds, counts={"rows_in": len(ds) + len(run.quarantine), "rows_out": len(ds)})
+    logger.info("ingest: %d rows kept, %s", len(ds), run.quarantine.summary())
+    return ds

@@ -1,0 +1,492 @@
+"""``lmmixup run``: the whole pipeline from one YAML config, every stage resumable.
+
+The chain is ingest -> rate -> split (high/low) -> cluster -> distill (and parse) -> rerate ->
+filter -> longtail -> mix -> report. Each stage is the same function that its own ``lmmixup <stage>`` command
+runs, called with its own arguments dataclass; this module only validates the config, wires each
+stage's input to the previous stage's output under ``runs/<name>/<stage>/`` and shows one progress
+line per stage. Skipping and resuming are the stages' own (:class:`~lmmixup_hf.pipeline.workflow.StageRun`):
+a stage whose manifest matches is skipped, an interrupted one resumes from its scratch space.
+
+A config has top-level keys (:class:`RunConfig`) and one section per stage whose keys are that
+stage's own options (the fields of its ``XArgs`` dataclass, the same as its command-line flags):
+
+>>> name: demo
+>>> input: data/sample_pool.jsonl
+>>> embedding_model: minilm-offline     # default for every stage that embeds
+>>> rate: {engine: local, judge_model: smollm2-135m-offline}
+>>> cluster: {min_size: 2, max_size: 6}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import time
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from datasets import Dataset
+
+from lmmixup_hf.data.io import read_stage_data, write_json, write_stage_data
+from lmmixup_hf.data.quality import split_by_quality
+from lmmixup_hf.data.schema import HIGH_QUALITY_THRESHOLD, RATING, LmmixupError
+from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, content_fingerprint, input_status
+
+logger = logging.getLogger(__name__)
+
+
+# -- the stages -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: str
+    args: str  # the arguments dataclass in ``module``
+    func: str
+    help: str
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("ingest", "lmmixup_hf.pipeline.ingest", "IngestArgs", "ingest", "validate the pool, quarantine bad rows"),
+    Stage("rate", "lmmixup_hf.stages.rate", "RateArgs", "rate", "judge every row"),
+    Stage("split", "lmmixup_hf.pipeline.run", "SplitArgs", "split_rated", "split rated rows into high / low"),
+    Stage("cluster", "lmmixup_hf.stages.cluster", "ClusterArgs", "cluster", "cluster the low rows per source"),
+    Stage("distill", "lmmixup_hf.stages.distill", "DistillArgs", "distill", "fuse each cluster into one row"),
+    Stage("rerate", "lmmixup_hf.stages.rate", "RateArgs", "rate", "judge the distilled rows"),
+    Stage("filter", "lmmixup_hf.pipeline.run", "FilterArgs", "filter_rated", "keep distilled rows above a score"),
+    Stage("longtail", "lmmixup_hf.stages.longtail", "LongtailArgs", "longtail", "score rarity against the high rows"),
+    Stage("mix", "lmmixup_hf.stages.mix", "MixArgs", "mix", "original high + top distilled rows"),
+    Stage("report", "lmmixup_hf.pipeline.report", "ReportArgs", "report", "plots and examples: report.html"),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def wiring(name: str, run_dir: Path, input_path: str) -> dict[str, Any]:
+    """The options the pipeline sets itself: where each stage reads and writes."""
+    d = {s: str(run_dir / s) for s in STAGE_NAMES}
+    return {
+        "ingest": {"input": input_path, "out": d["ingest"]},
+        "rate": {"input": d["ingest"], "out": d["rate"]},
+        "split": {"input": d["rate"], "out": d["split"]},
+        "cluster": {"input": str(Path(d["split"]) / "low"), "out": d["cluster"]},
+        "distill": {"input": d["cluster"], "out": d["distill"]},
+        "rerate": {"input": d["distill"], "out": d["rerate"]},
+        "filter": {"input": d["rerate"], "out": d["filter"]},
+        "longtail": {"input": d["filter"], "reference": str(Path(d["split"]) / "high"), "out": d["longtail"]},
+        # the originals as the longtail stage scored them (on the distilled rows' scale), ranked by
+        # quality then long-tail, as the reference's ori_highqual_longtail file
+        "mix": {"original": str(Path(d["longtail"]) / "reference"), "distilled": d["longtail"], "out": d["mix"]},
+        "report": {"run_dir": str(run_dir)},
+    }[name]
+
+
+# Defaults the pipeline prefers over a stage's own (a config section still overrides them).
+STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "cluster": {"quality": "all"},  # its input is already the low split
+}
+
+# Top-level keys that become every stage's default for an option of the same name.
+SHARED_KEYS = ("embedding_model", "seed", "device", "batch_size", "num_proc")
+
+
+# -- split and filter: two small stages with no module of their own ------------------------------
+@dataclass
+class SplitArgs:
+    input: str = field(metadata={"help": "A rated stage folder (rows with a `rating` struct)."})
+    out: str = field(metadata={"help": "Output folder: high/ and low/, each a readable stage folder."})
+    threshold: int = field(
+        default=HIGH_QUALITY_THRESHOLD, metadata={"help": "High quality means compressed score (0-5) >= this."}
+    )
+    top_share: float | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of the threshold: the best-rated share of rows is high (0.3 = top 30 percent), ranked by "
+            "score, then the judge's expected score. For weak judges whose scores bunch together (the demo)."
+        },
+    )
+
+
+def split_rated(args: SplitArgs) -> Dataset:
+    """Split rated rows into ``high/`` and ``low/`` (:func:`~lmmixup_hf.data.quality.split_by_quality`).
+    Each half is a stage folder of its own (data/ + manifest), so later stages read it like any
+    other. Unscored rows (the judge failed) are quarantined, never counted as low."""
+    run = StageRun("split", args.out, inputs=[args.input], params=asdict(args))
+    if run.is_complete():
+        logger.info("split: up to date, skipping (%s)", args.out)
+        return read_stage_data(Path(args.out) / "high")
+    ds = read_stage_data(args.input)
+    parts = split_by_quality(ds, args.threshold, args.top_share)
+    _quarantine_unscored(run, args.input, ds, parts.unscored)
+    for name, part in (("high", parts.high), ("low", parts.low)):
+        write_stage_data(part, run.out_dir / name)
+        write_json(
+            run.out_dir / name / MANIFEST,
+            {
+                "stage": f"split/{name}",
+                "fingerprint": f"{run.fingerprint}-{name}",
+                "output_fingerprint": content_fingerprint(run.out_dir / name),
+                "counts": {"rows_out": len(part)},
+                **({"partial_inputs": run.partial_inputs} if run.partial_inputs else {}),
+            },
+        )
+    run.finish(
+        None,
+        counts={"rows_in": len(ds), "high": len(parts.high), "low": len(parts.low), "unscored": len(parts.unscored)},
+        extra={"threshold": args.threshold, "top_share": args.top_share},
+    )
+    rule = f"top {args.top_share:.0%}" if args.top_share is not None else f"score >= {args.threshold}"
+    logger.info("split: %d high, %d low (%s)", len(parts.high), len(parts.low), rule)
+    return parts.high
+
+
+def _quarantine_unscored(run: StageRun, path: str, ds: Dataset, unscored: Any) -> None:
+    for i in unscored:
+        run.quarantine.add(path, int(i) + 1, RATING, "no score (the judge failed on this row)", ds[int(i)])
+
+
+@dataclass
+class FilterArgs:
+    input: str = field(metadata={"help": "A rated stage folder (rows with a `rating` struct)."})
+    out: str = field(metadata={"help": "Output folder: data/ (kept) and below/ (under the threshold)."})
+    min_score: int = field(
+        default=HIGH_QUALITY_THRESHOLD, metadata={"help": "Keep rows whose compressed score (0-5) is >= this."}
+    )
+
+
+def filter_rated(args: FilterArgs) -> Dataset:
+    """Keep rows scored >= ``min_score`` (the same rule as the split). Rows under it go to
+    ``below/``; rows with no score (the judge failed) are quarantined with a reason, never a 0."""
+    run = StageRun("filter", args.out, inputs=[args.input], params=asdict(args))
+    if run.is_complete():
+        logger.info("filter: up to date, skipping (%s)", args.out)
+        return run.load()
+    ds = read_stage_data(args.input)
+    kept, below, unscored = split_by_quality(ds, threshold=args.min_score)
+    _quarantine_unscored(run, args.input, ds, unscored)
+    run.finish(
+        kept,
+        counts={"rows_in": len(ds), "rows_out": len(kept), "below_threshold": len(below), "unscored": len(unscored)},
+        extra={"min_score": args.min_score},
+        splits={"below": below},
+    )
+    logger.info("filter: kept %d of %d rows with score >= %d", len(kept), len(ds), args.min_score)
+    return kept
+
+
+# -- config ---------------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    """Top-level keys of a pipeline config; everything else is a stage section."""
+
+    input: str
+    name: str | None = None
+    out_dir: str | None = None
+    embedding_model: str | None = None
+    seed: int | None = None
+    device: str | None = None
+    batch_size: int | None = None
+    num_proc: int | None = None
+    allow_partial: bool = False  # go on to the next stage when rows were left failed (e.g. by the judge)
+    description: str | None = None
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir or f"runs/{self.name}")
+
+
+@dataclass
+class RunArgs:
+    config: str = field(default="configs/demo.yaml", metadata={"help": "Pipeline YAML."})
+    name: str | None = field(default=None, metadata={"help": "Override the run name (output under runs/<name>)."})
+    out_dir: str | None = field(default=None, metadata={"help": "Override the run folder."})
+    input: str | None = field(default=None, metadata={"help": "Override the input pool."})
+    from_stage: str | None = field(
+        default=None, metadata={"aliases": ["--from"], "help": f"First stage to run ({', '.join(STAGE_NAMES)})."}
+    )
+    to_stage: str | None = field(default=None, metadata={"aliases": ["--to"], "help": "Last stage to run."})
+    only: str | None = field(default=None, metadata={"help": "Run just this stage (its inputs must exist)."})
+    allow_partial: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Go on to the next stage when a stage left rows failed (default: the config's allow_partial, "
+            "else stop; rerun to retry the failed rows)."
+        },
+    )
+
+
+def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read and validate a pipeline YAML; every problem names the file, the key and what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmmixupError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise LmmixupError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise LmmixupError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+    top = {f.name for f in dataclasses.fields(RunConfig)} - {"sections"}
+    unknown = sorted(set(raw) - top - set(STAGE_NAMES))
+    if unknown:
+        raise LmmixupError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; top-level keys are {', '.join(sorted(top))} "
+            f"and the stage sections {', '.join(STAGE_NAMES)}"
+        )
+    hints = typing.get_type_hints(RunConfig)
+    for key in top & set(raw):
+        _check_type(raw[key], hints[key], f"{path}: {key}")
+    if "input" not in raw:
+        raise LmmixupError(f"{path}: missing required key `input` (the pool to run on)")
+    sections = {}
+    for name in STAGE_NAMES:
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise LmmixupError(f"{path}: {name}: expected a mapping of {name} options, got {type(section).__name__}")
+        sections[name] = section
+    cfg = RunConfig(**{k: v for k, v in raw.items() if k in top}, sections=sections)
+    cfg.name = cfg.name or path.stem
+    _check_input(cfg.input, path)
+    return cfg
+
+
+def _check_input(source: str, config_path: Path) -> None:
+    p = Path(source)
+    looks_local = p.suffix or source.startswith((".", "/", "~")) or source.count("/") != 1
+    if looks_local and not p.exists():
+        raise LmmixupError(f"{config_path}: input: {source}: no such file or folder")
+
+
+def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config") -> Any:
+    """Build one stage's arguments: shared defaults < its config section < the pipeline's wiring."""
+    cls = getattr(_import(stage), stage.args)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    section = dict(cfg.sections.get(stage.name, {}))
+    if stage.name == "rerate":  # the same judge as `rate` unless told otherwise
+        section = {**cfg.sections.get("rate", {}), **section}
+    wired = wiring(stage.name, cfg.run_dir, cfg.input)
+    missing = sorted(set(wired) - set(fields))
+    if missing:
+        raise LmmixupError(f"stage {stage.name}: {stage.module}.{stage.args} has no option(s) {', '.join(missing)}")
+    values: dict[str, Any] = {}
+    for key in SHARED_KEYS:
+        if getattr(cfg, key) is not None and key in fields:
+            values[key] = getattr(cfg, key)
+    values.update({k: v for k, v in STAGE_DEFAULTS.get(stage.name, {}).items() if k in fields})
+    for key, value in section.items():
+        where = f"{config_path}: {stage.name}.{key}"
+        if key in wired:
+            raise LmmixupError(f"{where}: set by the pipeline (each stage reads the previous stage's output)")
+        if key not in fields:
+            options = ", ".join(sorted(set(fields) - set(wired)))
+            raise LmmixupError(f"{where}: unknown option for `lmmixup {stage.func}`; known options: {options}")
+        _check_type(value, hints[key], where)
+        values[key] = value
+    values.update(wired)
+    required = [n for n, f in fields.items() if _required(f) and n not in values]
+    if required:
+        raise LmmixupError(f"{config_path}: {stage.name}: missing required option(s) {', '.join(required)}")
+    from lmmixup_hf.pipeline.options import check_options
+
+    return check_options(cls(**values), f"{config_path}: {stage.name}")
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> None:
+    if not _matches(value, annotation):
+        shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        raise LmmixupError(f"{where}: expected {shown}, got {type(value).__name__} {value!r}")
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is typing.Literal:
+        return value in typing.get_args(tp)
+    if tp is type(None):
+        return value is None
+    if origin in (list, tuple, typing.Sequence):
+        args = typing.get_args(tp)
+        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin in (dict, typing.Mapping):
+        return isinstance(value, dict)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True  # an annotation we do not model: let the stage validate it
+
+
+class _MissingStage(LmmixupError):
+    pass
+
+
+def _import(stage: Stage) -> Any:
+    try:
+        return importlib.import_module(stage.module)
+    except ModuleNotFoundError as e:
+        raise _MissingStage(f"stage {stage.name}: cannot import {stage.module} ({e})") from None
+
+
+# -- running --------------------------------------------------------------------------------------
+def select_stages(from_stage: str | None, to_stage: str | None, only: str | None) -> list[Stage]:
+    for flag, value in (("--from", from_stage), ("--to", to_stage), ("--only", only)):
+        if value is not None and value not in STAGE_NAMES:
+            raise LmmixupError(f"{flag} {value}: unknown stage; stages are {', '.join(STAGE_NAMES)}")
+    if only and (from_stage or to_stage):
+        raise LmmixupError("--only cannot be combined with --from/--to")
+    first = STAGE_NAMES.index(only or from_stage or STAGE_NAMES[0])
+    last = STAGE_NAMES.index(only or to_stage or STAGE_NAMES[-1])
+    if first > last:
+        raise LmmixupError(f"--from {STAGE_NAMES[first]} comes after --to {STAGE_NAMES[last]}")
+    return list(STAGES[first : last + 1])
+
+
+def run(args: RunArgs) -> int:
+    """Run the selected stages in order; already finished ones skip themselves."""
+    overrides = {"name": args.name, "out_dir": args.out_dir, "input": args.input, "allow_partial": args.allow_partial}
+    if args.name and not args.out_dir:
+        overrides["out_dir"] = f"runs/{args.name}"
+    cfg = load_config(args.config, overrides)
+    stages = select_stages(args.from_stage, args.to_stage, args.only)
+    # Validate every section up front, so a typo in `mix` fails before an hour of rating.
+    all_args = {}
+    for s in STAGES:
+        try:
+            all_args[s.name] = stage_args(s, cfg, args.config)
+        except _MissingStage as e:
+            if s in stages:
+                raise
+            logger.warning("%s (not selected, so not needed now)", e)
+    _require_upstream(stages[0], cfg.run_dir)
+
+    import datasets
+
+    from lmmixup_hf.cli import EXIT_OK, EXIT_PARTIAL
+
+    datasets.disable_progress_bars()  # the stages' own bars are the progress display; not parquet I/O
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(_resolved(cfg, all_args), sort_keys=False))
+    logger.info("run %s: %d stage(s) %s -> %s", cfg.name, len(stages), "/".join(s.name for s in stages), cfg.run_dir)
+    started = time.time()
+    partial: dict[str, str] = {}
+    for i, stage in enumerate(stages, start=1):
+        t0 = time.time()
+        logger.info("[%d/%d] %s: %s", i, len(stages), stage.name, stage.help)
+        func: Callable[[Any], Any] = getattr(_import(stage), stage.func)
+        if not _skip_empty(stage, all_args[stage.name]):
+            func(all_args[stage.name])
+        stage_dir = cfg.run_dir / stage.name
+        logger.info(
+            "[%d/%d] %s: done in %.1f s%s", i, len(stages), stage.name, time.time() - t0, _count_note(stage_dir)
+        )
+        why = input_status(stage_dir)
+        if why is None:
+            continue
+        partial[stage.name] = why
+        if not cfg.allow_partial and stage is not stages[-1]:
+            logger.error(
+                "run %s: stopped after %s: %s. Rerun the same command to retry them, or set `allow_partial: true` "
+                "(or --allow_partial) to go on with the rows there are.",
+                cfg.name,
+                stage.name,
+                why,
+            )
+            _record_partial(cfg.run_dir, partial, allowed=False)
+            return EXIT_PARTIAL
+        logger.warning("run %s: %s is partial (%s); going on (allow_partial)", cfg.name, stage.name, why)
+    _record_partial(cfg.run_dir, partial, allowed=cfg.allow_partial)
+    report = " ; report: " + str(cfg.run_dir / "report.html") if any(s.name == "report" for s in stages) else ""
+    state = "finished with partial stages " + ", ".join(partial) if partial else "finished"
+    logger.info("run %s: %s in %.1f s%s", cfg.name, state, time.time() - started, report)
+    return EXIT_PARTIAL if partial else EXIT_OK
+
+
+def _record_partial(run_dir: Path, partial: Mapping[str, str], allowed: bool) -> None:
+    """``run.json``: which stages were partial and whether the run went on anyway (the report shows it)."""
+    write_json(run_dir / "run.json", {"partial_stages": dict(partial), "allow_partial": allowed})
+
+
+def _skip_empty(stage: Stage, args: Any) -> bool:
+    """A weak distiller or a strict filter can leave nothing to score. k-NN over no rows has no
+    answer, so the pipeline writes the longtail stage's (empty) output itself, under the stage's
+    own fingerprint, and the mix goes on with the original rows only."""
+    if stage.name != "longtail" or _n_rows(args.input) != 0:
+        return False
+    from datasets import Value
+
+    from lmmixup_hf.data.io import read_pool
+
+    run = StageRun("longtail", args.out, inputs=[args.input, args.reference], params=asdict(args))
+    if run.is_complete():
+        logger.info("longtail: up to date, skipping (%s)", args.out)
+        return True
+
+    def unscored(ds: Dataset) -> Dataset:
+        nan = [float("nan")] * len(ds)
+        for col in ("long_tail_raw", "long_tail"):
+            ds = ds.remove_columns([col]) if col in ds.column_names else ds
+            ds = ds.add_column(col, nan, feature=Value("float64"))
+        return ds
+
+    reference = unscored(read_pool(args.reference, quarantine=run.quarantine))
+    run.finish(
+        unscored(read_stage_data(args.input)),
+        counts={"rows": 0, "reference_rows": len(reference)},
+        extra={"skipped": "no input rows: nothing to score"},
+        splits={"reference": reference},
+    )
+    logger.warning("longtail: no distilled rows reached this stage; the mix will hold original rows only")
+    return True
+
+
+def _n_rows(stage_dir: str | Path) -> int | None:
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(stage_dir) / "data").glob("*.parquet"))
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files) if files else None
+
+
+def _require_upstream(first: Stage, run_dir: Path) -> None:
+    """With --from/--only, the stages before must have finished: their output is our input."""
+    for stage in STAGES[: STAGE_NAMES.index(first.name)]:
+        if stage.name != "report" and not (run_dir / stage.name / MANIFEST).exists():
+            raise LmmixupError(
+                f"stage {first.name} needs the output of {stage.name} ({run_dir / stage.name} has no {MANIFEST}); "
+                f"run without --from/--only first"
+            )
+
+
+def _count_note(stage_dir: Path) -> str:
+    try:
+        import json
+
+        counts = json.loads((stage_dir / MANIFEST).read_text()).get("counts", {})
+    except (OSError, ValueError):
+        return ""
+    shown = ", ".join(f"{k} {v}" for k, v in counts.items() if isinstance(v, (int, float)))
+    return f" ({shown})" if shown else ""
+
+
+def _resolved(cfg: RunConfig, all_args: Mapping[str, Any]) -> dict[str, Any]:
+    """The effective config, written next to the outputs (secret-looking keys dropped)."""
+    from lmmixup_hf.pipeline.workflow import redact
+
+    top = {k: v for k, v in asdict(cfg).items() if k != "sections" and v is not None}
+    return {**top, **{name: redact(asdict(a)) for name, a in all_args.items()}}

@@ -1,0 +1,1 @@
+"""One core per pipeline stage: a Dataset in, a Dataset out; no files, no argument parsing."""

@@ -1,0 +1,627 @@
+"""``lmmixup cluster``: capacity-constrained clustering of the low-quality rows, one source at a time.
+
+Cluster sizes follow the method exactly: capacities are drawn from a rounded Normal(mean_cap,
+std_cap), clipped to [min_size, max_size] and summing to N, so geometry only decides membership.
+What changes is how membership is found:
+
+1. centres by a two-level spherical k-means (coarse cells, then ``cap``-many centres per cell), so
+   k ~ N/3 centres never cost an N x k k-means;
+2. each point's top-m candidate centres by kNN over the centres of its 3 nearest cells (an
+   inverted file over the centres); no full ranking of all centres per point;
+3. a greedy capacity assignment in vectorised rounds: every unplaced point proposes to its next
+   candidate and each centre keeps its most similar proposals up to its free capacity; points
+   whose m candidates are full fall back to a kNN over the centres that still have room;
+4. refinement that raises the mean intra-cluster cosine: balanced k-means steps (centres :=
+   member means, then the same capacity assignment) and size-preserving swaps between clusters.
+
+k-means runs in torch (CPU or GPU), so faiss is not needed.
+
+An optional similarity floor sends points that cannot be placed above it to a reported leftover
+set instead of a far-away cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from lmmixup_hf.data.io import read_pool
+from lmmixup_hf.data.schema import (
+    CLUSTER_ID,
+    COMPLETION,
+    EXTRA,
+    HIGH_QUALITY_THRESHOLD,
+    ID,
+    PROMPT,
+    RATING,
+    SOURCE,
+    LmmixupError,
+)
+from lmmixup_hf.embed.neighbors import knn
+from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
+from lmmixup_hf.pipeline.workflow import StageRun
+
+logger = logging.getLogger(__name__)
+
+LEFTOVER = -1
+HISTOGRAM = "cluster_sizes.png"
+
+
+# -- capacities -----------------------------------------------------------------------------------
+def sample_caps(
+    n: int, min_size: int = 2, max_size: int = 25, mean_cap: float = 10.0, std_cap: float = 3.0, seed: int = 42
+) -> np.ndarray:
+    """Cluster capacities: rounded Normal(mean_cap, std_cap) draws clipped to [min_size, max_size]
+    until they cover ``n``, then trimmed so that they sum to ``n`` exactly, shuffled.
+
+    The excess is taken from the last capacities first (down to ``min_size``), as the method does.
+    ``n < min_size`` gives no capacity at all (those rows become leftovers); a size range that no
+    number of clusters can meet exactly (e.g. n=3 with sizes in [2, 2]) gives capacities that sum to
+    less than ``n`` and the rest become leftovers.
+    """
+    if not 1 <= min_size <= max_size:
+        raise LmmixupError(f"cluster sizes need 1 <= min_size <= max_size, got {min_size} and {max_size}")
+    if n < min_size:
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng(seed)
+    parts, total = [], 0
+    while total < n:
+        m = int((n - total) / max(mean_cap, 1.0) * 1.1) + 16
+        x = np.clip(np.rint(rng.normal(mean_cap, std_cap, m)), min_size, max_size).astype(np.int64)
+        cum = total + np.cumsum(x)
+        stop = int(np.searchsorted(cum, n))  # first draw that reaches n
+        parts.append(x[: stop + 1])
+        total = int(cum[min(stop, m - 1)])
+    caps = np.concatenate(parts)
+    caps = caps[::-1].copy()  # trim from the last capacity backwards
+    caps -= _take(caps - min_size, total - n)
+    excess = int(caps.sum()) - n
+    if excess > 0:  # every capacity is at min_size: drop whole clusters, then top the rest up
+        caps = caps[math.ceil(excess / min_size) :]
+    caps = caps[::-1].copy()
+    caps += _take(max_size - caps, n - int(caps.sum()))
+    return caps[rng.permutation(len(caps))]
+
+
+def _take(room: np.ndarray, amount: int) -> np.ndarray:
+    """Take up to ``amount`` units from ``room``, front first (vectorised water filling)."""
+    if amount <= 0 or len(room) == 0:
+        return np.zeros_like(room)
+    before = np.concatenate([[0], np.cumsum(room)[:-1]])
+    return np.clip(amount - before, 0, room)
+
+
+# -- spherical k-means ----------------------------------------------------------------------------
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _nearest(x: torch.Tensor, c: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    return torch.cat([(x[i : i + block] @ c.T).argmax(1) for i in range(0, x.shape[0], block)])
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, *, niter: int = 10, seed: int = 0) -> torch.Tensor:
+    """Lloyd iterations on the unit sphere (cosine); empty clusters are re-seeded from random points."""
+    n = x.shape[0]
+    rng = np.random.default_rng(seed)
+    if k >= n:
+        return x.clone()
+    centres = _kmeans_pp(x, k, rng)
+    for _ in range(niter):
+        lab = _nearest(x, centres)
+        sums = torch.zeros_like(centres).index_add_(0, lab, x)
+        empty = torch.bincount(lab, minlength=k) == 0
+        if bool(empty.any()):
+            sums[empty] = x[torch.from_numpy(rng.choice(n, int(empty.sum()), replace=False))]
+        centres = _normalize(sums)
+    return centres
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, rng: np.random.Generator, rounds: int = 16) -> torch.Tensor:
+    """D^2 (k-means++) seeding, drawing k/rounds centres per round so that seeding costs a few
+    matmuls instead of k sequential passes; spreads the initial centres over the groups."""
+    if x.shape[0] > 32 * k:  # seed from a sample, as faiss does
+        x = x[torch.from_numpy(np.sort(rng.choice(x.shape[0], 32 * k, replace=False)))]
+    n = x.shape[0]
+    chosen = np.array([rng.integers(n)])
+    dist = (2 - 2 * (x @ x[int(chosen[0])])).clamp_min(0).double().numpy()
+    per_round = max(1, math.ceil((k - 1) / rounds))
+    while len(chosen) < k:
+        p = dist.copy()
+        p[chosen] = 0
+        total = p.sum()
+        want = min(per_round, k - len(chosen))
+        if total <= 0 or np.count_nonzero(p) < want:
+            rest = np.setdiff1d(np.arange(n), chosen)
+            new = rng.choice(rest, want, replace=False)
+        else:
+            new = rng.choice(n, want, replace=False, p=p / total)
+        chosen = np.concatenate([chosen, new])
+        near = (x @ x[torch.from_numpy(new)].T).max(1).values
+        dist = np.minimum(dist, (2 - 2 * near).clamp_min(0).double().numpy())
+    return x[torch.from_numpy(chosen)].clone()
+
+
+def _split_counts(total: int, weights: np.ndarray) -> np.ndarray:
+    """Integers proportional to ``weights`` summing to ``total`` (largest remainder)."""
+    share = total * weights / weights.sum()
+    out = np.floor(share).astype(np.int64)
+    rest = total - int(out.sum())
+    out[np.argsort(-(share - out), kind="stable")[:rest]] += 1
+    return out
+
+
+def two_level_centres(
+    x: torch.Tensor, k: int, *, cell_size: int = 512, niter: int = 10, seed: int = 0
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, torch.Tensor]:
+    """``k`` centres: coarse cells of ~``cell_size`` points, then k-means inside each cell with a
+    number of centres proportional to its size. Returns (centres, centre_cell, point_cell, cells)."""
+    n = x.shape[0]
+    n_cells = max(1, min(round(n / cell_size), k))
+    if n_cells == 1:
+        cells = _normalize(x.mean(0, keepdim=True))
+        point_cell = np.zeros(n, np.int64)
+    else:
+        rng = np.random.default_rng(seed)
+        sample = x[torch.from_numpy(np.sort(rng.choice(n, min(n, 64 * n_cells), replace=False)))]
+        cells = spherical_kmeans(sample, n_cells, niter=niter, seed=seed)
+        point_cell = _nearest(x, cells).numpy()
+    sizes = np.bincount(point_cell, minlength=n_cells)
+    per_cell = np.minimum(_split_counts(k, sizes.astype(np.float64)), sizes)
+    short = k - int(per_cell.sum())  # only when a cell would need more centres than points
+    if short:
+        per_cell += _take(sizes - per_cell, short)
+    order = np.argsort(point_cell, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    centres, centre_cell = [], []
+    for c in np.flatnonzero(per_cell):
+        members = x[torch.from_numpy(order[starts[c] : starts[c + 1]])]
+        centres.append(spherical_kmeans(members, int(per_cell[c]), niter=niter, seed=seed + int(c)))
+        centre_cell.append(np.full(int(per_cell[c]), c, np.int64))
+    return torch.cat(centres), np.concatenate(centre_cell), point_cell, cells
+
+
+# -- candidate centres and the capacity assignment ------------------------------------------------
+def candidate_centres(
+    x: np.ndarray,
+    centres: np.ndarray,
+    centre_cell: np.ndarray,
+    cells: np.ndarray,
+    m: int,
+    probe: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-m centres per point among the centres of the point's ``probe`` nearest cells (an
+    inverted file over the centres): ``(sims, centre ids)``, each ``(n, m)``, best first; missing
+    slots are ``-inf`` / ``-1``."""
+    n = x.shape[0]
+    if len(cells) == 1:
+        probe = 1
+    _, near = knn(x, cells, k=min(probe, len(cells))) if len(cells) > 1 else (None, np.zeros((n, 1), np.int64))
+    by_cell = np.argsort(centre_cell, kind="stable")
+    cstart = np.searchsorted(centre_cell[by_cell], np.arange(len(cells) + 1))
+    sims = np.full((n, near.shape[1] * m), -np.inf, np.float32)
+    ids = np.full((n, near.shape[1] * m), -1, np.int64)
+    for r in range(near.shape[1]):  # the r-th nearest cell of every point, one cell at a time
+        order = np.argsort(near[:, r], kind="stable")
+        pstart = np.searchsorted(near[order, r], np.arange(len(cells) + 1))
+        for c in np.flatnonzero(pstart[1:] > pstart[:-1]):
+            pts = order[pstart[c] : pstart[c + 1]]
+            group = by_cell[cstart[c] : cstart[c + 1]]
+            if len(group) == 0:
+                continue
+            sv, iv = knn(x[pts], centres[group], k=m)
+            cols = slice(r * m, r * m + sv.shape[1])
+            sims[pts, cols], ids[pts, cols] = sv, group[iv]
+    if near.shape[1] > 1:
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :m]
+        sims, ids = np.take_along_axis(sims, top, 1), np.take_along_axis(ids, top, 1)
+    return sims, ids
+
+
+def propose_rounds(
+    cand_ids: np.ndarray, cand_sims: np.ndarray, cap_left: np.ndarray, rows: np.ndarray, labels: np.ndarray
+) -> np.ndarray:
+    """Greedy capacity assignment in vectorised rounds; returns the rows left unplaced.
+
+    Round r: every unplaced row proposes to its r-th candidate; each centre accepts its most similar
+    proposals up to its free capacity (for the first round this is exactly the method's greedy by
+    descending priority). Updates ``labels`` and ``cap_left`` in place.
+    """
+    m = cand_ids.shape[1]
+    local = np.arange(len(rows))
+    ptr = np.zeros(len(rows), np.int64)
+    for _ in range(m):
+        if len(local) == 0:
+            break
+        c = cand_ids[local, ptr[local]]
+        s = cand_sims[local, ptr[local]]
+        ok = (c >= 0) & (cap_left[np.maximum(c, 0)] > 0)
+        who, c, s = local[ok], c[ok], s[ok]
+        order = np.lexsort((-s, c))
+        who, c = who[order], c[order]
+        first = np.searchsorted(c, c, side="left")
+        accept = (np.arange(len(c)) - first) < cap_left[c]
+        labels[rows[who[accept]]] = c[accept]
+        np.subtract.at(cap_left, c[accept], 1)
+        placed = np.zeros(len(rows), bool)
+        placed[who[accept]] = True
+        local = local[~placed[local]]
+        ptr[local] += 1
+        local = local[ptr[local] < m]
+    return rows[labels[rows] < 0]
+
+
+def assign(
+    x: np.ndarray,
+    centres: np.ndarray,
+    caps: np.ndarray,
+    cand_sims: np.ndarray,
+    cand_ids: np.ndarray,
+    sim_floor: float | None = None,
+) -> np.ndarray:
+    """Labels (``-1`` = leftover) with every cluster holding at most its capacity; without a floor
+    and with ``sum(caps) == n`` every point is placed and every cluster is exactly full."""
+    n, m = cand_ids.shape
+    labels = np.full(n, LEFTOVER, np.int64)
+    cap_left = caps.astype(np.int64).copy()
+    if sim_floor is not None:
+        cand_ids = np.where(cand_sims >= sim_floor, cand_ids, -1)
+    rows = propose_rounds(cand_ids, cand_sims, cap_left, np.arange(n), labels)
+    while len(rows) and cap_left.sum() > 0:  # every candidate was full: search the centres with room
+        free = np.flatnonzero(cap_left > 0)
+        s, i = knn(x[rows], centres[free], k=min(m, len(free)))
+        ids = free[i]
+        if sim_floor is not None:
+            ids = np.where(s >= sim_floor, ids, -1)
+            rows = rows[(ids >= 0).any(1)]
+            ids, s = ids[(ids >= 0).any(1)], s[(ids >= 0).any(1)]
+        before = len(rows)
+        rows = propose_rounds(ids, s, cap_left, rows, labels)
+        if len(rows) == before:  # nothing placeable above the floor
+            break
+    return labels
+
+
+# -- refinement -----------------------------------------------------------------------------------
+def _dot_rows(x: torch.Tensor, sums: torch.Tensor, idx: np.ndarray, block: int = 256) -> torch.Tensor:
+    """``x[i] . sums[idx[i, j]]`` for every (i, j), in blocks (never an (n, m, d) tensor at once)."""
+    out = torch.empty(idx.shape, dtype=x.dtype)
+    t = torch.from_numpy(np.maximum(idx, 0))
+    for i in range(0, x.shape[0], block):
+        out[i : i + block] = torch.einsum("nd,nmd->nm", x[i : i + block], sums[t[i : i + block]])
+    return out
+
+
+def refine_swaps(
+    x: np.ndarray, labels: np.ndarray, cand_ids: np.ndarray, n_clusters: int, rounds: int = 10
+) -> tuple[np.ndarray, int]:
+    """Size-preserving swaps that raise the sum of the clusters' mean pairwise cosines.
+
+    Each point proposes the candidate cluster it is most similar to on average (relative to its own
+    cluster); opposite proposals between two clusters are paired by rank, the exact change of both
+    clusters' cohesion is computed, and the best improving swap per cluster is applied (swaps
+    that share no cluster are independent, so every round strictly improves). Returns
+    ``(labels, swaps)``.
+    """
+    labels = labels.copy()
+    placed = np.flatnonzero(labels >= 0)
+    if len(placed) == 0 or rounds <= 0:
+        return labels, 0
+    xt = torch.from_numpy(np.ascontiguousarray(x[placed], dtype=np.float32))
+    lab = labels[placed]
+    cand = cand_ids[placed]
+    size = np.bincount(lab, minlength=n_clusters).astype(np.float64)
+    sums = torch.zeros((n_clusters, x.shape[1]), dtype=torch.float32).index_add_(0, torch.from_numpy(lab), xt)
+    pairs_norm = np.maximum(size * (size - 1) / 2, 1.0)
+    n_swaps = 0
+    with torch.inference_mode():
+        for _ in range(rounds):
+            own = (xt * sums[torch.from_numpy(lab)]).sum(1).numpy().astype(np.float64)  # x.S_a
+            alt = _dot_rows(xt, sums, cand).numpy().astype(np.float64)  # x.S_b for candidates
+            valid = (cand >= 0) & (cand != lab[:, None]) & (size[np.maximum(cand, 0)] > 1)
+            own_mean = (own - 1) / np.maximum(size[lab] - 1, 1)
+            gain = np.where(valid, alt / np.maximum(size[np.maximum(cand, 0)], 1) - own_mean[:, None], -np.inf)
+            best = gain.argmax(1)
+            want = np.flatnonzero(gain[np.arange(len(lab)), best] > 0)
+            if len(want) < 2:
+                break
+            a, b = lab[want], cand[want, best[want]]
+            alt_b = alt[want, best[want]]
+            g = gain[want, best[want]]
+            key = a * n_clusters + b
+            order = np.lexsort((-g, key))
+            want, a, b, alt_b, key = want[order], a[order], b[order], alt_b[order], key[order]
+            rank = np.arange(len(key)) - np.searchsorted(key, key, side="left")
+            rev = b * n_clusters + a
+            lo = np.searchsorted(key, rev, side="left")
+            hi = np.searchsorted(key, rev, side="right")
+            has = (a < b) & (rank < hi - lo)
+            p = np.flatnonzero(has)
+            q = lo[p] + rank[p]
+            i, j = want[p], want[q]
+            ci, cj = a[p], b[p]
+            xij = (xt[torch.from_numpy(i)] * xt[torch.from_numpy(j)]).sum(1).numpy().astype(np.float64)
+            d_a = alt_b[q] - xij - (own[i] - 1)  # j joins a, i leaves a (pairwise-sum change)
+            d_b = alt_b[p] - xij - (own[j] - 1)  # i joins b, j leaves b
+            delta = d_a / pairs_norm[ci] + d_b / pairs_norm[cj]
+            good = np.flatnonzero(delta > 1e-9)
+            if len(good) == 0:
+                break
+            good = good[np.argsort(-delta[good], kind="stable")]
+            # a swap is applied when it is the best improving swap of both of its clusters
+            both = np.stack([ci[good], cj[good]], 1).ravel()
+            _, pos = np.unique(both, return_index=True)
+            best_for = np.full(n_clusters, -1, np.int64)
+            best_for[both[pos]] = np.repeat(good, 2)[pos]
+            chosen = good[(best_for[ci[good]] == good) & (best_for[cj[good]] == good)]
+            i, j, ci, cj = i[chosen], j[chosen], ci[chosen], cj[chosen]
+            diff = xt[torch.from_numpy(j)] - xt[torch.from_numpy(i)]
+            sums.index_add_(0, torch.from_numpy(ci), diff)
+            sums.index_add_(0, torch.from_numpy(cj), -diff)
+            lab[i], lab[j] = cj, ci
+            n_swaps += len(chosen)
+    labels[placed] = lab
+    return labels, n_swaps
+
+
+def cohesion(x: np.ndarray, labels: np.ndarray, n_clusters: int | None = None) -> np.ndarray:
+    """Mean pairwise cosine inside each cluster, ``(||S||^2 - n) / (n (n - 1))`` for unit vectors;
+    1.0 for singletons, NaN for empty ids."""
+    placed = labels >= 0
+    k = int(labels.max()) + 1 if n_clusters is None else n_clusters
+    if k <= 0:
+        return np.zeros(0)
+    lab = torch.from_numpy(labels[placed])
+    rows = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[torch.from_numpy(np.flatnonzero(placed))]
+    sums = torch.zeros((k, x.shape[1]), dtype=torch.float32).index_add_(0, lab, rows)
+    n = np.bincount(labels[placed], minlength=k).astype(np.float64)
+    sq = (sums * sums).sum(1).double().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (sq - n) / (n * (n - 1))
+    out[n == 1] = 1.0
+    out[n == 0] = np.nan
+    return out
+
+
+# -- one subset, end to end -----------------------------------------------------------------------
+@dataclass
+class ClusterResult:
+    labels: np.ndarray  # (n,) cluster ids 0..K-1, -1 for leftovers
+    caps: np.ndarray  # the sampled capacities (cluster c has at most caps[c] members)
+    swaps: int = 0
+
+
+def capacity_cluster(
+    x: np.ndarray,
+    *,
+    min_size: int = 2,
+    max_size: int = 25,
+    mean_cap: float = 10.0,
+    std_cap: float = 3.0,
+    seed: int = 42,
+    cell_size: int = 512,
+    n_candidates: int = 8,
+    neighbor_cells: int = 2,
+    kmeans_iters: int = 5,
+    balance_iters: int = 2,
+    refine_rounds: int = 2,
+    sim_floor: float | None = None,
+) -> ClusterResult:
+    """Cluster L2-normalised rows ``x`` into clusters whose sizes are sampled capacities."""
+    n = x.shape[0]
+    caps = sample_caps(n, min_size, max_size, mean_cap, std_cap, seed)
+    if len(caps) == 0:
+        return ClusterResult(np.full(n, LEFTOVER, np.int64), caps)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        centres, centre_cell, point_cell, cells = two_level_centres(
+            torch.from_numpy(x), len(caps), cell_size=cell_size, niter=kmeans_iters, seed=seed
+        )
+    centres_np, cells_np = centres.numpy(), cells.numpy()
+    m = min(n_candidates, len(caps))
+    sims, ids = candidate_centres(x, centres_np, centre_cell, cells_np, m, 1 + neighbor_cells)
+    labels = assign(x, centres_np, caps, sims, ids, sim_floor)
+    if sim_floor is not None:  # clusters the floor left too small are dissolved into leftovers
+        small = np.bincount(labels[labels >= 0], minlength=len(caps)) < min_size
+        labels[(labels >= 0) & small[np.maximum(labels, 0)]] = LEFTOVER
+    for _ in range(balance_iters):  # capacity-constrained Lloyd steps: centres := member means
+        new = balanced_step(x, labels, caps, ids, sim_floor)
+        if np.array_equal(new, labels):
+            break
+        labels = new
+    labels, swaps = refine_swaps(x, labels, ids, len(caps), refine_rounds)
+    return ClusterResult(labels, caps, swaps)
+
+
+def _cluster_sums(xt: torch.Tensor, labels: np.ndarray, k: int) -> tuple[torch.Tensor, np.ndarray]:
+    placed = np.flatnonzero(labels >= 0)
+    rows = xt if len(placed) == len(labels) else xt[torch.from_numpy(placed)]
+    sums = torch.zeros((k, xt.shape[1]), dtype=torch.float32).index_add_(0, torch.from_numpy(labels[placed]), rows)
+    return sums, np.bincount(labels[placed], minlength=k)
+
+
+def _total_cohesion(sums: torch.Tensor, counts: np.ndarray) -> float:
+    sq = (sums * sums).sum(1).double().numpy()
+    ok = counts > 1
+    return float(((sq[ok] - counts[ok]) / (counts[ok] * (counts[ok] - 1.0))).sum())
+
+
+def balanced_step(
+    x: np.ndarray, labels: np.ndarray, caps: np.ndarray, cand_ids: np.ndarray, sim_floor: float | None
+) -> np.ndarray:
+    """Move every centre to the mean of its members, then redo the capacity assignment over the
+    same candidate clusters (a balanced k-means step); keeps the old labels if cohesion drops."""
+    k = len(caps)
+    xt = torch.from_numpy(x)
+    sums, counts = _cluster_sums(xt, labels, k)
+    empty = counts == 0
+    centres = _normalize(sums)
+    sims = _dot_rows(xt, centres, cand_ids).numpy()
+    sims[(cand_ids < 0) | empty[np.maximum(cand_ids, 0)]] = -np.inf  # dissolved clusters stay empty
+    order = np.argsort(-sims, axis=1, kind="stable")
+    sims, ids = np.take_along_axis(sims, order, 1), np.take_along_axis(cand_ids, order, 1)
+    ids = np.where(np.isfinite(sims), ids, -1)
+    new = assign(x, centres.numpy(), np.where(empty, 0, caps), sims, ids, sim_floor)
+    new_sums, new_counts = _cluster_sums(xt, new, k)
+    return new if _total_cohesion(new_sums, new_counts) > _total_cohesion(sums, counts) else labels
+
+
+def compact_labels(labels: np.ndarray, offset: int = 0) -> tuple[np.ndarray, int]:
+    """Renumber used cluster ids to ``offset..offset+K-1`` (leftovers stay -1)."""
+    used = np.unique(labels[labels >= 0])
+    out = np.full_like(labels, LEFTOVER)
+    out[labels >= 0] = np.searchsorted(used, labels[labels >= 0]) + offset
+    return out, len(used)
+
+
+# -- the stage ------------------------------------------------------------------------------------
+@dataclass
+class ClusterArgs:
+    input: str = field(metadata={"help": "Rated pool or stage folder (any input `lmmixup ingest` reads)."})
+    out: str = field(metadata={"help": "Output folder: data/, clusters/, leftovers/, cluster_sizes.png."})
+    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
+    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu)."})
+    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
+    quality: str = field(
+        default="low",
+        metadata={"help": "Rows to cluster: `low` (rating.score < 4; unrated rows are skipped) or `all`."},
+    )
+    min_size: int = field(default=2, metadata={"help": "Smallest cluster."})
+    max_size: int = field(default=25, metadata={"help": "Largest cluster."})
+    mean_cap: float = field(default=10.0, metadata={"help": "Mean of the Normal that draws cluster sizes."})
+    std_cap: float = field(default=3.0, metadata={"help": "Std of the Normal that draws cluster sizes."})
+    seed: int = field(default=42, metadata={"help": "Seed for sizes and k-means."})
+    sim_floor: float | None = field(
+        default=None, metadata={"help": "Minimum cosine to a cluster centre; points below go to leftovers/."}
+    )
+    n_candidates: int = field(default=8, metadata={"help": "Candidate centres per point (top-m)."})
+    cell_size: int = field(default=512, metadata={"help": "Points per coarse k-means cell."})
+    kmeans_iters: int = field(default=5, metadata={"help": "k-means iterations per level."})
+    balance_iters: int = field(
+        default=2, metadata={"help": "Balanced k-means steps: centres := member means, then reassign (0 = off)."}
+    )
+    refine_rounds: int = field(default=2, metadata={"help": "Size-preserving swap rounds (0 = off)."})
+
+
+def _select_rows(ds: Dataset, quality: str) -> tuple[Dataset, dict[str, int]]:
+    if quality == "all":
+        return ds, {}
+    if quality != "low":
+        raise LmmixupError(f"--quality must be `low` or `all`, got {quality!r}")
+    if RATING in ds.column_names:
+        ratings = list(ds[RATING])
+    elif EXTRA in ds.column_names:  # a plain JSONL pool keeps `rating` in the extra JSON
+        ratings = [None if e is None else json.loads(e).get(RATING) for e in ds[EXTRA]]
+    else:
+        ratings = []
+    if not any(isinstance(r, dict) for r in ratings):
+        logger.info("cluster: no ratings, clustering every row")
+        return ds, {}
+    scores = [r.get("score") if isinstance(r, dict) else None for r in ratings]
+    keep = [i for i, s in enumerate(scores) if s is not None and s < HIGH_QUALITY_THRESHOLD]
+    n_unrated = sum(s is None for s in scores)
+    return ds.select(keep), {"skipped_high": len(scores) - len(keep) - n_unrated, "skipped_unrated": n_unrated}
+
+
+def save_histogram(sizes: np.ndarray, path: str | Path, title: str = "cluster sizes") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if len(sizes):
+        ax.hist(sizes, bins=np.arange(sizes.min(), sizes.max() + 2) - 0.5, edgecolor="black")
+    ax.set_xlabel("cluster size")
+    ax.set_ylabel("clusters")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cluster(args: ClusterArgs) -> Dataset:
+    from lmmixup_hf.data.schema import text_of
+    from lmmixup_hf.embed.embeddings import get_embedder
+
+    run = StageRun("cluster", args.out, inputs=[args.input], params=asdict(args))
+    if run.is_complete():
+        logger.info("cluster: up to date, skipping (%s)", args.out)
+        return run.load()
+    pool = read_pool(args.input, quarantine=run.quarantine)
+    ds, skipped = _select_rows(pool, args.quality)
+    if len(ds) == 0:
+        raise LmmixupError(f"{args.input}: no rows to cluster (quality={args.quality!r}, {skipped})")
+    texts = [text_of({PROMPT: p, COMPLETION: c}) for p, c in zip(ds[PROMPT], ds[COMPLETION])]
+    emb = get_embedder(args.embedding_model, device=args.device, batch_size=args.batch_size).encode(texts)
+
+    sources = np.asarray(list(ds[SOURCE]), dtype=object)
+    labels = np.full(len(ds), LEFTOVER, np.int64)
+    per_source: dict[str, dict[str, int]] = {}
+    next_id = 0
+    for src in sorted(set(sources.tolist())):
+        idx = np.flatnonzero(sources == src)
+        res = capacity_cluster(
+            emb[idx],
+            min_size=args.min_size,
+            max_size=args.max_size,
+            mean_cap=args.mean_cap,
+            std_cap=args.std_cap,
+            seed=args.seed,
+            cell_size=args.cell_size,
+            n_candidates=args.n_candidates,
+            kmeans_iters=args.kmeans_iters,
+            balance_iters=args.balance_iters,
+            refine_rounds=args.refine_rounds,
+            sim_floor=args.sim_floor,
+        )
+        local, k = compact_labels(res.labels, next_id)
+        labels[idx] = local
+        next_id += k
+        per_source[src] = {"rows": len(idx), "clusters": k, "leftovers": int((local < 0).sum()), "swaps": res.swaps}
+        logger.info("cluster: %s: %d rows -> %d clusters, %d leftovers", src, len(idx), k, (local < 0).sum())
+
+    coh = cohesion(emb, labels, next_id)
+    sizes = np.bincount(labels[labels >= 0], minlength=next_id)
+    ds = ds.add_column(CLUSTER_ID, labels.tolist())
+    placed = np.flatnonzero(labels >= 0)
+    data = ds.select(placed[np.argsort(labels[placed], kind="stable")])
+    leftovers = ds.select(np.flatnonzero(labels < 0))
+    ids = np.asarray(list(ds[ID]), dtype=object)
+    order = np.argsort(labels, kind="stable")
+    starts = np.searchsorted(labels[order], np.arange(next_id + 1))
+    first_member = order[starts[:-1]] if next_id else np.zeros(0, np.int64)
+    table = Dataset.from_dict(
+        {
+            CLUSTER_ID: list(range(next_id)),
+            SOURCE: sources[first_member].tolist(),
+            "size": sizes.tolist(),
+            "member_ids": [ids[order[starts[c] : starts[c + 1]]].tolist() for c in range(next_id)],
+            "cohesion": coh.tolist(),
+        }
+    )
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    save_histogram(sizes, run.out_dir / HISTOGRAM, f"{next_id} clusters, {len(placed)} rows")
+    mean_coh = float(np.nanmean(coh)) if next_id else float("nan")
+    run.finish(
+        data,
+        counts={
+            "rows_in": len(pool) + len(run.quarantine),
+            "clustered": len(placed),
+            "leftovers": len(leftovers),
+            "clusters": next_id,
+            **skipped,
+        },
+        extra={"mean_cohesion": mean_coh, "sources": per_source, "histogram": HISTOGRAM},
+        splits={"clusters": table, "leftovers": leftovers},
+    )
+    logger.info("cluster: %d clusters, mean cohesion %.4f, %d leftovers", next_id, mean_coh, len(leftovers))
+    return data

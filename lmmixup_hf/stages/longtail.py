@@ -1,0 +1,179 @@
+"""``lmmixup longtail``: the kNN rarity score, mean cosine distance to the k nearest neighbours.
+
+``long_tail_raw = mean_j (1 - cos(x, x_j))`` over the k = 15 nearest rows (self excluded), then
+min-max normalised into ``long_tail``; larger means rarer. Two normalisation modes:
+
+- ``joint`` (default): with ``--reference``, the input rows are scored against the reference set
+  (e.g. distilled rows against the original high-quality rows) and the reference rows against
+  themselves, and one min-max covers both, so the two sets share one scale and can be ranked
+  together;
+- ``per_file``: every set is scored against itself and normalised on its own, as the method's
+  script does (kept for fidelity; scores of two files are then not comparable).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from lmmixup_hf.data.io import Quarantine, read_pool, read_stage_data
+from lmmixup_hf.data.schema import COMPLETION, LONG_TAIL, PROMPT, LmmixupError, text_of
+from lmmixup_hf.embed.neighbors import knn
+from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
+from lmmixup_hf.pipeline.workflow import StageRun
+
+logger = logging.getLogger(__name__)
+
+LONG_TAIL_RAW = "long_tail_raw"
+DEFAULT_K = 15
+REFERENCE_SPLIT = "reference"
+
+
+def long_tail_raw(
+    x: np.ndarray, k: int = DEFAULT_K, *, reference: np.ndarray | None = None, backend: str = "exact"
+) -> np.ndarray:
+    """Mean cosine distance of each row of ``x`` to its k nearest rows of ``reference`` (default:
+    ``x`` itself, own row excluded). Rows must be L2-normalised."""
+    if reference is None and backend == "exact":
+        sims = self_knn_sims(x, k)
+    else:
+        sims, _ = knn(x, reference, k=k, backend=backend)
+    if sims.shape[1] == 0:
+        return np.zeros(x.shape[0], np.float32)
+    return (1.0 - sims.astype(np.float64)).mean(1)
+
+
+def self_knn_sims(x: np.ndarray, k: int = DEFAULT_K, block: int = 2048) -> np.ndarray:
+    """Exact top-k cosine similarities of every row to the other rows, ``(n, k)`` best first.
+
+    Symmetric blocking: each block pair (i, j >= i) is multiplied once and serves the rows of
+    both blocks (the transpose), so the N x N product costs half of a plain all-vs-all search.
+    """
+    n = x.shape[0]
+    k = min(k, n - 1)
+    if k <= 0:
+        return np.zeros((n, 0), np.float32)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    best = torch.full((n, k), -math.inf)
+    starts = list(range(0, n, block))
+
+    def merge(rows: slice, scores: torch.Tensor) -> None:
+        top = torch.topk(scores, min(k, scores.shape[1]), dim=1).values
+        best[rows] = torch.topk(torch.cat([best[rows], top], 1), k, dim=1).values
+
+    with torch.inference_mode():
+        for i in starts:
+            bi = xt[i : i + block]
+            for j in starts:
+                if j < i:
+                    continue
+                s = bi @ xt[j : j + block].T
+                if i == j:
+                    s.fill_diagonal_(-math.inf)
+                merge(slice(i, i + block), s)
+                if j != i:
+                    merge(slice(j, j + block), s.T.contiguous())
+    return best.numpy()
+
+
+def min_max(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """``(v - lo) / (hi - lo)`` with lo/hi the extremes of ``values`` unless given; 0 if constant."""
+    lo = float(values.min()) if lo is None else lo
+    hi = float(values.max()) if hi is None else hi
+    if len(values) == 0 or hi - lo <= 0:
+        return np.zeros(len(values), np.float64)
+    return (values - lo) / (hi - lo)
+
+
+def score_sets(
+    x: np.ndarray,
+    reference: np.ndarray | None = None,
+    *,
+    k: int = DEFAULT_K,
+    normalize: Literal["joint", "per_file"] = "joint",
+    backend: str = "exact",
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """``((raw, norm) for x, (raw, norm) for reference or None)`` in the chosen mode."""
+    if normalize not in ("joint", "per_file"):
+        raise LmmixupError(f"normalize must be `joint` or `per_file`, got {normalize!r}")
+    if reference is None:
+        raw = long_tail_raw(x, k, backend=backend)
+        return (raw, min_max(raw)), None
+    ref_raw = long_tail_raw(reference, k, backend=backend)
+    if normalize == "per_file":
+        raw = long_tail_raw(x, k, backend=backend)
+        return (raw, min_max(raw)), (ref_raw, min_max(ref_raw))
+    raw = long_tail_raw(x, k, reference=reference, backend=backend)
+    both = np.concatenate([raw, ref_raw])
+    lo, hi = float(both.min()), float(both.max())
+    return (raw, min_max(raw, lo, hi)), (ref_raw, min_max(ref_raw, lo, hi))
+
+
+@dataclass
+class LongtailArgs:
+    input: str = field(metadata={"help": "Rows to score (pool or stage folder), e.g. the distilled rows."})
+    out: str = field(metadata={"help": "Output folder: data/ (+ reference/ with --reference)."})
+    reference: str | None = field(
+        default=None, metadata={"help": "Score the input against this set (e.g. the original high-quality rows)."}
+    )
+    k: int = field(default=DEFAULT_K, metadata={"help": "Neighbours per row (the method uses 15)."})
+    normalize: str = field(
+        default="joint",
+        metadata={"help": "`joint`: one min-max over input and reference; `per_file`: each set on its own."},
+    )
+    backend: str = field(default="exact", metadata={"help": "kNN: exact, ivf, hnsw (faiss) or auto."})
+    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
+    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu)."})
+    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
+
+
+def read_rows(path: str, quarantine: Quarantine) -> Dataset:
+    """A pool, a stage folder, or one split folder of a stage (e.g. ``<longtail out>/reference``)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "data").is_dir() and any(p.glob("*.parquet")):
+        return read_stage_data(p.parent, p.name)
+    return read_pool(path, quarantine=quarantine)
+
+
+def _texts(ds: Dataset) -> list[str]:
+    return [text_of({PROMPT: p, COMPLETION: c}) for p, c in zip(ds[PROMPT], ds[COMPLETION])]
+
+
+def _with_scores(ds: Dataset, raw: np.ndarray, norm: np.ndarray) -> Dataset:
+    ds = ds.remove_columns([c for c in (LONG_TAIL, LONG_TAIL_RAW) if c in ds.column_names])
+    return ds.add_column(LONG_TAIL_RAW, raw.astype(np.float64).tolist()).add_column(
+        LONG_TAIL, norm.astype(np.float64).tolist()
+    )
+
+
+def longtail(args: LongtailArgs) -> Dataset:
+    from lmmixup_hf.embed.embeddings import get_embedder
+
+    inputs = [args.input] + ([args.reference] if args.reference else [])
+    run = StageRun("longtail", args.out, inputs=inputs, params=asdict(args))
+    if run.is_complete():
+        logger.info("longtail: up to date, skipping (%s)", args.out)
+        return run.load()
+    ds = read_rows(args.input, run.quarantine)
+    ref = read_rows(args.reference, run.quarantine) if args.reference else None
+    embedder = get_embedder(args.embedding_model, device=args.device, batch_size=args.batch_size)
+    x = embedder.encode(_texts(ds))
+    y = embedder.encode(_texts(ref)) if ref is not None else None
+    (raw, norm), ref_scores = score_sets(x, y, k=args.k, normalize=args.normalize, backend=args.backend)
+    out = _with_scores(ds, raw, norm)
+    splits = {REFERENCE_SPLIT: _with_scores(ref, *ref_scores)} if ref is not None else {}
+    run.finish(
+        out,
+        counts={"rows": len(out), "reference_rows": len(ref) if ref is not None else 0},
+        extra={"long_tail": {"k": args.k, "raw_min": float(raw.min()), "raw_max": float(raw.max())}},
+        splits=splits,
+    )
+    logger.info("longtail: scored %d rows (k=%d, %s)", len(out), args.k, args.normalize)
+    return out

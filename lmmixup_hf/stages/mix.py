@@ -1,0 +1,253 @@
+"""``lmmixup mix``: original high-quality rows plus the rarest distilled rows, at a stated ratio.
+
+``total`` rows, of which ``round(total * ratio)`` are distilled (ranked by ``long_tail``, highest
+first) and the rest original (ranked by rating score, then ``long_tail``, when those columns
+exist; otherwise in input order). Near-duplicates (cosine >= ``dedup_threshold``) are removed
+across both sets while the mix is filled: original rows are taken first and win over distilled
+ones, and inside a set the higher-ranked row wins. A removed row is always a near-duplicate of a
+row that is in the output. If too few rows remain for the requested size and ratio the stage
+stops with an error that gives the counts (``--allow_fewer`` writes the smaller mix instead and
+records the shortfall in the manifest). The mix is shuffled with ``seed`` and written both as
+TRL prompt-completion (``data/``) and as conversational ``messages`` (``messages/``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import Dataset, Features, Value, concatenate_datasets
+
+from lmmixup_hf.data.io import read_pool
+from lmmixup_hf.data.schema import COMPLETION, ID, LONG_TAIL, PROMPT, RATING, SOURCE, LmmixupError, text_of
+from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
+from lmmixup_hf.pipeline.workflow import StageRun
+
+logger = logging.getLogger(__name__)
+
+ORIGIN = "origin"
+MESSAGES = "messages"
+KEEP_COLUMNS = (ID, PROMPT, COMPLETION, SOURCE)
+MIX_FEATURES = Features(
+    {**{c: Value("string") for c in KEEP_COLUMNS}, LONG_TAIL: Value("float64"), ORIGIN: Value("string")}
+)
+
+
+def greedy_dedup(
+    x: np.ndarray, quota: int, threshold: float, kept: np.ndarray | None = None, block: int = 4096
+) -> np.ndarray:
+    """Walk the rows of ``x`` in order and keep a row unless its cosine to an already kept row (or
+    to a row of ``kept``) is >= ``threshold``; stop after ``quota`` rows. Returns the kept indices.
+
+    Blocked: each block is compared with the kept rows in one matmul; only rows with an earlier
+    near-duplicate inside the block are resolved one by one.
+    """
+    d = x.shape[1]
+    kept_vecs = torch.from_numpy(np.ascontiguousarray(kept if kept is not None else np.zeros((0, d)), np.float32))
+    out: list[np.ndarray] = []
+    n_out = 0
+    for start in range(0, x.shape[0], block):
+        if n_out >= quota:
+            break
+        b = torch.from_numpy(np.ascontiguousarray(x[start : start + block], np.float32))
+        keep = np.ones(b.shape[0], bool)
+        if kept_vecs.shape[0]:
+            keep &= ~((b @ kept_vecs.T) >= threshold).any(1).numpy()
+        dup = torch.triu((b @ b.T) >= threshold, diagonal=1).numpy()  # dup[i, j]: j is near i, i < j
+        for j in np.flatnonzero(dup.any(0)):
+            if keep[j] and (dup[:j, j] & keep[:j]).any():
+                keep[j] = False
+        idx = np.flatnonzero(keep)[: quota - n_out]
+        out.append(idx + start)
+        n_out += len(idx)
+        kept_vecs = torch.cat([kept_vecs, b[torch.from_numpy(idx)]])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def rank_original(ds: Dataset) -> np.ndarray:
+    """Rating score, then long-tail, both descending, when present; else the input order."""
+    keys = []
+    if LONG_TAIL in ds.column_names:
+        lt = np.asarray([np.nan if v is None else v for v in ds[LONG_TAIL]], np.float64)
+        keys.append(-np.nan_to_num(lt, nan=-np.inf))
+    if RATING in ds.column_names:
+        keys.append(-np.asarray([-1 if r is None or r.get("score") is None else r["score"] for r in ds[RATING]]))
+    return np.lexsort(keys) if keys else np.arange(len(ds))  # lexsort: last key is the primary one
+
+
+def rank_distilled(ds: Dataset) -> np.ndarray:
+    """Long-tail score, descending (the rarest distilled rows first)."""
+    if LONG_TAIL not in ds.column_names:
+        raise LmmixupError(f"no `{LONG_TAIL}` column in the distilled rows; score them first with `lmmixup longtail`")
+    lt = np.asarray([np.nan if v is None else v for v in ds[LONG_TAIL]], np.float64)
+    return np.argsort(-np.nan_to_num(lt, nan=-np.inf), kind="stable")
+
+
+@dataclass
+class MixArgs:
+    original: str = field(metadata={"help": "Original high-quality rows (pool or stage folder)."})
+    distilled: str = field(metadata={"help": "Distilled rows with a `long_tail` column (`lmmixup longtail`)."})
+    out: str = field(metadata={"help": "Output folder: data/ (prompt, completion) and messages/."})
+    total: int = field(default=10_000, metadata={"help": "Rows in the mix."})
+    ratio: float = field(default=0.5, metadata={"help": "Share of distilled rows (0.5 = 5/5, 0.7 = mixup7_ori3)."})
+    dedup_threshold: float | None = field(
+        default=0.92, metadata={"help": "Drop rows with cosine >= this to a kept row (originals win); none = off."}
+    )
+    seed: int = field(default=42, metadata={"help": "Shuffle seed."})
+    allow_fewer: bool = field(
+        default=False, metadata={"help": "Write a smaller mix instead of failing when rows run out."}
+    )
+    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Model for dedup."})
+    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu)."})
+    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
+
+
+def _texts(ds: Dataset, order: np.ndarray) -> list[str]:
+    prompts, completions = list(ds[PROMPT]), list(ds[COMPLETION])
+    return [text_of({PROMPT: prompts[i], COMPLETION: completions[i]}) for i in order]
+
+
+def _project(ds: Dataset, order: np.ndarray, origin: str) -> Dataset:
+    ds = ds.select(order)
+    lt = list(ds[LONG_TAIL]) if LONG_TAIL in ds.column_names else [None] * len(ds)
+    cols = {c: list(ds[c]) for c in KEEP_COLUMNS}
+    return Dataset.from_dict({**cols, LONG_TAIL: lt, ORIGIN: [origin] * len(ds)}, features=MIX_FEATURES)
+
+
+EMBEDDING = "embedding"  # a precomputed vector column, reused instead of encoding again
+
+
+def mix_rows(
+    original: Dataset,
+    distilled: Dataset,
+    *,
+    total: int,
+    ratio: float,
+    dedup_threshold: float | None = 0.92,
+    seed: int = 42,
+    allow_fewer: bool = False,
+    embed: Callable[[list[str]], np.ndarray] | None = None,
+) -> tuple[Dataset, dict[str, Any]]:
+    """The mix as a core: ``total`` rows, ``round(total * ratio)`` of them distilled, near-duplicates
+    removed (originals win), shuffled with ``seed``. Returns the rows and the counts.
+
+    Dedup needs vectors: an ``embedding`` column when both inputs have one, else ``embed(texts)``.
+    Raises :class:`LmmixupError` when rows run out, unless ``allow_fewer``."""
+    if not 0.0 <= ratio <= 1.0:
+        raise LmmixupError(f"ratio must be in [0, 1], got {ratio}")
+    if total <= 0:
+        raise LmmixupError(f"total must be positive, got {total}")
+    n_dist = round(total * ratio)
+    n_orig = total - n_dist
+    o_rank, d_rank = rank_original(original), rank_distilled(distilled)
+    if (len(original) < n_orig or len(distilled) < n_dist) and not allow_fewer:  # fail before embedding
+        raise LmmixupError(
+            f"not enough rows for total={total} at ratio={ratio} (original: need {n_orig}, have "
+            f"{len(original)}; distilled: need {n_dist}, have {len(distilled)}); lower --total, change --ratio "
+            "or pass --allow_fewer"
+        )
+
+    if dedup_threshold is None:
+        o_sel, d_sel = o_rank[:n_orig], d_rank[:n_dist]
+        o_dups = d_dups = 0
+    else:
+        ox = _vectors(original, o_rank, embed)
+        o_keep = greedy_dedup(ox, n_orig, dedup_threshold)
+        o_sel = o_rank[o_keep]
+        o_dups = _scanned(o_keep, len(o_rank), n_orig) - len(o_keep)
+        dx = _vectors(distilled, d_rank, embed)
+        d_keep = greedy_dedup(dx, n_dist, dedup_threshold, kept=ox[o_keep])
+        d_sel = d_rank[d_keep]
+        d_dups = _scanned(d_keep, len(d_rank), n_dist) - len(d_keep)
+
+    wanted = (("original", n_orig, o_sel), ("distilled", n_dist, d_sel))
+    missing = {name: (want, len(got)) for name, want, got in wanted if len(got) < want}
+    if missing:
+        detail = "; ".join(f"{k}: need {w}, have {h}" for k, (w, h) in missing.items())
+        msg = (
+            f"not enough rows for total={total} at ratio={ratio} ({detail}; near-duplicates removed: "
+            f"{o_dups} original, {d_dups} distilled)"
+        )
+        if not allow_fewer:
+            raise LmmixupError(msg + "; lower --total, change --ratio or pass --allow_fewer")
+        logger.warning("mix: %s; writing %d rows", msg, len(o_sel) + len(d_sel))
+
+    mixed = concatenate_datasets([_project(original, o_sel, "original"), _project(distilled, d_sel, "distilled")])
+    mixed = mixed.select(np.random.default_rng(seed).permutation(len(mixed)))
+    counts = {
+        "rows": len(mixed),
+        "original": len(o_sel),
+        "distilled": len(d_sel),
+        "dedup_removed_original": o_dups,
+        "dedup_removed_distilled": d_dups,
+    }
+    return mixed, {"counts": counts, "shortfall": {k: w - h for k, (w, h) in missing.items()}}
+
+
+def _vectors(ds: Dataset, order: np.ndarray, embed: Callable[[list[str]], np.ndarray] | None) -> np.ndarray:
+    """Unit vectors of ``ds``'s rows in ``order``: its ``embedding`` column, or ``embed`` on the texts."""
+    if EMBEDDING in ds.column_names:
+        x = np.asarray(ds.select(order)[EMBEDDING], dtype=np.float32).reshape(len(order), -1)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    if embed is None:
+        raise LmmixupError("dedup needs an `embedding` column or an embedding model")
+    return embed(_texts(ds, order))
+
+
+def to_messages(mixed: Dataset) -> Dataset:
+    """The conversational form of a mix (TRL's ``messages``)."""
+    return mixed.map(
+        lambda r: {
+            MESSAGES: [{"role": "user", "content": r[PROMPT]}, {"role": "assistant", "content": r[COMPLETION]}]
+        },
+        remove_columns=[PROMPT, COMPLETION],
+    )
+
+
+def mix(args: MixArgs) -> Dataset:
+    """``lmmixup mix``: read both inputs, run :func:`mix_rows`, write ``data/`` and ``messages/``."""
+    from lmmixup_hf.embed.embeddings import get_embedder
+
+    run = StageRun("mix", args.out, inputs=[args.original, args.distilled], params=asdict(args))
+    if run.is_complete():
+        logger.info("mix: up to date, skipping (%s)", args.out)
+        return run.load()
+    orig = read_pool(args.original, quarantine=run.quarantine)  # a plain pool's long_tail/rating are real columns
+    dist = read_pool(args.distilled, quarantine=run.quarantine)
+    if LONG_TAIL not in dist.column_names:
+        raise LmmixupError(f"{args.distilled}: no `{LONG_TAIL}` column; score it first with `lmmixup longtail`")
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return get_embedder(args.embedding_model, device=args.device, batch_size=args.batch_size).encode(texts)
+
+    mixed, stats = mix_rows(
+        orig,
+        dist,
+        total=args.total,
+        ratio=args.ratio,
+        dedup_threshold=args.dedup_threshold,
+        seed=args.seed,
+        allow_fewer=args.allow_fewer,
+        embed=embed,
+    )
+    run.finish(
+        mixed,
+        counts=stats["counts"],
+        extra={"requested": {"total": args.total, "ratio": args.ratio}, "shortfall": stats["shortfall"]},
+        splits={MESSAGES: to_messages(mixed)},
+    )
+    c = stats["counts"]
+    logger.info("mix: %d rows (%d original + %d distilled)", c["rows"], c["original"], c["distilled"])
+    return mixed
+
+
+def _scanned(keep: np.ndarray, n: int, quota: int) -> int:
+    """How many ranked rows the dedup walked through: up to the last kept row when the quota was
+    met, else all of them (so 'scanned - kept' is the number of near-duplicates removed)."""
+    if quota <= 0:
+        return 0
+    return int(keep[-1]) + 1 if len(keep) >= quota else n

@@ -1,0 +1,1 @@
+"""MIXTURE rows -> SFT and GRPO training rows."""
