@@ -43,7 +43,10 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "ingest": Command("lmmixup_hf.pipeline.ingest", "IngestArgs", "ingest", "Validate a pool onto the data contract."),
     "distill": Command(
-        "lmmixup_hf.stages.distill", "DistillArgs", "distill", "Fuse each cluster into one sample with the distiller."
+        "lmmixup_hf.pipeline.distill",
+        "DistillArgs",
+        "distill",
+        "Fuse each cluster into one sample with the distiller.",
     ),
     "push": Command(
         "lmmixup_hf.integrations.hub",
@@ -54,13 +57,13 @@ COMMANDS: dict[str, Command] = {
     "pull": Command(
         "lmmixup_hf.integrations.hub", "PullArgs", "pull_main", "Download a model or dataset repo from the Hub."
     ),
-    "rate": Command("lmmixup_hf.stages.rate", "RateArgs", "rate", "Score rows with an LLM judge; split high/low."),
+    "rate": Command("lmmixup_hf.pipeline.rate", "RateArgs", "rate", "Score rows with an LLM judge; split high/low."),
     "cluster": Command(
         "lmmixup_hf.stages.cluster", "ClusterArgs", "cluster", "Capacity-constrained clustering per source."
     ),
     "longtail": Command("lmmixup_hf.stages.longtail", "LongtailArgs", "longtail", "Long-tail (kNN rarity) scores."),
     "mix": Command(
-        "lmmixup_hf.stages.mix", "MixArgs", "mix", "Original high-quality + top distilled rows at a ratio."
+        "lmmixup_hf.pipeline.mix", "MixArgs", "mix", "Original high-quality + top distilled rows at a ratio."
     ),
     "run": Command("lmmixup_hf.pipeline.run", "RunArgs", "run", "Run the whole pipeline from a YAML config."),
     "eval-report": Command("lmmixup_hf.evaluation.report", "EvalReportArgs", "eval_report", "Paper-style eval table."),
@@ -68,8 +71,10 @@ COMMANDS: dict[str, Command] = {
         "lmmixup_hf.integrations.mixture_export", None, "main", "Export MIXTURE as parquet + dataset card."
     ),
     "report": Command("lmmixup_hf.pipeline.report", "ReportArgs", "report", "Write report.html/.md for a run folder."),
-    "split": Command("lmmixup_hf.pipeline.run", "SplitArgs", "split_rated", "Split rated rows into high/ and low/."),
-    "filter": Command("lmmixup_hf.pipeline.run", "FilterArgs", "filter_rated", "Keep rated rows at or above a score."),
+    "split": Command("lmmixup_hf.pipeline.split", "SplitArgs", "split_rated", "Split rated rows into high/ and low/."),
+    "filter": Command(
+        "lmmixup_hf.pipeline.split", "FilterArgs", "filter_rated", "Keep rated rows at or above a score."
+    ),
     "build-quality-library": Command(
         "lmmixup_hf.rewards.build_library",
         "LibraryArgs",

@@ -14,7 +14,8 @@ from openai_server import openai_server  # noqa: F401  (fixture)
 from lmmixup_hf.data.io import read_stage_data
 from lmmixup_hf.distiller.prompts import format_target
 from lmmixup_hf.distiller.response_parsing import parse_response
-from lmmixup_hf.stages.distill import DistillArgs, distill, group_clusters
+from lmmixup_hf.pipeline.distill import DistillArgs, distill
+from lmmixup_hf.stages.distill import group_clusters
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -158,5 +158,7 @@ def test_saved_folder_loads_with_trust_remote_code_without_the_package(pipe, tmp
         here = pipe.postprocess({"generated": ids, "task_type": task, "instruction": "merge", "n_dropped": 0})
         assert result["scripted"][task] == here, task
         assert here["prompt"] and here["completion"] and here["parse_error"] is None, here
-    assert (saved / "response_parsing.py").read_text() == (ROOT / "lmmixup_hf" / "distiller" / "response_parsing.py").read_text()
+    assert (saved / "response_parsing.py").read_text() == (
+        ROOT / "lmmixup_hf" / "distiller" / "response_parsing.py"
+    ).read_text()
     shutil.rmtree(tmp_path / "modules", ignore_errors=True)

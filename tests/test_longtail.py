@@ -117,7 +117,7 @@ def test_cli_longtail_with_reference(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["rows"] == 8 and manifest["counts"]["reference_rows"] == 28
     # the scored sets feed `mix` directly: the reference split is the original side
-    from lmmixup_hf.stages.mix import MixArgs, mix
+    from lmmixup_hf.pipeline.mix import MixArgs, mix
 
     mixed = mix(
         MixArgs(

@@ -11,7 +11,8 @@ import pytest
 from datasets import Dataset
 
 from lmmixup_hf.data.schema import LmmixupError, text_of
-from lmmixup_hf.stages.mix import MixArgs, greedy_dedup, mix
+from lmmixup_hf.pipeline.mix import MixArgs, mix
+from lmmixup_hf.stages.mix import greedy_dedup
 
 SUBJECTS = [
     "volcanoes",

@@ -335,7 +335,7 @@ def test_demo_models_run_every_stage(tmp_path, smollm2_dir):
 def test_split_by_top_share_ranks_by_score_then_expected(tmp_path):
     from datasets import Dataset
 
-    from lmmixup_hf.pipeline.run import SplitArgs, split_rated
+    from lmmixup_hf.pipeline.split import SplitArgs, split_rated
     from lmmixup_hf.pipeline.workflow import StageRun
 
     ratings = [(0, 1.2), (0, 2.9), (1, 1.0), (0, 2.5), None, (0, 1.9), (2, 3.0), (0, 2.0)]

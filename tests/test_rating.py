@@ -22,7 +22,8 @@ from openai_server import Faults, judge_responder, last_user_text, messages_key,
 from lmmixup_hf.data.io import read_stage_data, write_stage_data
 from lmmixup_hf.data.schema import LmmixupError, compress_score
 from lmmixup_hf.judge.judges import RUBRICS, JudgeItem, build_judge_messages
-from lmmixup_hf.stages.rate import RateArgs, rate, render_item
+from lmmixup_hf.pipeline.rate import RateArgs, rate
+from lmmixup_hf.stages.rate import render_item
 
 _openai_server = pytest.fixture(server_factory, name="openai_server")
 

@@ -18,7 +18,7 @@ from lmmixup_hf.data.io import read_stage_data
 from lmmixup_hf.judge import batch as batch_judge
 from lmmixup_hf.judge.batch import BatchRunner, BatchState, Chunk, read_results, write_inputs
 from lmmixup_hf.judge.judges import JudgeItem
-from lmmixup_hf.stages.rate import RateArgs, rate
+from lmmixup_hf.pipeline.rate import RateArgs, rate
 
 _openai_server = pytest.fixture(server_factory, name="openai_server")
 
@@ -328,8 +328,9 @@ def test_pipeline_config_passes_the_mode_through(tmp_path):
 
 def test_estimate_before_the_bill(openai_server, tmp_path, capsys):
     from lmmixup_hf.judge.judges import build_judge_messages
+    from lmmixup_hf.pipeline.rate import REPLY_TOKENS
     from lmmixup_hf.pipeline.report import _stage_rows, find_costs, summarize
-    from lmmixup_hf.stages.rate import REPLY_TOKENS, render_item
+    from lmmixup_hf.stages.rate import render_item
 
     server = openai_server(judge_responder, batch_polls=1)
     pool, out = tmp_path / "pool.jsonl", tmp_path / "run" / "rate"

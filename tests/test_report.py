@@ -13,7 +13,7 @@ from datasets import Dataset
 
 from lmmixup_hf.data.schema import compress_score
 from lmmixup_hf.pipeline.report import ReportArgs, find_costs, report
-from lmmixup_hf.pipeline.run import FilterArgs, SplitArgs, filter_rated, split_rated
+from lmmixup_hf.pipeline.split import FilterArgs, SplitArgs, filter_rated, split_rated
 from lmmixup_hf.pipeline.workflow import StageRun
 
 PNG = b"\x89PNG\r\n\x1a\n"

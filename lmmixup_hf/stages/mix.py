@@ -1,4 +1,4 @@
-"""``lmmixup mix``: original high-quality rows plus the rarest distilled rows, at a stated ratio.
+"""The mix core: original high-quality rows plus the rarest distilled rows, at a stated ratio.
 
 ``total`` rows, of which ``round(total * ratio)`` are distilled (ranked by ``long_tail``, highest
 first) and the rest original (ranked by rating score, then ``long_tail``, when those columns
@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 
-from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.schema import COMPLETION, ID, LONG_TAIL, PROMPT, RATING, SOURCE, LmmixupError, text_of
-from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
-from lmmixup_hf.pipeline.workflow import StageRun
 
 logger = logging.getLogger(__name__)
 
@@ -85,25 +81,6 @@ def rank_distilled(ds: Dataset) -> np.ndarray:
         raise LmmixupError(f"no `{LONG_TAIL}` column in the distilled rows; score them first with `lmmixup longtail`")
     lt = np.asarray([np.nan if v is None else v for v in ds[LONG_TAIL]], np.float64)
     return np.argsort(-np.nan_to_num(lt, nan=-np.inf), kind="stable")
-
-
-@dataclass
-class MixArgs:
-    original: str = field(metadata={"help": "Original high-quality rows (pool or stage folder)."})
-    distilled: str = field(metadata={"help": "Distilled rows with a `long_tail` column (`lmmixup longtail`)."})
-    out: str = field(metadata={"help": "Output folder: data/ (prompt, completion) and messages/."})
-    total: int = field(default=10_000, metadata={"help": "Rows in the mix."})
-    ratio: float = field(default=0.5, metadata={"help": "Share of distilled rows (0.5 = 5/5, 0.7 = mixup7_ori3)."})
-    dedup_threshold: float | None = field(
-        default=0.92, metadata={"help": "Drop rows with cosine >= this to a kept row (originals win); none = off."}
-    )
-    seed: int = field(default=42, metadata={"help": "Shuffle seed."})
-    allow_fewer: bool = field(
-        default=False, metadata={"help": "Write a smaller mix instead of failing when rows run out."}
-    )
-    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Model for dedup."})
-    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu)."})
-    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
 
 
 def _texts(ds: Dataset, order: np.ndarray) -> list[str]:
@@ -206,43 +183,6 @@ def to_messages(mixed: Dataset) -> Dataset:
         },
         remove_columns=[PROMPT, COMPLETION],
     )
-
-
-def mix(args: MixArgs) -> Dataset:
-    """``lmmixup mix``: read both inputs, run :func:`mix_rows`, write ``data/`` and ``messages/``."""
-    from lmmixup_hf.embed.embeddings import get_embedder
-
-    run = StageRun("mix", args.out, inputs=[args.original, args.distilled], params=asdict(args))
-    if run.is_complete():
-        logger.info("mix: up to date, skipping (%s)", args.out)
-        return run.load()
-    orig = read_pool(args.original, quarantine=run.quarantine)  # a plain pool's long_tail/rating are real columns
-    dist = read_pool(args.distilled, quarantine=run.quarantine)
-    if LONG_TAIL not in dist.column_names:
-        raise LmmixupError(f"{args.distilled}: no `{LONG_TAIL}` column; score it first with `lmmixup longtail`")
-
-    def embed(texts: list[str]) -> np.ndarray:
-        return get_embedder(args.embedding_model, device=args.device, batch_size=args.batch_size).encode(texts)
-
-    mixed, stats = mix_rows(
-        orig,
-        dist,
-        total=args.total,
-        ratio=args.ratio,
-        dedup_threshold=args.dedup_threshold,
-        seed=args.seed,
-        allow_fewer=args.allow_fewer,
-        embed=embed,
-    )
-    run.finish(
-        mixed,
-        counts=stats["counts"],
-        extra={"requested": {"total": args.total, "ratio": args.ratio}, "shortfall": stats["shortfall"]},
-        splits={MESSAGES: to_messages(mixed)},
-    )
-    c = stats["counts"]
-    logger.info("mix: %d rows (%d original + %d distilled)", c["rows"], c["original"], c["distilled"])
-    return mixed
 
 
 def _scanned(keep: np.ndarray, n: int, quota: int) -> int:

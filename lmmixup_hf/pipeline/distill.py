@@ -1,0 +1,231 @@
+"""``lmmixup distill``: fuse every cluster with the distiller, resumably.
+
+Clusters are distilled in chunks of ``--checkpoint_every``; each finished chunk is written under the
+stage's work folder at once, so Ctrl-C or SIGKILL loses at most the chunk in flight and a rerun
+resumes after the last finished one. The distilling itself is :mod:`lmmixup_hf.stages.distill`;
+this module adds the files, the manifest and the throughput figures around it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import Dataset
+from datasets.table import InMemoryTable
+
+from lmmixup_hf.data.io import read_pool
+from lmmixup_hf.data.schema import (
+    CLUSTER_ID,
+    COMPLETION,
+    ID,
+    PROMPT,
+    SOURCE,
+    TASK_TYPE,
+    LmmixupError,
+)
+from lmmixup_hf.distiller.engines import ENGINES, Engine, make_engine
+from lmmixup_hf.distiller.prompts import (
+    PROMPT_STYLES,
+    PROMPT_VERSION,
+)
+from lmmixup_hf.pipeline.workflow import StageRun
+from lmmixup_hf.stages.distill import SCHEMA, distill_chunk, group_clusters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillArgs:
+    input: str = field(
+        metadata={"help": "Clusters: an `lmmixup cluster` output folder, or parquet/jsonl with cluster_id."}
+    )
+    out: str = field(metadata={"help": "Output folder (data/, unparsed/, rejected.jsonl, manifest.json)."})
+    model: str = field(metadata={"help": "Distiller: Hub id, local folder, alias, or the served model name (openai)."})
+    engine: str = field(default="transformers", metadata={"help": "Inference engine.", "choices": list(ENGINES)})
+    max_prompt_tokens: int = field(
+        default=2400, metadata={"help": "Prompt budget; whole members are dropped beyond it."}
+    )
+    max_new_tokens: int = field(default=1024, metadata={"help": "Generation budget per cluster."})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (only when temperature > 0)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    checkpoint_every: int = field(default=64, metadata={"help": "Clusters per checkpointed chunk."})
+    limit: int | None = field(default=None, metadata={"help": "Distill only the first N clusters (smoke runs)."})
+    task_type: str | None = field(default=None, metadata={"help": "Override every cluster's task type."})
+    prompt_style: str = field(
+        default="ours",
+        metadata={
+            "help": "ours, or reference: the paper's prompt, for a distiller trained by its code.",
+            "choices": list(PROMPT_STYLES),
+        },
+    )
+    # transformers
+    batch_size: int = field(default=8, metadata={"help": "transformers: prompts per generate() call."})
+    device: str | None = field(default=None, metadata={"help": "transformers: cpu, cuda, cuda:1 (default: auto)."})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."}
+    )
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "transformers: sdpa, eager or flash_attention_2."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
+    scaffold: bool = field(
+        default=False,
+        metadata={
+            "help": "transformers: the engine writes the <think>/<answer> "
+            "tags and the model fills them (for untrained models)."
+        },
+    )
+    think_tokens: int = field(default=48, metadata={"help": "transformers, with --scaffold: reasoning budget."})
+    answer_prefix: str = field(
+        default="", metadata={"help": "transformers, with --scaffold: text that opens the answer, e.g. 'Q:' for qa."}
+    )
+    # vllm
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per model replica."})
+    data_parallel_size: int = field(default=1, metadata={"help": "vllm: model replicas."})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm: fraction of GPU memory."})
+    max_model_len: int | None = field(default=None, metadata={"help": "vllm: context length cap."})
+    # openai
+    base_url: str | None = field(default=None, metadata={"help": "openai: server URL (default $OPENAI_BASE_URL)."})
+    api_key: str | None = field(
+        default=None, metadata={"help": "openai: key (default $OPENAI_API_KEY; never written)."}
+    )
+    max_concurrency: int = field(default=16, metadata={"help": "openai: requests in flight."})
+    tokenizer: str | None = field(default=None, metadata={"help": "openai: tokenizer for the prompt budget."})
+    cache_dir: str | None = field(default=None, metadata={"help": "openai: response cache folder."})
+
+
+def _load_clusters(path: str) -> Dataset:
+    ds = read_pool(path)  # a clusters file's cluster_id comes through as a real column
+    missing = [c for c in (CLUSTER_ID, ID, PROMPT, COMPLETION) if c not in ds.column_names]
+    if missing:
+        raise LmmixupError(
+            f"{path}: not a clusters table; missing column(s) {', '.join(missing)} (run `lmmixup cluster` first)"
+        )
+    return ds
+
+
+def _write_part(path: Path, rows: list[dict[str, Any]], stats: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+    os.replace(tmp, path)
+    path.with_suffix(".json").write_text(json.dumps(stats))
+
+
+# -- the command: checkpoints per chunk, manifest and throughput around the core --------------------
+def distill(args: DistillArgs, engine: Engine | None = None) -> Dataset:
+    """Run the stage (or return its output when it is up to date). ``engine`` lets a caller that
+    already holds a loaded model reuse it."""
+    from tqdm.auto import tqdm
+
+    if args.engine not in ENGINES:
+        raise LmmixupError(f"unknown engine {args.engine!r}; choose one of {', '.join(ENGINES)}")
+    params = asdict(args)
+    for k in ("out", "checkpoint_every", "max_concurrency", "cache_dir", "device", "batch_size"):
+        params.pop(k, None)  # they do not change the result, so they must not invalidate finished work
+    if args.prompt_style not in PROMPT_STYLES:
+        raise LmmixupError(f"unknown prompt_style {args.prompt_style!r}; choose one of {', '.join(PROMPT_STYLES)}")
+    if params.get("prompt_style") == "ours":
+        params.pop("prompt_style")  # the default: runs made before the option keep their fingerprint
+    params["prompt_version"] = PROMPT_VERSION
+    run = StageRun("distill", args.out, inputs=[args.input], params=params)
+    if run.is_complete():
+        logger.info("distill: up to date, skipping (%s)", args.out)
+        return run.load()
+
+    ds = _load_clusters(args.input)
+    cluster_ids = np.asarray(ds[CLUSTER_ID], dtype=np.int64)
+    ids = np.asarray([str(x) for x in ds[ID]])
+    clusters = list(group_clusters(cluster_ids, ids))
+    n_leftover = int((cluster_ids < 0).sum())
+    if args.limit is not None:
+        clusters = clusters[: args.limit]
+    if not clusters:
+        raise LmmixupError(f"{args.input}: no clusters with cluster_id >= 0")
+    columns = [c for c in (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE) if c in ds.column_names]
+    members_table = ds.select_columns(columns)
+
+    step = max(1, args.checkpoint_every)
+    chunks = [clusters[i : i + step] for i in range(0, len(clusters), step)]
+    work = run.work_dir
+    todo = [k for k in range(len(chunks)) if not (work / f"part-{k:06d}.parquet").exists()]
+    if len(todo) < len(chunks):
+        logger.info("distill: resuming, %d of %d chunks already done", len(chunks) - len(todo), len(chunks))
+
+    generation = {
+        "task_type": args.task_type,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "prompt_style": args.prompt_style,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "repetition_penalty": args.repetition_penalty,
+    }
+    bar = tqdm(total=len(clusters), desc="distill", unit="cluster", dynamic_ncols=True)
+    bar.update(sum(len(chunks[k]) for k in range(len(chunks)) if k not in set(todo)))
+    if todo and engine is None:
+        options = {k: v for k, v in asdict(args).items() if k not in ("engine", "model")}
+        engine = make_engine(args.engine, args.model, **options)
+    for k in todo:
+        t0 = time.time()
+        out_rows = distill_chunk(members_table, chunks[k], engine, **generation)
+        seconds = time.time() - t0
+        _write_part(work / f"part-{k:06d}.parquet", out_rows, {"seconds": seconds, "clusters": len(chunks[k])})
+        bar.update(len(chunks[k]))
+    bar.close()
+
+    parts = [work / f"part-{k:06d}.parquet" for k in range(len(chunks))]
+    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else SCHEMA.empty_table()
+    result = Dataset(InMemoryTable(table))
+    ok = np.asarray(result["parse_ok"], dtype=bool)
+    good = result.select(np.flatnonzero(ok))
+    bad = result.select(np.flatnonzero(~ok))
+    for row in bad:
+        run.quarantine.add(
+            args.input,
+            None,
+            "raw_response" if row["raw_response"] is not None else "input",
+            row["parse_error"],
+            {ID: row[ID], CLUSTER_ID: row[CLUSTER_ID], "raw_response": row["raw_response"]},
+        )
+
+    seconds = sum(json.loads(p.with_suffix(".json").read_text())["seconds"] for p in parts)
+    p_tok, c_tok = int(np.sum(result["prompt_tokens"])), int(np.sum(result["completion_tokens"]))
+    throughput = {
+        "generation_seconds": round(seconds, 3),
+        "rows_per_s": round(len(result) / seconds, 4) if seconds else None,
+        "completion_tokens_per_s": round(c_tok / seconds, 2) if seconds else None,
+        "total_tokens_per_s": round((p_tok + c_tok) / seconds, 2) if seconds else None,
+        "prompt_tokens": p_tok,
+        "completion_tokens": c_tok,
+    }
+    counts = {
+        "clusters": len(clusters),
+        "leftover_rows": n_leftover,
+        "distilled": len(good),
+        "unparsed": len(bad),
+        "members_dropped": int(np.sum(result["n_dropped_members"])),
+        "truncated": int(np.sum(np.asarray(result["finish_reason"]) == "length")),
+    }
+    extra = {"throughput": throughput}
+    if engine is not None:
+        extra["engine"] = engine.describe()
+    run.finish(good, counts=counts, extra=extra, splits={"unparsed": bad})
+    logger.info(
+        "distill: %d clusters -> %d distilled, %d unparsed; %.1f completion tokens/s",
+        len(clusters),
+        len(good),
+        len(bad),
+        throughput["completion_tokens_per_s"] or 0.0,
+    )
+    return good

@@ -1,0 +1,74 @@
+"""``lmmixup mix``: read the original and distilled rows, mix them (:func:`lmmixup_hf.pipeline.mix.mix_rows`),
+and write the mix as TRL prompt-completion (``data/``) and as conversational ``messages`` (``messages/``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from datasets import Dataset
+
+from lmmixup_hf.data.io import read_pool
+from lmmixup_hf.data.schema import LONG_TAIL, LmmixupError
+from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
+from lmmixup_hf.pipeline.workflow import StageRun
+from lmmixup_hf.stages.mix import MESSAGES, mix_rows, to_messages
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MixArgs:
+    original: str = field(metadata={"help": "Original high-quality rows (pool or stage folder)."})
+    distilled: str = field(metadata={"help": "Distilled rows with a `long_tail` column (`lmmixup longtail`)."})
+    out: str = field(metadata={"help": "Output folder: data/ (prompt, completion) and messages/."})
+    total: int = field(default=10_000, metadata={"help": "Rows in the mix."})
+    ratio: float = field(default=0.5, metadata={"help": "Share of distilled rows (0.5 = 5/5, 0.7 = mixup7_ori3)."})
+    dedup_threshold: float | None = field(
+        default=0.92, metadata={"help": "Drop rows with cosine >= this to a kept row (originals win); none = off."}
+    )
+    seed: int = field(default=42, metadata={"help": "Shuffle seed."})
+    allow_fewer: bool = field(
+        default=False, metadata={"help": "Write a smaller mix instead of failing when rows run out."}
+    )
+    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Model for dedup."})
+    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu)."})
+    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
+
+
+def mix(args: MixArgs) -> Dataset:
+    """``lmmixup mix``: read both inputs, run :func:`mix_rows`, write ``data/`` and ``messages/``."""
+    from lmmixup_hf.embed.embeddings import get_embedder
+
+    run = StageRun("mix", args.out, inputs=[args.original, args.distilled], params=asdict(args))
+    if run.is_complete():
+        logger.info("mix: up to date, skipping (%s)", args.out)
+        return run.load()
+    orig = read_pool(args.original, quarantine=run.quarantine)  # a plain pool's long_tail/rating are real columns
+    dist = read_pool(args.distilled, quarantine=run.quarantine)
+    if LONG_TAIL not in dist.column_names:
+        raise LmmixupError(f"{args.distilled}: no `{LONG_TAIL}` column; score it first with `lmmixup longtail`")
+
+    def embed(texts: list[str]) -> np.ndarray:
+        return get_embedder(args.embedding_model, device=args.device, batch_size=args.batch_size).encode(texts)
+
+    mixed, stats = mix_rows(
+        orig,
+        dist,
+        total=args.total,
+        ratio=args.ratio,
+        dedup_threshold=args.dedup_threshold,
+        seed=args.seed,
+        allow_fewer=args.allow_fewer,
+        embed=embed,
+    )
+    run.finish(
+        mixed,
+        counts=stats["counts"],
+        extra={"requested": {"total": args.total, "ratio": args.ratio}, "shortfall": stats["shortfall"]},
+        splits={MESSAGES: to_messages(mixed)},
+    )
+    c = stats["counts"]
+    logger.info("mix: %d rows (%d original + %d distilled)", c["rows"], c["original"], c["distilled"])
+    return mixed

@@ -1,0 +1,610 @@
+"""``lmmixup rate``: score every row with the LLM judge, resumably, and split by quality.
+
+Each finished row (scored or failed) is appended to a checkpoint under the stage's work folder the
+moment its reply arrives, so Ctrl-C or SIGKILL loses at most the rows in flight, and a rerun asks
+the judge only about the rest. Failed rows are recorded with their error (``failed.jsonl``), never
+scored, and retried on the next run; the stage counts as complete only when none is left. The
+judging itself is :mod:`lmmixup_hf.stages.rate`; this module adds the files around it.
+
+Outputs under ``--out``: ``data/`` (rated rows with a ``rating`` struct), ``high/`` and ``low/``
+(:func:`~lmmixup_hf.data.quality.high_quality_mask`), ``by_source/<source>/{high,low}/``,
+``summary.{json,md,png}``, ``failed.jsonl``, ``rejected.jsonl`` and ``manifest.json`` (with token
+usage and cost)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+
+from lmmixup_hf.data.io import read_pool, write_json, write_jsonl, write_stage_data
+from lmmixup_hf.data.quality import high_quality_mask
+from lmmixup_hf.data.schema import (
+    HIGH_QUALITY_THRESHOLD,
+    ID,
+    RATING,
+    SCORE_MAX,
+    SCORE_MIN,
+    SOURCE,
+    LmmixupError,
+)
+from lmmixup_hf.judge.judges import KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
+from lmmixup_hf.models.llm_client import request_key
+from lmmixup_hf.pipeline.workflow import StageRun
+from lmmixup_hf.stages.rate import judge_items, with_ratings
+
+logger = logging.getLogger(__name__)
+
+
+CHECKPOINT = "ratings.jsonl"
+
+FAILED = "failed.jsonl"
+
+# options that change how fast the stage runs, not what it produces: they stay out of the fingerprint
+_OPERATIONAL = (
+    "base_url",
+    "max_concurrency",
+    "rpm",
+    "tpm",
+    "max_retries",
+    "timeout",
+    "retry_base_delay",
+    "cache_dir",
+    "prices",
+    "batch_size",
+    "progress",
+    "mode",
+    "batch_file_only",
+    "batch_results",
+    "batch_poll_interval",
+    "estimate",
+)
+
+# a rubric reply, {"rarity": 7, "complexity": 6, "informativeness": 7, "overall": 8}, is about 30 tokens
+REPLY_TOKENS = 32
+
+
+@dataclass
+class RateArgs:
+    input: str = field(metadata={"help": "Pool (.jsonl/.json/.parquet, a stage folder or a Hub id)."})
+    out: str = field(metadata={"help": "Output folder."})
+    judge_model: str = field(
+        default="gpt-4o-mini", metadata={"help": "Judge model id (or a local model for --engine local)."}
+    )
+    engine: str = field(
+        default="openai",
+        metadata={
+            "help": "openai: any OpenAI-compatible endpoint; local: transformers.",
+            "choices": ["openai", "local"],
+        },
+    )
+    base_url: str | None = field(
+        default=None, metadata={"help": "Endpoint URL (default: $OPENAI_BASE_URL, else OpenAI)."}
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "API key (default: $OPENAI_API_KEY, which is preferred: flags show up in process lists). Never written."
+        },
+    )
+    threshold: int = field(
+        default=HIGH_QUALITY_THRESHOLD, metadata={"help": "High quality means score (0-5) >= this."}
+    )
+    rubric: str = field(
+        default="general",
+        metadata={
+            "help": "general (instruction-response), a task type (qa/mcq/tfq/cs/para), auto (each row's task_type), "
+            "or reference (the paper's rating prompt and reply parsing; each row's task_type, else qa)."
+        },
+    )
+    fields: str = field(
+        default="prompt,completion",
+        metadata={
+            "help": "Comma-separated columns the judge sees, e.g. 'completion' or 'output' to rate distilled outputs."
+        },
+    )
+    reference_field: str | None = field(
+        default=None, metadata={"help": "Column with a reference answer (reference-aware mode)."}
+    )
+    limit: int | None = field(default=None, metadata={"help": "Rate only the first N rows."})
+    max_concurrency: int = field(default=64, metadata={"help": "Requests in flight."})
+    rpm: float | None = field(default=None, metadata={"help": "Client-side limit, requests per minute."})
+    tpm: float | None = field(default=None, metadata={"help": "Client-side limit, tokens per minute (estimated)."})
+    json_mode: bool = field(
+        default=True, metadata={"help": "Ask for a JSON object (dropped if the server rejects it)."}
+    )
+    logprobs: bool = field(default=True, metadata={"help": "Ask for logprobs to record the expected score."})
+    temperature: float = 0.0
+    max_tokens: int = 128
+    max_retries: int = field(default=6, metadata={"help": "Retries on 429/5xx/timeouts/bad replies."})
+    timeout: float = field(default=60.0, metadata={"help": "Seconds per request."})
+    retry_base_delay: float = field(default=1.0, metadata={"help": "First backoff in seconds (doubles, with jitter)."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Response cache folder (default: $LMMIXUP_CACHE/llm); 'none' disables it."}
+    )
+    prices: str | None = field(
+        default=None,
+        metadata={"help": "JSON file {model: [usd_in_per_1M, usd_out_per_1M]} extending the built-in price table."},
+    )
+    batch_size: int = field(default=8, metadata={"help": "Batch size of the local judge."})
+    progress: bool = field(default=True, metadata={"help": "Show the progress bar."})
+    mode: str = field(
+        default="sync",
+        metadata={
+            "help": "sync: one request per row, answered at once; batch: the provider's Batch API (about half "
+            "the price, answered within 24 h; rerun the command to re-attach after an interruption).",
+            "choices": ["sync", "batch"],
+        },
+    )
+    batch_file_only: bool = field(
+        default=False,
+        metadata={"help": "Batch mode: only write <out>/batch_input.jsonl (e.g. for `vllm run-batch`) and stop."},
+    )
+    batch_results: str | None = field(
+        default=None,
+        metadata={
+            "help": "Batch mode: read replies from these batch output files (comma-separated) instead of an API."
+        },
+    )
+    batch_poll_interval: float = field(default=30.0, metadata={"help": "Batch mode: seconds between status polls."})
+    estimate: bool = field(
+        default=False,
+        metadata={"help": "Only print the rows to rate, estimated tokens and cost (sync and batch), then stop."},
+    )
+
+
+def _safe_name(source: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", source).strip("._") or "unknown"
+
+
+class Checkpoint:
+    """Append-only JSON lines of finished rows, flushed one by one; the last line per index wins."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[int, dict[str, Any]] = {}
+        if path.exists():
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill
+                        continue
+                    self.done[int(rec["i"])] = rec
+        self._f = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def add(self, i: int, row_id: str, rating: Rating) -> None:
+        rec = {
+            "i": i,
+            "id": row_id,
+            "ok": rating.ok,
+            "error": rating.error,
+            "rating": rating.as_struct() if rating.ok else None,
+        }
+        self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._f.flush()
+        self.done[i] = rec
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _load_prices(path: str | None) -> dict | None:
+    if not path:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LmmixupError(f"--prices {path}: {e}") from None
+
+
+def _cache_dir(value: str | None) -> Path | None:
+    if value and value.lower() == "none":
+        return None
+    if value:
+        return Path(value)
+    from lmmixup_hf.models.registry import cache_root
+
+    return cache_root() / "llm"
+
+
+# -- the command: files, checkpoints, batches, summaries around the core ---------------------------
+def rate(args: RateArgs) -> Dataset | None:
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()]
+    if not fields:
+        raise LmmixupError("--fields: name at least one column")
+    if args.rubric not in ("auto", "reference") and args.rubric not in KINDS:
+        raise LmmixupError(f"--rubric {args.rubric!r}: expected auto, reference or one of {', '.join(KINDS)}")
+    if args.rubric == "reference" and args.reference_field:
+        raise LmmixupError("--rubric reference shows the item only (as the paper's script); drop --reference_field")
+    if args.engine == "openai" and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
+        if not (args.api_key or os.environ.get("OPENAI_API_KEY")):  # fail now, not once per row
+            raise LmmixupError("the OpenAI API needs a key: set OPENAI_API_KEY (or --base_url for a local server)")
+    params = {k: v for k, v in asdict(args).items() if k not in _OPERATIONAL}
+    params["rubric_version"] = "reference" if args.rubric == "reference" else RUBRIC_VERSION
+    run = StageRun("rate", args.out, inputs=[args.input], params=params)
+    if run.is_complete():
+        logger.info("rate: up to date, skipping (%s)", args.out)
+        return run.load()
+
+    ds = read_pool(args.input, quarantine=run.quarantine)
+    if args.limit is not None:
+        ds = ds.select(range(min(args.limit, len(ds))))
+    missing = [f for f in [*fields, args.reference_field] if f and f not in ds.column_names]
+    if missing:
+        raise LmmixupError(
+            f"{args.input}: no column(s) {', '.join(missing)}; columns are {', '.join(ds.column_names)}"
+        )
+
+    # the items; a row without the text to rate is rejected with its reason, not dropped
+    items, unratable = judge_items(ds, fields, args.rubric, args.reference_field)
+    ids = ds[ID]
+    for i, reason in unratable:
+        run.quarantine.add(str(args.input), i + 1, fields[0], f"cannot rate: {reason}", {ID: ids[i]})
+
+    ckpt = Checkpoint(run.work_dir / CHECKPOINT)
+    todo = [i for i in items if not (ckpt.done.get(i) or {}).get("ok")]
+    logger.info(
+        "rate: %d rows, %d already rated, %d to rate (%s)",
+        len(items),
+        len(items) - len(todo),
+        len(todo),
+        args.judge_model,
+    )
+    estimate = estimate_cost(args, [items[i] for i in todo])
+    logger.info("rate: %s", estimate["line"])
+    if args.estimate:
+        ckpt.close()
+        print(estimate["line"], flush=True)
+        return None
+    if args.mode == "batch" or args.batch_file_only or args.batch_results:
+        try:
+            batch_usage = _rate_batch(args, run, items, ids, todo, ckpt)
+        finally:
+            ckpt.close()
+        if batch_usage is None:  # --batch_file_only: the requests are written, nothing is rated yet
+            return None
+        return _finish(run, args, ds, items, ckpt.done, {**batch_usage, "estimate": estimate["numbers"]})
+    judge = (
+        make_judge(
+            args.engine,
+            args.judge_model,
+            base_url=args.base_url,
+            api_key=args.api_key,
+            max_concurrency=args.max_concurrency,
+            requests_per_minute=args.rpm,
+            tokens_per_minute=args.tpm,
+            max_retries=args.max_retries,
+            timeout=args.timeout,
+            retry_base_delay=args.retry_base_delay,
+            cache_dir=_cache_dir(args.cache_dir),
+            prices=_load_prices(args.prices),
+            json_mode=args.json_mode,
+            logprobs=args.logprobs,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            batch_size=args.batch_size,
+        )
+        if todo
+        else None
+    )
+    try:
+        if judge is not None:
+            judge.rate_many(
+                [items[i] for i in todo],
+                on_result=lambda k, r: ckpt.add(todo[k], ids[todo[k]], r),
+                desc="rate",
+                show_progress=args.progress,
+            )
+    finally:
+        ckpt.close()
+    usage = {**judge.usage.as_dict(), "mode": "sync"} if judge is not None else {}
+    return _finish(run, args, ds, items, ckpt.done, {**usage, "estimate": estimate["numbers"]})
+
+
+def estimate_cost(args: RateArgs, todo: Sequence[JudgeItem]) -> dict[str, Any]:
+    """Rows, estimated tokens (prompt characters / 4, ``REPLY_TOKENS`` per reply) and the cost in
+    synchronous and batch mode from the price table, before anything is sent."""
+    from lmmixup_hf.judge.judges import build_judge_messages
+    from lmmixup_hf.models.llm_client import batch_price_for, price_for
+
+    # the rubric around an item is the same for every row of a kind: measure it once per kind
+    frame: dict[tuple[str, bool], int] = {}
+    chars = 0
+    for item in todo:
+        key = (item.kind, bool(item.reference))
+        if key not in frame:
+            kind = item.kind if item.kind in KINDS else "general"  # an unknown kind fails later, with its row
+            empty = JudgeItem("", kind, "-" if item.reference else None)
+            frame[key] = sum(len(m["content"]) for m in build_judge_messages(empty)) - (1 if item.reference else 0)
+        chars += frame[key] + len(item.text.strip()) + len((item.reference or "").strip())
+    prompt = chars // 4
+    output = len(todo) * min(REPLY_TOKENS, args.max_tokens)
+    prices = _load_prices(args.prices)
+    costs = {}
+    for mode, price in (
+        ("sync", price_for(args.judge_model, prices)),
+        ("batch", batch_price_for(args.judge_model, prices)),
+    ):
+        costs[mode] = (
+            round((prompt * price[0] + output * price[1]) / 1e6, 4) if price and args.engine == "openai" else None
+        )
+    money = (
+        f"${costs['sync']:,.4f} synchronous, ${costs['batch']:,.4f} batch"
+        if costs["sync"] is not None
+        else "cost unknown (no price for this model; see --prices)"
+    )
+    if args.engine != "openai":
+        money = "no API cost (local judge)"
+    line = (
+        f"estimate: {len(todo):,} rows to rate, ~{prompt:,} prompt + ~{output:,} output tokens; "
+        f"{args.judge_model}: {money}"
+    )
+    numbers = {"rows": len(todo), "prompt_tokens": prompt, "completion_tokens": output}
+    numbers.update({f"{mode}_usd": cost for mode, cost in costs.items()})
+    return {"line": line, "numbers": numbers}
+
+
+def _rate_batch(
+    args: RateArgs,
+    run: StageRun,
+    items: Mapping[int, JudgeItem],
+    ids: Sequence[str],
+    todo: Sequence[int],
+    ckpt: Checkpoint,
+) -> dict[str, Any] | None:
+    """Batch mode: rate ``todo`` through a batch API (or a batch output file from elsewhere) into the
+    same checkpoint as the synchronous path. Returns the usage, or None with ``--batch_file_only``."""
+    from lmmixup_hf.judge.batch import (
+        BatchRunner,
+        BatchState,
+        Chunk,
+        batch_requests,
+        batch_usage,
+        iter_jsonl,
+        rating_of,
+        read_results,
+        write_inputs,
+    )
+    from lmmixup_hf.judge.judges import OpenAIJudge, build_judge_messages
+    from lmmixup_hf.models.llm_client import ChatResult
+
+    if args.engine != "openai":
+        raise LmmixupError(f"--mode batch: needs --engine openai (got {args.engine!r})")
+    judge = OpenAIJudge(
+        args.judge_model,
+        json_mode=args.json_mode,
+        logprobs=args.logprobs,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        cache_dir=_cache_dir(args.cache_dir),
+    )
+    cache, prices = judge.client.cache, _load_prices(args.prices)
+    usage = batch_usage(args.judge_model, prices)
+    row_of = {ids[i]: i for i in items}
+
+    def record(custom_id: str, rating: Rating) -> None:
+        i = row_of.get(custom_id)
+        if i is None:
+            logger.warning("rate: a batch reply for unknown row id %r; ignored", custom_id)
+        elif not (ckpt.done.get(i) or {}).get("ok"):  # a late reply never replaces a score: nothing twice
+            ckpt.add(i, custom_id, rating)
+
+    def cache_key(messages: list[dict], attempt: int) -> str:
+        """The synchronous judge's cache key for this request (attempts after an unusable reply run hotter)."""
+        params = {**judge.params, "temperature": max(float(args.temperature), 0.7)} if attempt else judge.params
+        return request_key(args.judge_model, messages, {**params, "cache_tag": f"{RUBRIC_VERSION}|{attempt}"})
+
+    def misses() -> Iterator[tuple[str, list[dict], int]]:
+        """(row id, messages, attempt) of the rows to send, built one at a time; a row whose reply is
+        cached (from either mode) is recorded on the way and needs no request."""
+        for i in todo:
+            attempt = int(str((ckpt.done.get(i) or {}).get("error") or "").startswith("unparseable reply"))
+            messages = build_judge_messages(items[i])
+            if cache is not None:
+                hit = cache.get(cache_key(messages, attempt))
+                if hit is not None:
+                    result = ChatResult(hit["text"], None, hit.get("usage", {}), hit.get("logprobs"), cached=True)
+                    usage.add(result)
+                    record(ids[i], rating_of(result, judge.name))
+                    continue
+            yield ids[i], messages, attempt
+
+    lines = batch_requests(misses(), args.judge_model, judge.params)
+    if args.batch_file_only:
+        path = Path(args.out) / "batch_input.jsonl"
+        n = write_jsonl(path, lines)
+        logger.info(
+            "rate: wrote %d requests to %s; run them elsewhere (e.g. `vllm run-batch -i %s -o results.jsonl "
+            "--model %s`), then rerun this command with --batch_results results.jsonl",
+            n,
+            path,
+            path,
+            args.judge_model,
+        )
+        return None
+    if args.batch_results:
+        files = [Path(p.strip()) for p in args.batch_results.split(",") if p.strip()]
+        for f in files:
+            if not f.is_file():
+                raise LmmixupError(f"--batch_results: {f}: no such file")
+        results = read_results(files)
+        for cid, messages, attempt in misses():
+            result = results.get(cid) or ChatResult(None, f"no reply for this row in {args.batch_results}")
+            usage.add(result)
+            rating = rating_of(result, judge.name)
+            if rating.ok and cache is not None:
+                value = {"text": result.text, "usage": result.usage, "logprobs": result.logprobs}
+                cache.put(cache_key(messages, attempt), value)
+            record(cid, rating)
+        if cache is not None:
+            cache.flush()
+        return {**usage.as_dict(), "mode": "batch"}
+
+    state = BatchState(run.work_dir)
+    queued = {line["custom_id"] for chunk in state.pending for _, line in iter_jsonl(state.folder / chunk.input)}
+    new = (line for line in lines if line["custom_id"] not in queued)
+    prefix = f"batch-{state.rounds:03d}"
+    written = [(p, n) for p, n in write_inputs(new, state.folder, prefix) if n]
+    if written:
+        state.chunks += [Chunk(p.name, n) for p, n in written]
+        state.rounds += 1
+        state.save()
+    runner = BatchRunner(
+        state,
+        model=args.judge_model,
+        judge=judge.name,
+        base_url=args.base_url,
+        api_key=args.api_key,
+        poll_interval=args.batch_poll_interval,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        cache=cache,
+        usage=usage,
+        show_progress=args.progress,
+        temperature=args.temperature,
+    )
+    runner.run(record)
+    return {**usage.as_dict(), "mode": "batch"}
+
+
+def _finish(
+    run: StageRun,
+    args: RateArgs,
+    ds: Dataset,
+    items: Mapping[int, JudgeItem],
+    done: Mapping[int, Mapping[str, Any]],
+    usage: Mapping[str, Any],
+) -> Dataset:
+    out, failed = with_ratings(ds, items, done)
+    rated = sorted(set(items) - set(failed))
+    structs = out[RATING] if len(out) else []
+
+    write_jsonl(
+        Path(args.out) / FAILED,
+        (
+            {
+                ID: ds[i][ID],
+                SOURCE: ds[i][SOURCE],
+                "line": i + 1,
+                "error": (done.get(i) or {}).get("error") or "not rated",
+            }
+            for i in failed
+        ),
+    )
+    scores = np.asarray([s["score"] for s in structs], dtype=np.int64)
+    sources = np.asarray(out[SOURCE] if len(out) else [], dtype=object)
+    high_mask = high_quality_mask(scores, args.threshold)  # the one definition of high quality
+    splits = {"high": out.select(np.flatnonzero(high_mask)), "low": out.select(np.flatnonzero(~high_mask))}
+    summary = summarize(scores, sources, high_mask, failed_sources=[ds[i][SOURCE] for i in failed])
+    for src in summary["by_source"]:
+        in_src = sources == src
+        for name, mask in (("high", in_src & high_mask), ("low", in_src & ~high_mask)):
+            write_stage_data(out.select(np.flatnonzero(mask)), Path(args.out) / "by_source" / _safe_name(src), name)
+    write_summary(Path(args.out), summary, args.threshold)
+    counts = {
+        "rows": len(items),
+        "rated": len(rated),
+        "failed": len(failed),
+        "high": int(high_mask.sum()),
+        "low": int((~high_mask).sum()),
+    }
+    run.finish(
+        out,
+        counts=counts,
+        splits=splits,
+        extra={
+            "usage": dict(usage),
+            "judge": {
+                "engine": args.engine,
+                "model": args.judge_model,
+                "rubric": args.rubric,
+                "rubric_version": RUBRIC_VERSION,
+            },
+            "summary": summary["all"],
+        },
+        incomplete=f"{len(failed)} of {len(items)} rows failed (see {FAILED}); rerun to retry them"
+        if failed
+        else None,
+    )
+    logger.info(
+        "rate: %d rated (%d high, %d low), %d failed; usage %s",
+        len(rated),
+        counts["high"],
+        counts["low"],
+        len(failed),
+        usage,
+    )
+    return out
+
+
+def _stats(scores: np.ndarray, high: np.ndarray, n_failed: int) -> dict[str, Any]:
+    hist = np.bincount(scores, minlength=SCORE_MAX + 1)[SCORE_MIN : SCORE_MAX + 1] if len(scores) else np.zeros(6, int)
+    return {
+        "n": int(len(scores)),
+        "failed": int(n_failed),
+        "mean_score": round(float(scores.mean()), 4) if len(scores) else None,
+        "high": int(high.sum()),
+        "high_share": round(float(high.mean()), 4) if len(scores) else None,
+        "histogram": [int(x) for x in hist],
+    }
+
+
+def summarize(scores: np.ndarray, sources: np.ndarray, high: np.ndarray, failed_sources: Sequence[str] = ()) -> dict:
+    """Score histograms (0..5) overall and per source."""
+    failed = np.asarray(failed_sources, dtype=object)
+    names = sorted({*sources.tolist(), *failed.tolist()})
+    return {
+        "all": _stats(scores, high, len(failed)),
+        "by_source": {s: _stats(scores[sources == s], high[sources == s], int((failed == s).sum())) for s in names},
+    }
+
+
+def write_summary(out: Path, summary: Mapping[str, Any], threshold: int) -> None:
+    """summary.json, a markdown table (summary.md) and a histogram per source (summary.png)."""
+    write_json(out / "summary.json", {"threshold": threshold, **summary})
+    header = f"| source | rated | failed | mean score | high (score >= {threshold}) | "
+    header += " | ".join(f"score {s}" for s in range(SCORE_MIN, SCORE_MAX + 1)) + " |"
+    lines = [header, "|" + " --- |" * (5 + SCORE_MAX - SCORE_MIN + 1)]
+    rows = [*summary["by_source"].items(), ("**all**", summary["all"])]
+    for name, st in rows:
+        share = f"{st['high']} ({st['high_share']:.1%})" if st["high_share"] is not None else "0"
+        mean = f"{st['mean_score']:.2f}" if st["mean_score"] is not None else "-"
+        lines.append(
+            f"| {name or '(none)'} | {st['n']} | {st['failed']} | {mean} | {share} | "
+            + " | ".join(str(x) for x in st["histogram"])
+            + " |"
+        )
+    (out / "summary.md").write_text("# Rating summary\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sources = list(summary["by_source"].items())
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * (SCORE_MAX + 1)), 4))
+    width = 0.8 / max(1, len(sources))
+    x = np.arange(SCORE_MIN, SCORE_MAX + 1)
+    for k, (name, st) in enumerate(sources):
+        ax.bar(
+            x + (k - (len(sources) - 1) / 2) * width, st["histogram"], width, label=f"{name or '(none)'} (n={st['n']})"
+        )
+    ax.axvline(threshold - 0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(x)
+    ax.set_xlabel("score (0-5)")
+    ax.set_ylabel("rows")
+    ax.set_title("Judge scores by source")
+    if sources:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "summary.png", dpi=100)
+    plt.close(fig)
