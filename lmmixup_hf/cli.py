@@ -27,60 +27,46 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lmmixup_hf.data.schema import LmmixupError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+from lmmixup_hf.data.schema import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, LmmixupError
+from lmmixup_hf.pipeline.registry import STAGES
 
 
 @dataclasses.dataclass(frozen=True)
 class Command:
     module: str
-    args: str | None  # dataclass name in ``module``; None: the function parses its own argv
-    func: str
+    args: str  # the arguments dataclass in ``module``
+    func: str  # ``func(args)``; a returned path or URL is printed
     help: str
 
 
 COMMANDS: dict[str, Command] = {
-    "ingest": Command("lmmixup_hf.pipeline.ingest", "IngestArgs", "ingest", "Validate a pool onto the data contract."),
-    "distill": Command(
-        "lmmixup_hf.pipeline.distill",
-        "DistillArgs",
-        "distill",
-        "Fuse each cluster into one sample with the distiller.",
-    ),
-    "push": Command(
-        "lmmixup_hf.integrations.hub",
-        "PushArgs",
-        "push_main",
-        "Upload a model or stage folder (with its card) to the Hub.",
-    ),
-    "pull": Command(
-        "lmmixup_hf.integrations.hub", "PullArgs", "pull_main", "Download a model or dataset repo from the Hub."
-    ),
-    "rate": Command("lmmixup_hf.pipeline.rate", "RateArgs", "rate", "Score rows with an LLM judge; split high/low."),
-    "cluster": Command(
-        "lmmixup_hf.stages.cluster", "ClusterArgs", "cluster", "Capacity-constrained clustering per source."
-    ),
-    "longtail": Command("lmmixup_hf.stages.longtail", "LongtailArgs", "longtail", "Long-tail (kNN rarity) scores."),
-    "mix": Command(
-        "lmmixup_hf.pipeline.mix", "MixArgs", "mix", "Original high-quality + top distilled rows at a ratio."
-    ),
+    **{s.name: Command(s.module, s.args, s.func, s.help) for s in STAGES if s.name != "rerate"},
     "run": Command("lmmixup_hf.pipeline.run", "RunArgs", "run", "Run the whole pipeline from a YAML config."),
-    "eval-report": Command("lmmixup_hf.evaluation.report", "EvalReportArgs", "eval_report", "Paper-style eval table."),
-    "mixture": Command(
-        "lmmixup_hf.integrations.mixture_export", None, "main", "Export MIXTURE as parquet + dataset card."
-    ),
-    "report": Command("lmmixup_hf.pipeline.report", "ReportArgs", "report", "Write report.html/.md for a run folder."),
-    "split": Command("lmmixup_hf.pipeline.split", "SplitArgs", "split_rated", "Split rated rows into high/ and low/."),
-    "filter": Command(
-        "lmmixup_hf.pipeline.split", "FilterArgs", "filter_rated", "Keep rated rows at or above a score."
-    ),
     "build-quality-library": Command(
-        "lmmixup_hf.rewards.build_library",
+        "lmmixup_hf.pipeline.build_library",
         "LibraryArgs",
         "build_quality_library",
         "Build the Bayes quality library for rewards.",
     ),
+    "push": Command(
+        "lmmixup_hf.integrations.hub", "PushArgs", "push", "Upload a model or stage folder (with its card) to the Hub."
+    ),
+    "pull": Command(
+        "lmmixup_hf.integrations.hub", "PullArgs", "pull", "Download a model or dataset repo from the Hub."
+    ),
+    "mixture export": Command(
+        "lmmixup_hf.integrations.mixture_export",
+        "MixtureExportArgs",
+        "export",
+        "Write MIXTURE as parquet + a dataset card.",
+    ),
+    "mixture card": Command(
+        "lmmixup_hf.integrations.mixture_export",
+        "MixtureCardArgs",
+        "write_card",
+        "Write the MIXTURE dataset card only.",
+    ),
+    "eval-report": Command("lmmixup_hf.evaluation.report", "EvalReportArgs", "eval_report", "Paper-style eval table."),
 }
 
 
@@ -161,19 +147,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmmixup-hf {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
+    if rest and f"{name} {rest[0]}" in COMMANDS:  # a command group: `lmmixup mixture export ...`
+        name, rest = f"{name} {rest[0]}", rest[1:]
+    elif name not in COMMANDS and any(c.startswith(name + " ") for c in COMMANDS):
+        group = {c: cmd for c, cmd in COMMANDS.items() if c.startswith(name + " ")}
+        asked = bool(rest) and rest[0] in ("-h", "--help") or not rest
+        print(
+            "\n".join(
+                [f"usage: lmmixup {name} {{{','.join(c.split()[1] for c in group)}}} [options]", ""]
+                + [f"  {c}  {cmd.help}" for c, cmd in group.items()]
+            ),
+            file=sys.stdout if asked else sys.stderr,
+        )
+        return EXIT_OK if asked else EXIT_USAGE
     if name not in COMMANDS:
         print(f"lmmixup: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cmd = COMMANDS[name]
     try:
         module = importlib.import_module(cmd.module)
-        func = getattr(module, cmd.func)
-        if cmd.args is None:
-            result = func(rest)
-        else:
-            args = parse_dataclass(getattr(module, cmd.args), rest, f"lmmixup {name}", cmd.help)
-            result = func(args)
+        args = parse_dataclass(getattr(module, cmd.args), rest, f"lmmixup {name}", cmd.help)
+        result = getattr(module, cmd.func)(args)
     except LmmixupError as e:
         print(f"lmmixup {name}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -186,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     if isinstance(result, int):
         return result
-    out = getattr(args, "out", None) if cmd.args is not None else None
+    if isinstance(result, (str, Path)):  # a written file, folder or URL: what the user asked for
+        print(result)
+    out = getattr(args, "out", None)
     return _partial_status(name, out) if out else EXIT_OK
 
 

@@ -55,16 +55,24 @@ HIGH_QUALITY_THRESHOLD = 4  # compressed score >= 4  <=>  raw >= 8
 DEFAULT_MAX_CHARS = 100_000
 
 
+# -- exit statuses of every `lmmixup` command (documented in the README) --------------------------
+EXIT_OK = 0  # done: every row is in the output or quarantined with a reason
+EXIT_FAILED = 1  # a reason outside the input: disk, network, an unexpected error
+EXIT_USAGE = 2  # a usage or input error, named in one line
+EXIT_PARTIAL = 3  # finished, but rows were left failed (or an input stage was partial): rerun to retry
+EXIT_INTERRUPTED = 130  # Ctrl-C: rerun to resume
+
+
 class LmmixupError(Exception):
     """An error the user can act on; the CLI prints it without a traceback."""
 
-    exit_code = 2  # a usage or input error (see the exit statuses in the CLI)
+    exit_code = EXIT_USAGE
 
 
 class ServiceError(LmmixupError):
     """A service we depend on failed (the Hub, an endpoint): not the input's fault."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
 
 class RowError(ValueError):

@@ -362,13 +362,3 @@ def _hub_errors(repo_id: str) -> Iterator[None]:
         raise ServiceError(
             f"{repo_id}: could not reach the Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
-
-
-def push_main(args: PushArgs) -> int:
-    print(push(args))
-    return 0
-
-
-def pull_main(args: PullArgs) -> int:
-    print(pull(args))
-    return 0

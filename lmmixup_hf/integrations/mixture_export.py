@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,24 +215,3 @@ def export(args: MixtureExportArgs) -> Path:
 def write_card(args: MixtureCardArgs) -> Path:
     render_card(dataset_id=args.dataset_id).save(args.out)
     return Path(args.out)
-
-
-_SUBCOMMANDS = {
-    "export": (MixtureExportArgs, export, "Write MIXTURE as parquet files + a dataset card with YAML configs."),
-    "card": (MixtureCardArgs, write_card, "Write the MIXTURE dataset card (no data)."),
-}
-
-
-def main(argv: list[str]) -> int:
-    """``lmmixup mixture {export,card} ...``"""
-    from lmmixup_hf.cli import parse_dataclass
-
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in _SUBCOMMANDS:
-        lines = ["usage: lmmixup mixture {export,card} [options]", ""]
-        lines += [f"  {name:<7} {help_}" for name, (_, _, help_) in _SUBCOMMANDS.items()]
-        print("\n".join(lines), file=sys.stdout if not argv or argv[0] in ("-h", "--help") else sys.stderr)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    cls, func, help_ = _SUBCOMMANDS[argv[0]]
-    args = parse_dataclass(cls, argv[1:], f"lmmixup mixture {argv[0]}", help_)
-    print(func(args))
-    return 0

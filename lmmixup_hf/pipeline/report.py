@@ -23,11 +23,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmmixup_hf.data.schema import CLUSTER_ID, COMPLETION, ID, LONG_TAIL, PROMPT, RATING, LmmixupError
+from lmmixup_hf.pipeline.registry import STAGE_NAMES
 from lmmixup_hf.pipeline.workflow import MANIFEST, REJECTED, input_status
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("ingest", "rate", "split", "cluster", "distill", "rerate", "filter", "longtail", "mix")
+STAGES = tuple(s for s in STAGE_NAMES if s != "report")  # the stages that write a folder
 PLOTS = "report"
 
 

@@ -34,35 +34,11 @@ import yaml
 from datasets import Dataset
 
 from lmmixup_hf.data.io import read_stage_data, write_json
-from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.data.schema import EXIT_OK, EXIT_PARTIAL, LmmixupError
+from lmmixup_hf.pipeline.registry import STAGE_NAMES, STAGES, Stage
 from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, input_status
 
 logger = logging.getLogger(__name__)
-
-
-# -- the stages -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    module: str
-    args: str  # the arguments dataclass in ``module``
-    func: str
-    help: str
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "lmmixup_hf.pipeline.ingest", "IngestArgs", "ingest", "validate the pool, quarantine bad rows"),
-    Stage("rate", "lmmixup_hf.pipeline.rate", "RateArgs", "rate", "judge every row"),
-    Stage("split", "lmmixup_hf.pipeline.split", "SplitArgs", "split_rated", "split rated rows into high / low"),
-    Stage("cluster", "lmmixup_hf.stages.cluster", "ClusterArgs", "cluster", "cluster the low rows per source"),
-    Stage("distill", "lmmixup_hf.pipeline.distill", "DistillArgs", "distill", "fuse each cluster into one row"),
-    Stage("rerate", "lmmixup_hf.pipeline.rate", "RateArgs", "rate", "judge the distilled rows"),
-    Stage("filter", "lmmixup_hf.pipeline.split", "FilterArgs", "filter_rated", "keep distilled rows above a score"),
-    Stage("longtail", "lmmixup_hf.stages.longtail", "LongtailArgs", "longtail", "score rarity against the high rows"),
-    Stage("mix", "lmmixup_hf.pipeline.mix", "MixArgs", "mix", "original high + top distilled rows"),
-    Stage("report", "lmmixup_hf.pipeline.report", "ReportArgs", "report", "plots and examples: report.html"),
-)
-STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
 def wiring(name: str, run_dir: Path, input_path: str) -> dict[str, Any]:
@@ -292,8 +268,6 @@ def run(args: RunArgs) -> int:
     _require_upstream(stages[0], cfg.run_dir)
 
     import datasets
-
-    from lmmixup_hf.cli import EXIT_OK, EXIT_PARTIAL
 
     datasets.disable_progress_bars()  # the stages' own bars are the progress display; not parquet I/O
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
