@@ -1,23 +1,31 @@
-"""``lmmixup cluster``: capacity-constrained clustering of the low-quality rows, one source at a time.
+"""``lmmixup cluster``: cluster the low-quality rows, one source at a time, for the distiller to fuse.
 
-Cluster sizes follow the method exactly: capacities are drawn from a rounded Normal(mean_cap,
-std_cap), clipped to [min_size, max_size] and summing to N, so geometry only decides membership.
-What changes is how membership is found:
+Two ways to size the clusters (``sizes``):
 
-1. centres by a two-level spherical k-means (coarse cells, then ``cap``-many centres per cell), so
-   k ~ N/3 centres never cost an N x k k-means;
-2. each point's top-m candidate centres by kNN over the centres of its 3 nearest cells (an
-   inverted file over the centres); no full ranking of all centres per point;
-3. a greedy capacity assignment in vectorised rounds: every unplaced point proposes to its next
-   candidate and each centre keeps its most similar proposals up to its free capacity; points
-   whose m candidates are full fall back to a kNN over the centres that still have room;
-4. refinement that raises the mean intra-cluster cosine: balanced k-means steps (centres :=
-   member means, then the same capacity assignment) and size-preserving swaps between clusters.
+- ``data`` (default): sizes follow the data. A size-capped average-linkage clustering over an
+  approximate kNN graph (:func:`data_cluster`): clusters merge while their mean pairwise cosine stays
+  at or above ``min_cohesion`` and their size within ``max_size``; ``mean_cap``/``std_cap`` act as a
+  prior (a cluster larger than usual needs a little more cohesion). Rows left in a cluster below
+  ``min_size`` have no close neighbours: the stage makes each a one-row cluster that the distiller
+  rewrites alone, so every row still reaches the distiller and none is forced into unrelated company.
+- ``drawn``: the method's sizes. Capacities drawn from a rounded Normal(mean_cap, std_cap), clipped to
+  [min_size, max_size] and summing to N, so geometry only decides membership
+  (:func:`capacity_cluster`):
+
+  1. centres by a two-level spherical k-means (coarse cells, then ``cap``-many centres per cell), so
+     k ~ N/3 centres never cost an N x k k-means;
+  2. each point's top-m candidate centres by kNN over the centres of its 3 nearest cells (an
+     inverted file over the centres); no full ranking of all centres per point;
+  3. a greedy capacity assignment in vectorised rounds: every unplaced point proposes to its next
+     candidate and each centre keeps its most similar proposals up to its free capacity; points
+     whose m candidates are full fall back to a kNN over the centres that still have room;
+  4. refinement that raises the mean intra-cluster cosine: balanced k-means steps (centres :=
+     member means, then the same capacity assignment) and size-preserving swaps between clusters.
+
+  An optional similarity floor sends points that cannot be placed above it to a reported leftover
+  set instead of a far-away cluster.
 
 k-means runs in torch (CPU or GPU), so faiss is not needed.
-
-An optional similarity floor sends points that cannot be placed above it to a reported leftover
-set instead of a far-away cluster.
 """
 
 from __future__ import annotations
@@ -665,13 +673,13 @@ class ClusterArgs:
     sim_floor: float | None = field(
         default=None, metadata={"help": "drawn: minimum cosine to a cluster centre; points below go to leftovers/."}
     )
-    n_candidates: int = field(default=8, metadata={"help": "Candidate centres per point (top-m)."})
+    n_candidates: int = field(default=8, metadata={"help": "drawn: candidate centres per point (top-m)."})
     cell_size: int = field(default=512, metadata={"help": "Points per coarse k-means cell."})
     kmeans_iters: int = field(default=5, metadata={"help": "k-means iterations per level."})
     balance_iters: int = field(
-        default=2, metadata={"help": "Balanced k-means steps: centres := member means, then reassign (0 = off)."}
+        default=2, metadata={"help": "drawn: balanced k-means steps (centres := member means, reassign; 0 = off)."}
     )
-    refine_rounds: int = field(default=2, metadata={"help": "Size-preserving swap rounds (0 = off)."})
+    refine_rounds: int = field(default=2, metadata={"help": "drawn: size-preserving swap rounds (0 = off)."})
 
 
 def _select_rows(ds: Dataset, quality: str) -> tuple[Dataset, dict[str, int]]:
@@ -724,6 +732,8 @@ def cluster(args: ClusterArgs) -> Dataset:
         raise LmmixupError(f"{args.input}: no rows to cluster (quality={args.quality!r}, {skipped})")
     if args.sizes not in ("data", "drawn"):
         raise LmmixupError(f"--sizes must be `data` or `drawn`, got {args.sizes!r}")
+    if args.sizes == "data" and args.sim_floor is not None:
+        raise LmmixupError("--sim_floor applies to --sizes drawn; data sizes use --min_cohesion")
     emb = row_embeddings(ds, args.embedding_model, device=args.device, batch_size=args.batch_size)
 
     sources = np.asarray(list(ds[SOURCE]), dtype=object)

@@ -26,7 +26,7 @@ from datasets import Dataset
 from .io import Quarantine, read_pool, read_stage_data
 from .models import DEFAULT_EMBEDDING_MODEL
 from .neighbors import knn
-from .schema import COMPLETION, LONG_TAIL, PROMPT, LmmixupError, text_of
+from .schema import LONG_TAIL, LmmixupError
 from .workflow import StageRun
 
 logger = logging.getLogger(__name__)
@@ -142,10 +142,6 @@ def read_rows(path: str, quarantine: Quarantine) -> Dataset:
     return read_pool(path, quarantine=quarantine)
 
 
-def _texts(ds: Dataset) -> list[str]:
-    return [text_of({PROMPT: p, COMPLETION: c}) for p, c in zip(ds[PROMPT], ds[COMPLETION])]
-
-
 def _with_scores(ds: Dataset, raw: np.ndarray, norm: np.ndarray) -> Dataset:
     ds = ds.remove_columns([c for c in (LONG_TAIL, LONG_TAIL_RAW) if c in ds.column_names])
     return ds.add_column(LONG_TAIL_RAW, raw.astype(np.float64).tolist()).add_column(
@@ -154,7 +150,7 @@ def _with_scores(ds: Dataset, raw: np.ndarray, norm: np.ndarray) -> Dataset:
 
 
 def longtail(args: LongtailArgs) -> Dataset:
-    from .embeddings import get_embedder
+    from .embeddings import row_embeddings
 
     inputs = [args.input] + ([args.reference] if args.reference else [])
     run = StageRun("longtail", args.out, inputs=inputs, params=asdict(args))
@@ -163,9 +159,11 @@ def longtail(args: LongtailArgs) -> Dataset:
         return run.load()
     ds = read_rows(args.input, run.quarantine)
     ref = read_rows(args.reference, run.quarantine) if args.reference else None
-    embedder = get_embedder(args.embedding_model, device=args.device, batch_size=args.batch_size)
-    x = embedder.encode(_texts(ds))
-    y = embedder.encode(_texts(ref)) if ref is not None else None
+    embed = dict(model_id=args.embedding_model, device=args.device, batch_size=args.batch_size)
+    x = row_embeddings(ds, **embed)
+    y = row_embeddings(ref, **embed) if ref is not None else None
+    if y is not None and y.shape[1] != x.shape[1]:
+        raise LmmixupError(f"{args.input} embeddings are {x.shape[1]}-d but {args.reference}'s are {y.shape[1]}-d")
     (raw, norm), ref_scores = score_sets(x, y, k=args.k, normalize=args.normalize, backend=args.backend)
     out = _with_scores(ds, raw, norm)
     splits = {REFERENCE_SPLIT: _with_scores(ref, *ref_scores)} if ref is not None else {}
