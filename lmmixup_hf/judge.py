@@ -346,10 +346,19 @@ class _LocalUsage:
         }
 
 
+_ITEM_MARK = "\u241fITEM\u241f"  # stands for the item text when the shared prompt prefix is cut out
+
+
 class LocalJudge:
     """A transformers model as judge, with no server. Each dimension is read off the next-token
     distribution restricted to the score tokens "1".."10" (teacher-forcing the JSON keys), so every
-    item gets a valid score; the overall's expected value is recorded as ``expected``."""
+    item gets a valid score; the overall's expected value is recorded as ``expected``.
+
+    The prompt is a long rubric (system turn, scale, checks, format: ~280 tokens) followed by a
+    short item. With ``prefix_cache`` (default) the rubric is encoded once per rubric kind and its
+    KV cache is shared by every row, so a row costs only its own tokens; rows are batched by rubric
+    and length to keep padding small. The scores are those of the full prompt (a test checks
+    equality with ``prefix_cache=False``, which encodes every prompt whole)."""
 
     def __init__(
         self,
@@ -358,6 +367,7 @@ class LocalJudge:
         device: str | None = None,
         batch_size: int = 8,
         max_item_tokens: int = 768,
+        prefix_cache: bool = True,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -374,6 +384,8 @@ class LocalJudge:
         self.model = AutoModelForCausalLM.from_pretrained(path).to(self.device).eval()
         self.batch_size = batch_size
         self.max_item_tokens = max_item_tokens
+        self.prefix_cache = prefix_cache
+        self._prefixes: dict[tuple[str, bool], tuple[list[int], Any]] = {}
         self.usage = _LocalUsage(model)
         ids, values = [], []
         for v in range(RAW_MIN, RAW_MAX + 1):
@@ -400,10 +412,36 @@ class LocalJudge:
             build_judge_messages(item), tokenize=False, add_generation_prompt=True
         )
 
-    def _score_batch(self, prompts: list[str]) -> list[tuple[dict[str, int], float, str]]:
+    def _prefix(self, item: JudgeItem) -> tuple[list[int], Any]:
+        """The token ids of the prompt up to the item text for this rubric, and their KV cache
+        (computed once per rubric kind and reference setting)."""
+        import torch
+
+        key = (rubric_kind(item.kind), bool(item.reference))
+        if key not in self._prefixes:
+            marked = JudgeItem(_ITEM_MARK, key[0], _ITEM_MARK if key[1] else None)
+            text = self.tokenizer.apply_chat_template(
+                build_judge_messages(marked), tokenize=False, add_generation_prompt=True
+            )
+            ids = self.tokenizer.encode(text.split(_ITEM_MARK)[0], add_special_tokens=False)
+            with torch.inference_mode():
+                out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
+            self.usage.n_requests += 1
+            self.usage.prompt_tokens += len(ids)
+            self._prefixes[key] = (ids, out.past_key_values)
+        return self._prefixes[key]
+
+    def _score_batch(
+        self, prompts: list[str], prefix: tuple[list[int], Any] | None = None
+    ) -> list[tuple[dict[str, int], float, str]]:
         """One forward pass over the prompts, then one short cached step per further dimension:
         ``{"rarity": `` -> pick -> ``7, "complexity": `` -> pick -> ... The picked value is the most
-        likely score token; for the overall we also keep the expected value."""
+        likely score token; for the overall we also keep the expected value.
+
+        With ``prefix`` (ids and KV cache that every prompt starts with), only the rest of each
+        prompt is encoded, left-padded after the shared prefix."""
+        import copy
+
         import torch
 
         tok = self.tokenizer
@@ -411,15 +449,23 @@ class LocalJudge:
         dims: list[dict[str, int]] = [{} for _ in prompts]
         replies = ["{" for _ in prompts]
         expected = [0.0] * n
-        enc = tok(
-            [p + '{"' + DIMENSIONS[0] + '": ' for p in prompts],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        input_ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        past = None
+        texts = [p + '{"' + DIMENSIONS[0] + '": ' for p in prompts]
+        if prefix is None:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            input_ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            past = None
+        else:
+            head, cache = prefix
+            rest = [tok.encode(t, add_special_tokens=False)[len(head) :] for t in texts]
+            width = max(len(r) for r in rest)
+            pad = tok.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rest], device=self.device)
+            own = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rest], device=self.device)
+            mask = torch.cat([torch.ones((n, len(head)), dtype=own.dtype, device=self.device), own], dim=1)
+            positions = len(head) + (own.cumsum(-1) - 1).clamp(min=0)
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(n)
         score_ids = self.score_ids.to(self.device)
         for j, dim in enumerate(DIMENSIONS):
             with torch.inference_mode():
@@ -459,17 +505,42 @@ class LocalJudge:
         desc: str = "rating",
         show_progress: bool = True,
     ) -> list[Rating]:
-        out: list[Rating] = []
+        out: list[Rating | None] = [None] * len(items)
+        prompts = [self._prompt(it) for it in items]
+        batches = self._batches(items, prompts)
         with usage_bar(len(items), desc, self.usage, disable=not show_progress) as progress:  # type: ignore[arg-type]
-            for start in range(0, len(items), self.batch_size):
-                chunk = items[start : start + self.batch_size]
-                scored = self._score_batch([self._prompt(it) for it in chunk])
-                for k, (dims, exp, reply) in enumerate(scored):
-                    rating = make_rating(dims, self.name, reply, exp)
-                    out.append(rating)
+            for rows, prefix in batches:
+                scored = self._score_batch([prompts[i] for i in rows], prefix)
+                for i, (dims, exp, reply) in zip(rows, scored, strict=True):
+                    rating = out[i] = make_rating(dims, self.name, reply, exp)
                     if on_result is not None:
-                        on_result(start + k, rating)
+                        on_result(i, rating)
                     progress()
+        return out  # type: ignore[return-value]
+
+    def _batches(self, items: Sequence[JudgeItem], prompts: list[str]) -> list[tuple[list[int], Any]]:
+        """Row batches, each with the prefix its prompts share (None: encode whole prompts).
+
+        With the prefix cache, rows are grouped by rubric and sorted by length, so that a batch
+        pads little; a prompt that does not tokenise to its rubric's prefix (a tokenizer merging
+        across the boundary) is encoded whole, so the scores never depend on the shortcut."""
+        order = list(range(len(items)))
+        if not self.prefix_cache:
+            return [(order[s : s + self.batch_size], None) for s in range(0, len(order), self.batch_size)]
+        groups: dict[tuple[int, ...] | None, list[tuple[int, int]]] = {}
+        prefixes: dict[tuple[int, ...], Any] = {}
+        for i in order:
+            head, cache = self._prefix(items[i])
+            ids = self.tokenizer.encode(prompts[i] + '{"' + DIMENSIONS[0] + '": ', add_special_tokens=False)
+            key = tuple(head) if ids[: len(head)] == head and len(ids) > len(head) else None
+            if key is not None:
+                prefixes[key] = (head, cache)
+            groups.setdefault(key, []).append((len(ids), i))
+        out = []
+        for key, rows in groups.items():
+            rows.sort()
+            for s in range(0, len(rows), self.batch_size):
+                out.append(([i for _, i in rows[s : s + self.batch_size]], None if key is None else prefixes[key]))
         return out
 
 
