@@ -158,3 +158,18 @@ def test_longtail_stage_uses_the_embedding_column(tmp_path):
     (raw, norm), (ref_raw, _) = score_sets(x, ref, k=5)
     np.testing.assert_allclose(data["long_tail_raw"], raw, atol=1e-5)
     np.testing.assert_allclose(read_stage_data(out, "reference")["long_tail_raw"], ref_raw, atol=1e-5)
+
+
+def test_longtail_stage_records_the_ann_recall(tmp_path):
+    pytest.importorskip("faiss")
+    from lmmixup_hf.longtail import LongtailArgs, longtail
+
+    x = clustered(3000, d=16, seed=3)
+    rows = [{"id": f"r{i}", "prompt": "p", "completion": "c", "embedding": v.tolist()} for i, v in enumerate(x)]
+    _write(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "lt"
+    data = longtail(LongtailArgs(input=str(tmp_path / "rows.jsonl"), out=str(out), k=15, backend="ivf"))
+    check = json.loads((out / "manifest.json").read_text())["knn"]["input"]
+    assert check["backend"] == "ivf" and check["sample"] == 256 and check["recall"] >= 0.95
+    exact = long_tail_raw(x, 15)
+    assert np.abs(np.array(data["long_tail_raw"]) - exact).max() <= max(check["max_score_error"], 0.01) + 0.02
