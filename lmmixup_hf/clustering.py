@@ -42,7 +42,7 @@ from datasets import Dataset
 
 from .io import read_pool
 from .models import DEFAULT_EMBEDDING_MODEL
-from .neighbors import knn
+from .neighbors import knn, resolve_device
 from .schema import CLUSTER_ID, EXTRA, HIGH_QUALITY_THRESHOLD, ID, RATING, SOURCE, LmmixupError
 from .workflow import StageRun
 
@@ -129,7 +129,7 @@ def _kmeans_pp(x: torch.Tensor, k: int, rng: np.random.Generator, rounds: int = 
         x = x[torch.from_numpy(np.sort(rng.choice(x.shape[0], 32 * k, replace=False)))]
     n = x.shape[0]
     chosen = np.array([rng.integers(n)])
-    dist = (2 - 2 * (x @ x[int(chosen[0])])).clamp_min(0).double().numpy()
+    dist = (2 - 2 * (x @ x[int(chosen[0])])).clamp_min(0).double().cpu().numpy()
     per_round = max(1, math.ceil((k - 1) / rounds))
     while len(chosen) < k:
         p = dist.copy()
@@ -143,7 +143,7 @@ def _kmeans_pp(x: torch.Tensor, k: int, rng: np.random.Generator, rounds: int = 
             new = rng.choice(n, want, replace=False, p=p / total)
         chosen = np.concatenate([chosen, new])
         near = (x @ x[torch.from_numpy(new)].T).max(1).values
-        dist = np.minimum(dist, (2 - 2 * near).clamp_min(0).double().numpy())
+        dist = np.minimum(dist, (2 - 2 * near).clamp_min(0).double().cpu().numpy())
     return x[torch.from_numpy(chosen)].clone()
 
 
@@ -168,7 +168,7 @@ def coarse_cells(
     rng = np.random.default_rng(seed)
     sample = x[torch.from_numpy(np.sort(rng.choice(n, min(n, 64 * n_cells), replace=False)))]
     cells = spherical_kmeans(sample, n_cells, niter=niter, seed=seed)
-    return cells, _nearest(x, cells).numpy()
+    return cells, _nearest(x, cells).cpu().numpy()
 
 
 def two_level_centres(
@@ -201,6 +201,7 @@ def candidate_centres(
     cells: np.ndarray,
     m: int,
     probe: int,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-m centres per point among the centres of the point's ``probe`` nearest cells (an
     inverted file over the centres): ``(sims, centre ids)``, each ``(n, m)``, best first; missing
@@ -208,7 +209,11 @@ def candidate_centres(
     n = x.shape[0]
     if len(cells) == 1:
         probe = 1
-    _, near = knn(x, cells, k=min(probe, len(cells))) if len(cells) > 1 else (None, np.zeros((n, 1), np.int64))
+    _, near = (
+        knn(x, cells, k=min(probe, len(cells)), device=device)
+        if len(cells) > 1
+        else (None, np.zeros((n, 1), np.int64))
+    )
     by_cell = np.argsort(centre_cell, kind="stable")
     cstart = np.searchsorted(centre_cell[by_cell], np.arange(len(cells) + 1))
     sims = np.full((n, near.shape[1] * m), -np.inf, np.float32)
@@ -221,7 +226,7 @@ def candidate_centres(
             group = by_cell[cstart[c] : cstart[c + 1]]
             if len(group) == 0:
                 continue
-            sv, iv = knn(x[pts], centres[group], k=m)
+            sv, iv = knn(x[pts], centres[group], k=m, device=device)
             cols = slice(r * m, r * m + sv.shape[1])
             sims[pts, cols], ids[pts, cols] = sv, group[iv]
     if near.shape[1] > 1:
@@ -270,6 +275,7 @@ def assign(
     cand_sims: np.ndarray,
     cand_ids: np.ndarray,
     sim_floor: float | None = None,
+    device: str = "cpu",
 ) -> np.ndarray:
     """Labels (``-1`` = leftover) with every cluster holding at most its capacity; without a floor
     and with ``sum(caps) == n`` every point is placed and every cluster is exactly full."""
@@ -281,7 +287,7 @@ def assign(
     rows = propose_rounds(cand_ids, cand_sims, cap_left, np.arange(n), labels)
     while len(rows) and cap_left.sum() > 0:  # every candidate was full: search the centres with room
         free = np.flatnonzero(cap_left > 0)
-        s, i = knn(x[rows], centres[free], k=min(m, len(free)))
+        s, i = knn(x[rows], centres[free], k=min(m, len(free)), device=device)
         ids = free[i]
         if sim_floor is not None:
             ids = np.where(s >= sim_floor, ids, -1)
@@ -419,8 +425,11 @@ def capacity_cluster(
     balance_iters: int = 2,
     refine_rounds: int = 2,
     sim_floor: float | None = None,
+    device: str | None = None,
 ) -> ClusterResult:
-    """Cluster L2-normalised rows ``x`` into clusters whose sizes are sampled capacities."""
+    """Cluster L2-normalised rows ``x`` into clusters whose sizes are sampled capacities. k-means and
+    the kNN searches run on ``device`` (default: cuda when available); the rest on the CPU."""
+    device = resolve_device(device)
     n = x.shape[0]
     caps = sample_caps(n, min_size, max_size, mean_cap, std_cap, seed)
     if len(caps) == 0:
@@ -429,12 +438,12 @@ def capacity_cluster(
     torch.manual_seed(seed)
     with torch.inference_mode():
         centres, centre_cell, point_cell, cells = two_level_centres(
-            torch.from_numpy(x), len(caps), cell_size=cell_size, niter=kmeans_iters, seed=seed
+            torch.from_numpy(x).to(device), len(caps), cell_size=cell_size, niter=kmeans_iters, seed=seed
         )
-    centres_np, cells_np = centres.numpy(), cells.numpy()
+    centres_np, cells_np = centres.cpu().numpy(), cells.cpu().numpy()
     m = min(n_candidates, len(caps))
-    sims, ids = candidate_centres(x, centres_np, centre_cell, cells_np, m, 1 + neighbor_cells)
-    labels = assign(x, centres_np, caps, sims, ids, sim_floor)
+    sims, ids = candidate_centres(x, centres_np, centre_cell, cells_np, m, 1 + neighbor_cells, device)
+    labels = assign(x, centres_np, caps, sims, ids, sim_floor, device)
     if sim_floor is not None:  # clusters the floor left too small are dissolved into leftovers
         small = np.bincount(labels[labels >= 0], minlength=len(caps)) < min_size
         labels[(labels >= 0) & small[np.maximum(labels, 0)]] = LEFTOVER
@@ -482,13 +491,19 @@ def balanced_step(
 
 # -- data-driven sizes ----------------------------------------------------------------------------
 def cell_neighbors(
-    x: np.ndarray, rows: np.ndarray, cells: np.ndarray, point_cell: np.ndarray, k: int, probe: int
+    x: np.ndarray,
+    rows: np.ndarray,
+    cells: np.ndarray,
+    point_cell: np.ndarray,
+    k: int,
+    probe: int,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Approximate top-k neighbours ``(sims, ids)``, best first (``-inf`` / ``-1`` where fewer
     exist), of ``x[rows]`` among all other rows: exact search among the rows of the query's
     ``probe`` nearest coarse cells, so the cost is ``len(rows) x probe x cell size`` dot products,
     never N x N."""
-    sims, ids = candidate_centres(x[rows], x, point_cell, cells, min(k + 1, x.shape[0]), probe)
+    sims, ids = candidate_centres(x[rows], x, point_cell, cells, min(k + 1, x.shape[0]), probe, device)
     own = ids == rows[:, None]
     drop = np.where(own.any(1), own.argmax(1), ids.shape[1] - 1)  # self, else the weakest
     keep = np.ones(ids.shape, bool)
@@ -589,6 +604,7 @@ def data_cluster(
     repair_probe: int = 24,
     kmeans_iters: int = 5,
     seed: int = 42,
+    device: str | None = None,
 ) -> ClusterResult:
     """Size-capped average-linkage clustering of L2-normalised rows over their kNN graph.
 
@@ -603,22 +619,29 @@ def data_cluster(
     pass in a cluster below ``min_size`` search again over ``repair_probe`` cells, and merging
     resumes with the edges found, so a row is a leftover because its neighbourhood is empty, not
     because the index missed it. Clusters still below ``min_size`` are leftovers (``-1``).
+
+    The coarse k-means and the neighbour search run on ``device`` (default: cuda when available).
     """
+    device = resolve_device(device)
     n = x.shape[0]
     if n == 0 or max_size < 2:
         return ClusterResult(np.full(n, LEFTOVER, np.int64), np.zeros(0, np.int64))
     x = np.ascontiguousarray(x, dtype=np.float32)
     k = n_neighbors or min(max_size + 1, 16)
     with torch.inference_mode():
-        cells, point_cell = coarse_cells(torch.from_numpy(x), cell_size, niter=kmeans_iters, seed=seed)
-        cells = cells.numpy()
+        xd = torch.from_numpy(x).to(device)
+        cells, point_cell = coarse_cells(xd, cell_size, niter=kmeans_iters, seed=seed)
+        cells = cells.cpu().numpy()
+        del xd
         state = _Merging(np.arange(n), np.ones(n, np.int64), torch.from_numpy(x.copy()))
         rows = np.arange(n)
-        pairs = state.pairs_of(rows, *cell_neighbors(x, rows, cells, point_cell, k, probe), min_cohesion)
+        pairs = state.pairs_of(rows, *cell_neighbors(x, rows, cells, point_cell, k, probe, device), min_cohesion)
         rest = state.run(pairs, max_size, min_cohesion, mean_cap, std_cap, size_prior)
         small = np.flatnonzero(state.size[state.parent] < min_size)
         if len(small) and repair_probe > probe:
-            found = state.pairs_of(small, *cell_neighbors(x, small, cells, point_cell, k, repair_probe), min_cohesion)
+            found = state.pairs_of(
+                small, *cell_neighbors(x, small, cells, point_cell, k, repair_probe, device), min_cohesion
+            )
             n_c = len(state.parent)
             pairs = np.union1d(state.parent[rest // n_c] * n_c + state.parent[rest % n_c], found)
             state.run(pairs, max_size, min_cohesion, mean_cap, std_cap, size_prior)
@@ -642,7 +665,12 @@ class ClusterArgs:
     input: str = field(metadata={"help": "Rated pool or stage folder (any input `lmmixup ingest` reads)."})
     out: str = field(metadata={"help": "Output folder: data/, clusters/, leftovers/, cluster_sizes.png."})
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
-    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu)."})
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Device for the embedding model (default: cuda > mps > cpu) and for k-means / kNN (cuda > cpu)."
+        },
+    )
     batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
     quality: str = field(
         default="low",
@@ -814,6 +842,7 @@ def _cluster_subset(x: np.ndarray, args: ClusterArgs) -> ClusterResult:
             cell_size=args.cell_size,
             kmeans_iters=args.kmeans_iters,
             seed=args.seed,
+            device=args.device,
         )
     return capacity_cluster(
         x,
@@ -825,4 +854,5 @@ def _cluster_subset(x: np.ndarray, args: ClusterArgs) -> ClusterResult:
         balance_iters=args.balance_iters,
         refine_rounds=args.refine_rounds,
         sim_floor=args.sim_floor,
+        device=args.device,
     )

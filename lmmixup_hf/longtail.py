@@ -25,7 +25,7 @@ from datasets import Dataset
 
 from .io import Quarantine, read_pool, read_stage_data
 from .models import DEFAULT_EMBEDDING_MODEL
-from .neighbors import AnnCheck, checked_knn, knn
+from .neighbors import AnnCheck, checked_knn, knn, resolve_device
 from .schema import LONG_TAIL, LmmixupError
 from .workflow import StageRun
 
@@ -37,29 +37,43 @@ REFERENCE_SPLIT = "reference"
 
 
 def long_tail_raw(
-    x: np.ndarray, k: int = DEFAULT_K, *, reference: np.ndarray | None = None, backend: str = "exact"
+    x: np.ndarray,
+    k: int = DEFAULT_K,
+    *,
+    reference: np.ndarray | None = None,
+    backend: str = "exact",
+    device: str | None = None,
 ) -> np.ndarray:
     """Mean cosine distance of each row of ``x`` to its k nearest rows of ``reference`` (default:
-    ``x`` itself, own row excluded). Rows must be L2-normalised."""
-    return long_tail_checked(x, k, reference=reference, backend=backend)[0]
+    ``x`` itself, own row excluded). Rows must be L2-normalised. Exact search runs on ``device``
+    (default: cuda when available)."""
+    return long_tail_checked(x, k, reference=reference, backend=backend, device=device)[0]
 
 
 def long_tail_checked(
-    x: np.ndarray, k: int = DEFAULT_K, *, reference: np.ndarray | None = None, backend: str = "exact", seed: int = 0
+    x: np.ndarray,
+    k: int = DEFAULT_K,
+    *,
+    reference: np.ndarray | None = None,
+    backend: str = "exact",
+    seed: int = 0,
+    device: str | None = None,
 ) -> tuple[np.ndarray, AnnCheck]:
     """:func:`long_tail_raw` plus what the kNN search did: with an ANN backend, its recall@k and
     score error on a sample of queries against exact search (see :func:`neighbors.checked_knn`)."""
 
     def exact() -> tuple[np.ndarray, None]:
-        return (self_knn_sims(x, k) if reference is None else knn(x, reference, k=k)[0]), None
+        if reference is None:
+            return self_knn_sims(x, k, device=device), None
+        return knn(x, reference, k=k, device=device)[0], None
 
-    sims, _, check = checked_knn(x, reference, k, backend=backend, exact=exact, seed=seed)  # type: ignore[arg-type]
+    sims, _, check = checked_knn(x, reference, k, backend=backend, exact=exact, seed=seed, device=device)  # type: ignore[arg-type]
     if sims.shape[1] == 0:
         return np.zeros(x.shape[0], np.float64), check
     return (1.0 - sims.astype(np.float64)).mean(1), check
 
 
-def self_knn_sims(x: np.ndarray, k: int = DEFAULT_K, block: int = 2048) -> np.ndarray:
+def self_knn_sims(x: np.ndarray, k: int = DEFAULT_K, block: int = 2048, device: str | None = None) -> np.ndarray:
     """Exact top-k cosine similarities of every row to the other rows, ``(n, k)`` best first.
 
     Symmetric blocking: each block pair (i, j >= i) is multiplied once and serves the rows of
@@ -69,8 +83,9 @@ def self_knn_sims(x: np.ndarray, k: int = DEFAULT_K, block: int = 2048) -> np.nd
     k = min(k, n - 1)
     if k <= 0:
         return np.zeros((n, 0), np.float32)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    best = torch.full((n, k), -math.inf)
+    device = resolve_device(device)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    best = torch.full((n, k), -math.inf, device=device)
     starts = list(range(0, n, block))
 
     def merge(rows: slice, scores: torch.Tensor) -> None:
@@ -89,7 +104,7 @@ def self_knn_sims(x: np.ndarray, k: int = DEFAULT_K, block: int = 2048) -> np.nd
                 merge(slice(i, i + block), s)
                 if j != i:
                     merge(slice(j, j + block), s.T.contiguous())
-    return best.numpy()
+    return best.cpu().numpy()
 
 
 def min_max(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -109,6 +124,7 @@ def score_sets(
     normalize: Literal["joint", "per_file"] = "joint",
     backend: str = "exact",
     checks: dict[str, dict] | None = None,
+    device: str | None = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
     """``((raw, norm) for x, (raw, norm) for reference or None)`` in the chosen mode. ``checks``,
     when given, receives what each kNN search did (backend, measured ANN recall), by search."""
@@ -116,7 +132,7 @@ def score_sets(
         raise LmmixupError(f"normalize must be `joint` or `per_file`, got {normalize!r}")
 
     def scored(name: str, rows: np.ndarray, against: np.ndarray | None = None) -> np.ndarray:
-        raw, check = long_tail_checked(rows, k, reference=against, backend=backend)
+        raw, check = long_tail_checked(rows, k, reference=against, backend=backend, device=device)
         if checks is not None:
             checks[name] = check.as_dict()
         return raw
@@ -154,7 +170,10 @@ class LongtailArgs:
         },
     )
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
-    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu)."})
+    device: str | None = field(
+        default=None,
+        metadata={"help": "Device for the embedding model (default: cuda > mps > cpu) and exact kNN (cuda > cpu)."},
+    )
     batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
 
 
@@ -189,7 +208,9 @@ def longtail(args: LongtailArgs) -> Dataset:
     if y is not None and y.shape[1] != x.shape[1]:
         raise LmmixupError(f"{args.input} embeddings are {x.shape[1]}-d but {args.reference}'s are {y.shape[1]}-d")
     checks: dict[str, dict] = {}
-    (raw, norm), ref_scores = score_sets(x, y, k=args.k, normalize=args.normalize, backend=args.backend, checks=checks)
+    (raw, norm), ref_scores = score_sets(
+        x, y, k=args.k, normalize=args.normalize, backend=args.backend, checks=checks, device=args.device
+    )
     out = _with_scores(ds, raw, norm)
     splits = {REFERENCE_SPLIT: _with_scores(ref, *ref_scores)} if ref is not None else {}
     run.finish(

@@ -25,6 +25,18 @@ Backend = Literal["exact", "ivf", "hnsw", "auto"]
 AUTO_ANN_THRESHOLD = 500_000
 
 
+def resolve_device(device: str | None) -> str:
+    """The torch device for kNN and k-means: ``None`` means cuda when available, else cpu (mps is
+    left out: its float32 matmul and topk are not faster here). A device torch cannot use is an error."""
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise LmmixupError(f"device {device!r} is not available here ({str(e).splitlines()[0]})") from None
+    return device
+
+
 def _as_tensor(x: np.ndarray, device: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
 
@@ -58,7 +70,7 @@ def knn(
     if backend == "auto":
         backend = "ivf" if keys.shape[0] >= AUTO_ANN_THRESHOLD and _has_faiss() else "exact"
     if backend == "exact":
-        return _exact(queries, keys, k, exclude_self, query_block, key_block, device or "cpu")
+        return _exact(queries, keys, k, exclude_self, query_block, key_block, resolve_device(device))
     if backend in ("ivf", "hnsw"):
         return _faiss(queries, keys, k, exclude_self, backend, nprobe)
     raise ValueError(f"unknown kNN backend {backend!r}; use exact, ivf, hnsw or auto")

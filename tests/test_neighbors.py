@@ -113,3 +113,22 @@ def test_auto_uses_ann_only_when_it_keeps_its_recall(monkeypatch):
     # with no recall floor, the choice is speed alone, decided from the measured estimates
     faster = loose.seconds_ann_estimate < loose.seconds_exact_estimate
     assert loose.backend == ("ivf" if faster else "exact")
+
+
+def test_device_option():
+    import torch
+
+    from lmmixup_hf.clustering import capacity_cluster, data_cluster
+    from lmmixup_hf.longtail import long_tail_raw
+    from lmmixup_hf.schema import LmmixupError
+
+    assert neighbors.resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    x = _unit(600, 16, 9)
+    assert np.array_equal(knn(x, k=5, device="cpu")[1], knn(x, k=5, device=neighbors.resolve_device(None))[1])
+    kw = dict(min_size=2, max_size=5, mean_cap=3, std_cap=1, cell_size=128)
+    for fn in (data_cluster, capacity_cluster):
+        assert np.array_equal(fn(x, **kw, device="cpu").labels, fn(x, **kw, device=None).labels)
+    np.testing.assert_allclose(long_tail_raw(x, 5, device="cpu"), long_tail_raw(x, 5), atol=1e-6)
+    if not torch.cuda.is_available():
+        with pytest.raises(LmmixupError, match="device 'cuda' is not available"):
+            knn(x, k=5, device="cuda")
