@@ -813,7 +813,7 @@ def cluster(args: ClusterArgs) -> Dataset:
             "selected": len(ds),
             "clustered": n_clustered,
             "leftovers": len(alone),
-            "clusters": n_clusters,
+            "clusters": next_id,  # what the distiller gets, one-row clusters included
             "distilled_alone": len(alone) if args.sizes == "data" else 0,
             **skipped,
         },
@@ -826,7 +826,13 @@ def cluster(args: ClusterArgs) -> Dataset:
         },
         splits={"clusters": table, "leftovers": leftovers},
     )
-    logger.info("cluster: %d clusters, mean cohesion %.4f, %d leftovers", n_clusters, mean_coh, len(alone))
+    logger.info(
+        "cluster: %d clusters of >= %d rows, mean cohesion %.4f, %d leftovers",
+        n_clusters,
+        args.min_size,
+        mean_coh,
+        len(alone),
+    )
     return data
 
 
