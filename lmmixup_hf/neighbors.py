@@ -217,8 +217,9 @@ def checked_knn(
     """:func:`knn` that measures its own recall when it uses an ANN index.
 
     ``ivf`` / ``hnsw``: the search effort (IVF ``nprobe``, HNSW ``efSearch``) starts low and doubles
-    until the recall@k of ``sample`` random queries against exact search reaches ``min_recall`` (or
-    the effort is exhausted); the recall and score error found are reported either way.
+    until the recall@k of ``sample`` random queries against exact search reaches ``min_recall``, the
+    effort is exhausted, or (from ``AUTO_MIN_KEYS`` keys) the ANN's estimated time passes twice the
+    exact search's; the recall and score error found are reported either way.
     ``auto``: exact below ``AUTO_MIN_KEYS`` keys or without faiss; otherwise it times exact search on
     the sample, tunes IVF as above, and uses IVF only when its recall reaches ``min_recall`` and its
     estimated time (build + search) is below exact's. ``exact`` replaces the full exact search (e.g.
@@ -257,7 +258,9 @@ def checked_knn(
         t_ann = t_build + (time.perf_counter() - t) * n / len(q)
         recall = float(np.mean([len(np.intersect1d(a, b)) / k_eff for a, b in zip(i, ex_i)]))
         error = float(np.abs((1 - s.astype(np.float64)).mean(1) - (1 - ex_s.astype(np.float64)).mean(1)).max())
-        if recall >= min_recall or effort >= limit:
+        # past twice exact's time (at a scale where the estimates mean something) ANN has lost its point
+        too_slow = keys.shape[0] >= AUTO_MIN_KEYS and t_ann > 2 * t_exact
+        if recall >= min_recall or effort >= limit or too_slow:
             break
         effort *= 2
     check.recall, check.max_score_error, check.effort = recall, error, effort
