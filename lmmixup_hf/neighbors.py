@@ -129,7 +129,7 @@ def _faiss(
 
 def build_ann(keys: np.ndarray, kind: str):
     """A faiss index over L2-normalised ``keys``: IVF-Flat (inner product; ``nlist`` = 4 sqrt(N),
-    at least 39 training rows per list) or HNSW32 (L2 on unit vectors: |a - b|^2 = 2 - 2 cos)."""
+    trained on up to 64 rows per list, at least 39) or HNSW32 (L2 on unit vectors: |a - b|^2 = 2 - 2 cos)."""
     try:
         import faiss
     except ImportError:
@@ -144,7 +144,7 @@ def build_ann(keys: np.ndarray, kind: str):
         nlist = max(1, min(int(4 * math.sqrt(keys.shape[0])), keys.shape[0] // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
-        index.train(keys[rng.choice(keys.shape[0], min(keys.shape[0], nlist * 256), replace=False)])
+        index.train(keys[rng.choice(keys.shape[0], min(keys.shape[0], nlist * 64), replace=False)])
     else:
         raise ValueError(f"unknown ANN kind {kind!r}; use ivf or hnsw")
     index.add(keys)
