@@ -36,7 +36,10 @@ def main() -> None:
     ap.add_argument("--std-cap", type=float, default=1.0)
     ap.add_argument("--min-cohesion", type=float, nargs="+", default=[0.6])
     ap.add_argument("--model", default="minilm-offline")
+    ap.add_argument("--quick", action="store_true", help="drawn and the default floor only")
     args = ap.parse_args()
+    if args.quick:
+        args.min_cohesion = [0.6]
     topics = json.loads((ROOT / "data" / "sample_pool_topics.json").read_text())
     print("| sizes | min_cohesion | clusters (≥ 2 rows) | rows alone | ARI vs topics | clusters of one topic |")
     print("|---|---|---|---|---|---|")

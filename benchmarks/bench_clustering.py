@@ -139,7 +139,10 @@ def main() -> None:
     ap.add_argument("--planted", action="store_true", help="quality against planted groups (data vs drawn)")
     ap.add_argument("--impls", nargs="+", default=["data", "drawn"], help="with --planted: data and/or drawn")
     ap.add_argument("--one", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="planted groups, 3,000 rows, 256-d, both size modes")
     args = ap.parse_args()
+    if args.quick:
+        args.planted, args.sizes, args.dim = True, [3000], 256
     if args.one:
         impl, n = args.one[0], int(args.one[1])
         print(json.dumps(one_planted(impl, n, args.dim) if args.planted else one(impl, n, args.dim)))

@@ -35,7 +35,10 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["ivf", "auto"])
     ap.add_argument("--sample", type=int, default=1000, help="rows checked independently against exact search")
     ap.add_argument("--exact", action="store_true", help="also time the exact all-vs-all search")
+    ap.add_argument("--quick", action="store_true", help="20k rows, measured exact (seconds)")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.sample, args.exact = 20_000, 200, True
     n, k = args.n, args.k
     x = synthetic(n, args.dim, group=args.group)
     q = np.random.default_rng(123).choice(n, args.sample, replace=False)
