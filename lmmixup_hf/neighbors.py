@@ -180,6 +180,7 @@ def ann_search(index, kind: str, queries: np.ndarray, k: int, exclude_self: bool
 
 # -- ANN that checks itself ---------------------------------------------------------------------
 MIN_RECALL = 0.95
+MAX_SCORE_ERROR = 0.01  # on the mean cosine distance to the k neighbours (the long-tail score)
 AUTO_MIN_KEYS = 50_000  # below this, exact search is as fast as ANN (measured in docs/benchmarks.md)
 
 
@@ -209,7 +210,8 @@ def checked_knn(
     *,
     backend: Backend = "exact",
     min_recall: float = MIN_RECALL,
-    sample: int = 256,
+    max_error: float = MAX_SCORE_ERROR,
+    sample: int = 1000,
     seed: int = 0,
     device: str | None = None,
     exact: Callable[[], tuple[np.ndarray, np.ndarray | None]] | None = None,
@@ -217,12 +219,13 @@ def checked_knn(
     """:func:`knn` that measures its own recall when it uses an ANN index.
 
     ``ivf`` / ``hnsw``: the search effort (IVF ``nprobe``, HNSW ``efSearch``) starts low and doubles
-    until the recall@k of ``sample`` random queries against exact search reaches ``min_recall``, the
+    until, on ``sample`` random queries against exact search, the recall@k reaches ``min_recall`` and
+    the largest error of the mean cosine distance to the k neighbours is at most ``max_error``; or the
     effort is exhausted, or (from ``AUTO_MIN_KEYS`` keys) the ANN's estimated time passes twice the
-    exact search's; the recall and score error found are reported either way.
+    exact search's. The recall and score error found are reported either way.
     ``auto``: exact below ``AUTO_MIN_KEYS`` keys or without faiss; otherwise it times exact search on
-    the sample, tunes IVF as above, and uses IVF only when its recall reaches ``min_recall`` and its
-    estimated time (build + search) is below exact's. ``exact`` replaces the full exact search (e.g.
+    the sample, tunes IVF as above, and uses IVF only when it meets both targets and its estimated
+    time (build + search) is below exact's. ``exact`` replaces the full exact search (e.g.
     the symmetric self-search of the long-tail score, which returns no ids).
     """
 
@@ -260,18 +263,20 @@ def checked_knn(
         error = float(np.abs((1 - s.astype(np.float64)).mean(1) - (1 - ex_s.astype(np.float64)).mean(1)).max())
         # past twice exact's time (at a scale where the estimates mean something) ANN has lost its point
         too_slow = keys.shape[0] >= AUTO_MIN_KEYS and t_ann > 2 * t_exact
-        if recall >= min_recall or effort >= limit or too_slow:
+        good = recall >= min_recall and error <= max_error
+        if good or effort >= limit or too_slow:
             break
         effort *= 2
     check.recall, check.max_score_error, check.effort = recall, error, effort
     check.seconds_exact_estimate, check.seconds_ann_estimate = t_exact, t_ann
-    if backend == "auto" and (recall < min_recall or t_ann >= t_exact):
+    if backend == "auto" and (not good or t_ann >= t_exact):
         check.backend = "exact"
-        check.reason = f"ivf recall {recall:.3f}" if recall < min_recall else "ivf not faster"
+        check.reason = f"ivf recall {recall:.3f}, score error {error:.3f}" if not good else "ivf not faster"
         return (*full_exact(), check)
-    if recall < min_recall:
+    if not good:
         logger.warning(
-            "kNN %s: recall@%d %.3f on %d sampled queries (< %.2f)", kind, k_eff, recall, len(q), min_recall
+            "kNN %s: recall@%d %.3f (target %.2f), max score error %.4f (target %.3f) on %d sampled queries",
+            *(kind, k_eff, recall, min_recall, error, max_error, len(q)),
         )
     sims, ids = ann_search(index, kind, queries, k_eff, self_search)
     return sims, ids, check

@@ -93,7 +93,7 @@ def test_ann_measures_its_own_recall_and_tunes_its_effort():
     assert abs(check.recall - true_recall) < 0.03  # the sampled estimate is the real recall
     assert not (ids == np.arange(4000)[:, None]).any()
     np.testing.assert_allclose(sims, np.einsum("nd,nkd->nk", x, x[ids]), atol=1e-4)
-    assert 0 <= check.max_score_error < 0.05
+    assert 0 <= check.max_score_error <= 0.01  # the second target the effort was tuned for
     # a floor the index cannot reach within its effort budget: reported, not hidden
     _, _, low = neighbors.checked_knn(x, k=10, backend="ivf", sample=200, min_recall=1.01)
     assert low.recall < 1.01 and low.effort == low.nlist
