@@ -6,6 +6,9 @@ Variants of one topic are near-duplicates, so clustering has something real to f
 the Alpaca ``instruction/input/output`` layout and a few are deliberately broken to show quarantine.
 
     python data/make_sample_pool.py            # rewrites data/sample_pool.jsonl (deterministic)
+
+It also writes ``data/sample_pool_topics.json``: for every valid row id, the topic whose variant it
+is (-1 for rows that stand alone), the ground truth the clustering is measured against.
 """
 
 from __future__ import annotations
@@ -636,15 +639,24 @@ def variants(source: str, q: str, a: str, casual: str, terse: str, wrong: str, r
 
 
 def build(seed: int = 7) -> list[str]:
+    return build_with_topics(seed)[0]
+
+
+def build_with_topics(seed: int = 7) -> tuple[list[str], dict[str, int]]:
+    """The pool's lines and, for every valid row id, the topic it is a variant of (the index in
+    ``TOPICS``; -1 for the clean rows that stand alone): the ground truth for clustering."""
     rng = random.Random(seed)
     rows: list[dict] = []
-    for topic in TOPICS:
-        rows.extend(variants(*topic, rng=rng))
-    rows.extend({"prompt": q, "completion": a, "source": s} for s, q, a in CLEAN)
+    for t, topic in enumerate(TOPICS):
+        rows.extend({**row, "_topic": t} for row in variants(*topic, rng=rng))
+    rows.extend({"prompt": q, "completion": a, "source": s, "_topic": -1} for s, q, a in CLEAN)
     rng.shuffle(rows)
     lines = []
+    topics: dict[str, int] = {}
     for i, row in enumerate(rows):
+        topic = row.pop("_topic")
         row = {"id": f"{row['source']}-{i:04d}", **row}
+        topics[row["id"]] = topic
         if row["source"] == "alpaca" and i % 4 == 0 and ": " in row["prompt"]:
             instr, inp = row["prompt"].split(": ", 1)
             row = {
@@ -664,11 +676,15 @@ def build(seed: int = 7) -> list[str]:
     )
     lines.insert(101, '{"id": "oasst1-bad-2", "prompt": "How do magnets work?", "completion": "They have')
     lines.insert(202, json.dumps({"id": "alpaca-bad-3", "completion": "Blue.", "source": "alpaca"}))
-    return lines
+    return lines, topics
 
 
 if __name__ == "__main__":
     out = Path(__file__).with_name("sample_pool.jsonl")
-    lines = build()
+    lines, topics = build_with_topics()
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"wrote {len(lines)} lines to {out} ({out.stat().st_size / 1024:.0f} KB)")
+    labels = out.with_name("sample_pool_topics.json")
+    labels.write_text(json.dumps(topics, indent=0) + "\n", encoding="utf-8")
+    print(
+        f"wrote {len(lines)} lines to {out} ({out.stat().st_size / 1024:.0f} KB) and {len(topics)} labels to {labels}"
+    )

@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 
 from lmmixup_hf.stages.cluster import (
+    LEFTOVER,
     assign,
     capacity_cluster,
     cohesion,
     compact_labels,
+    data_cluster,
     refine_swaps,
     sample_caps,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_clustering import adjusted_rand, planted_groups  # noqa: E402
 from reference_impls import reference_caps, reference_cluster  # noqa: E402
 
 
@@ -151,6 +154,63 @@ def test_compact_labels_offsets():
     assert k == 3 and lab.tolist() == [11, -1, 10, 11, 12]
 
 
+# -- data-driven sizes ----------------------------------------------------------------------------
+@pytest.mark.parametrize("caps", [(2, 5, 3.0, 1.0), (3, 4, 3.0, 1.0), (2, 3, 2.0, 0.0)])
+def test_data_sizes_stay_in_bounds_and_every_row_is_accounted(caps):
+    lo, hi, mean, std = caps
+    x, group = planted_groups(3000, 64, sizes=(2, 7), seed=1)
+    res = data_cluster(x, min_size=lo, max_size=hi, mean_cap=mean, std_cap=std, min_cohesion=0.6, cell_size=256)
+    placed = res.labels >= 0
+    sizes = np.bincount(res.labels[placed])
+    assert sizes.min() >= lo and sizes.max() <= hi
+    assert np.array_equal(sizes, res.caps)
+    assert placed.sum() + (res.labels == LEFTOVER).sum() == len(x)  # rows in = clustered + leftovers
+    assert np.nanmin(cohesion(x, res.labels)) >= 0.6  # every cluster holds together
+    assert (res.labels[group < 0] == LEFTOVER).all()  # isolated rows are never forced into a cluster
+
+
+def test_data_sizes_recover_planted_groups_where_drawn_sizes_cannot():
+    x, group = planted_groups(4000, 128, seed=2)
+    kw = dict(min_size=2, max_size=6, mean_cap=3.0, std_cap=1.0)
+    data = data_cluster(x, **kw, cell_size=256)
+    drawn = capacity_cluster(x, **kw, cell_size=256)
+    assert adjusted_rand(group, data.labels) > 0.95
+    assert adjusted_rand(group, drawn.labels) < 0.6
+    sizes = np.bincount(data.labels[data.labels >= 0])
+    assert np.nanmean(cohesion(x, data.labels)[sizes >= 2]) > 0.8
+    assert abs((data.labels < 0).mean() - 0.1) < 0.01  # the 10% isolated rows, and only them
+    again = data_cluster(x, **kw, cell_size=256)
+    assert np.array_equal(data.labels, again.labels)
+
+
+def test_data_sizes_find_neighbours_the_coarse_cells_miss():
+    # one cell per 16 rows and a single probe: many group mates sit in other cells at first
+    x, group = planted_groups(2000, 256, sizes=(2, 2), isolated=0.0, seed=3)
+    blind = data_cluster(x, max_size=2, mean_cap=2, std_cap=0, cell_size=16, probe=1, repair_probe=0)
+    repaired = data_cluster(x, max_size=2, mean_cap=2, std_cap=0, cell_size=16, probe=1, repair_probe=64)
+    assert (blind.labels < 0).mean() > 0.1
+    assert (repaired.labels < 0).mean() < (blind.labels < 0).mean() / 4
+
+
+def test_size_prior_and_min_size_shape_the_clusters():
+    x, group = planted_groups(3000, 128, sizes=(6, 6), isolated=0.0, seed=4)
+    free = data_cluster(x, min_size=2, max_size=6, mean_cap=3, std_cap=1, size_prior=0.0)
+    strict = data_cluster(x, min_size=2, max_size=6, mean_cap=3, std_cap=1, size_prior=0.2)
+    assert np.bincount(free.labels[free.labels >= 0]).max() == 6
+    # 0.2 per std above 3: a cluster of 4 needs 0.8 mean cosine, 5 needs 1.0, which the groups miss
+    assert np.bincount(strict.labels[strict.labels >= 0]).max() <= 4
+    pairs, _ = planted_groups(1000, 128, sizes=(2, 2), isolated=0.0, seed=5)
+    assert (data_cluster(pairs, min_size=3, max_size=5, mean_cap=3, std_cap=1).labels == LEFTOVER).all()
+
+
+def test_data_cluster_edge_cases():
+    assert len(data_cluster(np.zeros((0, 8), np.float32)).labels) == 0
+    one = np.ones((1, 8), np.float32) / np.sqrt(8)
+    assert data_cluster(one).labels.tolist() == [LEFTOVER]
+    twins = np.repeat(one, 2, 0)
+    assert data_cluster(twins, max_size=2).labels.tolist() == [0, 0]
+
+
 def _write_pool(path: Path) -> None:
     topics = {
         "dolly": ["photosynthesis in plants", "the French revolution", "volcano eruptions", "jazz music history"],
@@ -206,3 +266,78 @@ def test_cli_cluster_end_to_end(tmp_path):
     assert 0 < manifest["mean_cohesion"] <= 1
     again = _run(*args)
     assert again.returncode == 0 and "up to date" in again.stderr
+
+
+def _embedded_pool(path: Path, n: int = 300, seed: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """A JSONL pool whose rows bring their own ``embedding`` (planted groups + isolated rows)."""
+    x, group = planted_groups(n, 64, sizes=(2, 5), seed=seed)
+    rows = [
+        {"id": f"r{i}", "prompt": f"p{i}", "completion": f"c{i}", "source": "s", "embedding": v.tolist()}
+        for i, v in enumerate(x)
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return x, group
+
+
+def test_cluster_stage_uses_the_embedding_column_and_distils_leftovers_alone(tmp_path):
+    from lmmixup_hf.data.io import read_stage_data
+    from lmmixup_hf.stages.cluster import ClusterArgs, cluster
+
+    x, group = _embedded_pool(tmp_path / "pool.jsonl")
+    out = tmp_path / "clusters"
+    # a model path that does not exist: loading any embedding model would fail the stage
+    args = ClusterArgs(
+        input=str(tmp_path / "pool.jsonl"),
+        out=str(out),
+        embedding_model=str(tmp_path / "no-such-model"),
+        quality="all",
+        min_size=2,
+        max_size=5,
+        mean_cap=3,
+        std_cap=1,
+    )
+    data = cluster(args)
+    table, leftovers = read_stage_data(out, "clusters"), read_stage_data(out, "leftovers")
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["selected"] == len(x) == counts["clustered"] + counts["leftovers"]
+    assert counts["leftovers"] == counts["distilled_alone"] == len(leftovers) == int((group < 0).sum())
+    assert len(data) == len(x)  # leftovers stay in data/ as one-row clusters, for the distiller
+    sizes = np.array(table["size"])
+    n_multi = counts["clusters"] - counts["distilled_alone"]  # the one-row clusters come last
+    assert len(sizes) == counts["clusters"] == len(set(data["cluster_id"]))
+    multi = sizes[:n_multi]
+    assert multi.min() >= 2 and multi.max() <= 5 and multi.sum() == counts["clustered"]
+    assert (sizes[n_multi:] == 1).all()
+    by_id = dict(zip(data["id"], data["cluster_id"]))
+    assert sorted(by_id[i] for i in leftovers["id"]) == list(range(n_multi, len(sizes)))
+    truth = np.array([group[int(i[1:])] for i in data["id"]])
+    assert adjusted_rand(truth, np.array(data["cluster_id"])) > 0.95
+
+
+def test_cluster_stage_rejects_a_bad_embedding_row(tmp_path):
+    from lmmixup_hf.data.schema import LmmixupError
+    from lmmixup_hf.stages.cluster import ClusterArgs, cluster
+
+    _embedded_pool(tmp_path / "pool.jsonl", n=20)
+    lines = (tmp_path / "pool.jsonl").read_text().splitlines()
+    row = json.loads(lines[7])
+    row["embedding"] = row["embedding"][:5]
+    lines[7] = json.dumps(row)
+    (tmp_path / "pool.jsonl").write_text("\n".join(lines) + "\n")
+    args = ClusterArgs(input=str(tmp_path / "pool.jsonl"), out=str(tmp_path / "o"), quality="all")
+    with pytest.raises(LmmixupError, match=r"row 'r7'.*embedding.*length 5"):
+        cluster(args)
+
+
+def test_drawn_sizes_through_the_stage_place_every_row(tmp_path):
+    from lmmixup_hf.stages.cluster import ClusterArgs, cluster
+
+    x, _ = _embedded_pool(tmp_path / "pool.jsonl", n=100)
+    out = tmp_path / "drawn"
+    args = ClusterArgs(input=str(tmp_path / "pool.jsonl"), out=str(out), quality="all", sizes="drawn")
+    args.min_size, args.max_size, args.mean_cap, args.std_cap = 2, 5, 3, 1
+    data = cluster(args)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["clustered"] == len(data) == len(x) and counts["leftovers"] == counts["distilled_alone"] == 0
+    expected = capacity_cluster(x, min_size=2, max_size=5, mean_cap=3, std_cap=1, seed=42)
+    assert counts["clusters"] == len(expected.caps)

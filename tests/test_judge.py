@@ -25,6 +25,7 @@ from lmmixup_hf.judge.judges import (
     JudgeItem,
     LocalJudge,
     OpenAIJudge,
+    Rating,
     ReplyParseError,
     build_judge_messages,
     expected_score,
@@ -305,3 +306,36 @@ def test_judge_reward_pair_mode_reference_aware(openai_server, tmp_path):
     msg = last_user_text(server.bodies[0])
     assert "### Instruction-Response Pair\nInstruction:\nSay hi\n\nResponse:\nhi" in msg
     assert msg.rstrip().endswith("### Reference\nhello")
+
+
+PREFIX_ITEMS = [
+    *LOCAL_ITEMS,
+    JudgeItem("Instruction: Name a prime number.\nResponse: 7", "general"),
+    JudgeItem("Q: Capital of France?\nA: Paris", "qa", reference="Paris is the capital of France."),
+    JudgeItem("Q: What is 3+3?\nA: 6, because three plus three is six.", "qa"),
+    JudgeItem("C: Planets\nS: Mars is the fourth planet from the sun.", "cs"),
+]
+
+
+def _check_prefix_cache(path: str) -> None:
+    cached = LocalJudge(path, batch_size=3)
+    whole = LocalJudge(path, batch_size=1, prefix_cache=False)
+    got: dict[int, Rating] = {}
+    ratings = cached.rate_many(PREFIX_ITEMS, on_result=got.__setitem__, show_progress=False)
+    assert sorted(got) == list(range(len(PREFIX_ITEMS)))
+    assert [got[i] for i in range(len(PREFIX_ITEMS))] == ratings  # results land at their own index
+    # the rubric prefix is encoded once per (kind, reference) and reused; scores equal the full prompt's
+    assert len(cached._prefixes) == 4
+    assert [r.as_struct() for r in ratings] == [
+        r.as_struct() for r in whole.rate_many(PREFIX_ITEMS, show_progress=False)
+    ]
+    assert cached.usage.prompt_tokens < 0.7 * whole.usage.prompt_tokens  # 4 prefixes for 7 rows; less with more rows
+
+
+def test_local_judge_prefix_cache_gives_the_same_scores(tiny_qwen_dir):
+    _check_prefix_cache(tiny_qwen_dir)
+
+
+@pytest.mark.slow
+def test_local_judge_prefix_cache_gives_the_same_scores_smollm2(smollm2_dir):
+    _check_prefix_cache(smollm2_dir)

@@ -132,3 +132,45 @@ def test_cli_longtail_with_reference(tmp_path):
     rarest = np.argsort(-np.array(data["long_tail"]), kind="stable")[:5]
     picked = sorted(i for i, o in zip(mixed["id"], mixed["origin"]) if o == "distilled")
     assert picked == sorted(data[int(i)]["id"] for i in rarest)
+
+
+def test_longtail_stage_uses_the_embedding_column(tmp_path):
+    from lmmixup_hf.data.io import read_stage_data
+    from lmmixup_hf.stages.longtail import LongtailArgs, longtail
+
+    x, ref = clustered(40, d=24, seed=1), clustered(120, d=24, seed=2)
+    for name, vecs in (("dist", x), ("orig", ref)):
+        rows = [
+            {"id": f"{name}{i}", "prompt": "same text", "completion": "same", "embedding": v.tolist()}
+            for i, v in enumerate(vecs)
+        ]
+        _write(tmp_path / f"{name}.jsonl", rows)
+    out = tmp_path / "lt"
+    # the texts are all equal and the model does not exist: only the vectors can tell the rows apart
+    args = LongtailArgs(
+        input=str(tmp_path / "dist.jsonl"),
+        reference=str(tmp_path / "orig.jsonl"),
+        out=str(out),
+        k=5,
+        embedding_model=str(tmp_path / "no-such-model"),
+    )
+    data = longtail(args)
+    (raw, norm), (ref_raw, _) = score_sets(x, ref, k=5)
+    np.testing.assert_allclose(data["long_tail_raw"], raw, atol=1e-5)
+    np.testing.assert_allclose(read_stage_data(out, "reference")["long_tail_raw"], ref_raw, atol=1e-5)
+
+
+def test_longtail_stage_records_the_ann_recall(tmp_path):
+    pytest.importorskip("faiss")
+    from lmmixup_hf.stages.longtail import LongtailArgs, longtail
+
+    x = clustered(3000, d=16, seed=3)
+    rows = [{"id": f"r{i}", "prompt": "p", "completion": "c", "embedding": v.tolist()} for i, v in enumerate(x)]
+    _write(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "lt"
+    data = longtail(LongtailArgs(input=str(tmp_path / "rows.jsonl"), out=str(out), k=15, backend="ivf"))
+    check = json.loads((out / "manifest.json").read_text())["knn"]["input"]
+    assert check["backend"] == "ivf" and check["sample"] == 1000 and check["recall"] >= 0.95
+    assert check["max_score_error"] <= 0.01
+    exact = long_tail_raw(x, 15)
+    assert np.abs(np.array(data["long_tail_raw"]) - exact).max() <= max(check["max_score_error"], 0.01) + 0.02

@@ -75,3 +75,60 @@ def test_faiss_similarities_are_cosines():
     for backend in ("ivf", "hnsw"):
         sims, idx = knn(x, k=5, backend=backend)
         np.testing.assert_allclose(sims, np.einsum("nd,nkd->nk", x, x[idx]), atol=1e-4)
+
+
+def _recall(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean([len(np.intersect1d(x, y)) / a.shape[1] for x, y in zip(a, b)]))
+
+
+def test_ann_measures_its_own_recall_and_tunes_its_effort():
+    pytest.importorskip("faiss")
+    x = _unit(4000, 24, 7)  # uniform on the sphere: ANN's hard case, the first nprobe is not enough
+    _, exact = knn(x, k=10)
+    sims, ids, check = neighbors.checked_knn(x, k=10, backend="ivf", sample=400, seed=1)
+    true_recall = _recall(ids, exact)
+    assert check.backend == "ivf" and check.sample == 400 and check.nlist > 8
+    assert check.effort > 8  # nprobe was raised from its start
+    assert check.recall >= 0.95 and true_recall >= 0.93
+    assert abs(check.recall - true_recall) < 0.03  # the sampled estimate is the real recall
+    assert not (ids == np.arange(4000)[:, None]).any()
+    np.testing.assert_allclose(sims, np.einsum("nd,nkd->nk", x, x[ids]), atol=1e-4)
+    assert 0 <= check.max_score_error <= 0.01  # the second target the effort was tuned for
+    # a floor the index cannot reach within its effort budget: reported, not hidden
+    _, _, low = neighbors.checked_knn(x, k=10, backend="ivf", sample=200, min_recall=1.01)
+    assert low.recall < 1.01 and low.effort == low.nlist
+
+
+def test_auto_uses_ann_only_when_it_keeps_its_recall(monkeypatch):
+    pytest.importorskip("faiss")
+    x = _unit(3000, 16, 8)
+    exact_s, exact_i = knn(x, k=8)
+    _, _, small = neighbors.checked_knn(x, k=8, backend="auto")
+    assert small.backend == "exact" and "fewer than" in small.reason  # below AUTO_MIN_KEYS: no ANN at all
+    monkeypatch.setattr(neighbors, "AUTO_MIN_KEYS", 0)
+    s, i, strict = neighbors.checked_knn(x, k=8, backend="auto", min_recall=1.01)
+    assert strict.backend == "exact" and strict.reason.startswith("ivf recall") and strict.recall is not None
+    assert np.array_equal(i, exact_i) and np.array_equal(s, exact_s)
+    _, _, loose = neighbors.checked_knn(x, k=8, backend="auto", min_recall=0.0)
+    # with no recall floor, the choice is speed alone, decided from the measured estimates
+    faster = loose.seconds_ann_estimate < loose.seconds_exact_estimate
+    assert loose.backend == ("ivf" if faster else "exact")
+
+
+def test_device_option():
+    import torch
+
+    from lmmixup_hf.data.schema import LmmixupError
+    from lmmixup_hf.stages.cluster import capacity_cluster, data_cluster
+    from lmmixup_hf.stages.longtail import long_tail_raw
+
+    assert neighbors.resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    x = _unit(600, 16, 9)
+    assert np.array_equal(knn(x, k=5, device="cpu")[1], knn(x, k=5, device=neighbors.resolve_device(None))[1])
+    kw = dict(min_size=2, max_size=5, mean_cap=3, std_cap=1, cell_size=128)
+    for fn in (data_cluster, capacity_cluster):
+        assert np.array_equal(fn(x, **kw, device="cpu").labels, fn(x, **kw, device=None).labels)
+    np.testing.assert_allclose(long_tail_raw(x, 5, device="cpu"), long_tail_raw(x, 5), atol=1e-6)
+    if not torch.cuda.is_available():
+        with pytest.raises(LmmixupError, match="device 'cuda' is not available"):
+            knn(x, k=5, device="cuda")

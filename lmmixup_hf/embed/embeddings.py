@@ -174,3 +174,52 @@ def get_embedder(model_id: str = DEFAULT_EMBEDDING_MODEL, **kwargs) -> Embedder:
         if key not in _SHARED:
             _SHARED[key] = Embedder(model_id, **kwargs)
         return _SHARED[key]
+
+
+EMBEDDING = "embedding"  # a row's own precomputed vector (list of floats), used instead of the model
+
+
+def precomputed_embeddings(ds) -> np.ndarray | None:
+    """The rows' own ``embedding`` vectors, L2-normalised, or None when no row carries one.
+
+    Read from an ``embedding`` column (stage folders, saved datasets) or, for a plain JSONL/parquet
+    pool, from the ``extra`` JSON that keeps unknown fields. Either every row has one of the same
+    length with finite values, or it is an error naming the first row that does not.
+    """
+    import json
+
+    from lmmixup_hf.data.schema import EXTRA, ID, LmmixupError
+
+    if EMBEDDING in ds.column_names:
+        vectors = ds[EMBEDDING]
+    elif EXTRA in ds.column_names and len(ds) and EMBEDDING in json.loads(ds[0][EXTRA] or "{}"):
+        vectors = [None if e is None else json.loads(e).get(EMBEDDING) for e in ds[EXTRA]]
+    else:
+        return None
+    ids = ds[ID]
+    dims = {len(v) for v in vectors if isinstance(v, list)}
+    for i, v in enumerate(vectors):
+        if not isinstance(v, list) or len(v) == 0 or len(v) != max(dims, default=0):
+            what = "no embedding" if not isinstance(v, list) else f"an embedding of length {len(v)}"
+            raise LmmixupError(f"row {ids[i]!r}: field {EMBEDDING!r}: {what}; expected {max(dims, default=0)} floats")
+    try:
+        x = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise LmmixupError(f"field {EMBEDDING!r}: not a list of numbers ({e})") from None
+    bad = ~np.isfinite(x).all(1) | (np.linalg.norm(x, axis=1) == 0)
+    if bad.any():
+        raise LmmixupError(f"row {ids[int(np.argmax(bad))]!r}: field {EMBEDDING!r}: non-finite or zero vector")
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def row_embeddings(ds, model_id: str, *, device: str | None = None, batch_size: int = 64) -> np.ndarray:
+    """The rows' precomputed ``embedding`` when they carry one (no model is loaded), else the
+    model's embeddings of ``prompt + "\\n" + completion``."""
+    from lmmixup_hf.data.schema import COMPLETION, PROMPT, text_of
+
+    x = precomputed_embeddings(ds)
+    if x is not None:
+        logger.info("using the rows' own %r column (%d x %d); no embedding model", EMBEDDING, *x.shape)
+        return x
+    texts = [text_of({PROMPT: p, COMPLETION: c}) for p, c in zip(ds[PROMPT], ds[COMPLETION])]
+    return get_embedder(model_id, device=device, batch_size=batch_size).encode(texts)

@@ -1,23 +1,31 @@
-"""``lmmixup cluster``: capacity-constrained clustering of the low-quality rows, one source at a time.
+"""``lmmixup cluster``: cluster the low-quality rows, one source at a time, for the distiller to fuse.
 
-Cluster sizes follow the method exactly: capacities are drawn from a rounded Normal(mean_cap,
-std_cap), clipped to [min_size, max_size] and summing to N, so geometry only decides membership.
-What changes is how membership is found:
+Two ways to size the clusters (``sizes``):
 
-1. centres by a two-level spherical k-means (coarse cells, then ``cap``-many centres per cell), so
-   k ~ N/3 centres never cost an N x k k-means;
-2. each point's top-m candidate centres by kNN over the centres of its 3 nearest cells (an
-   inverted file over the centres); no full ranking of all centres per point;
-3. a greedy capacity assignment in vectorised rounds: every unplaced point proposes to its next
-   candidate and each centre keeps its most similar proposals up to its free capacity; points
-   whose m candidates are full fall back to a kNN over the centres that still have room;
-4. refinement that raises the mean intra-cluster cosine: balanced k-means steps (centres :=
-   member means, then the same capacity assignment) and size-preserving swaps between clusters.
+- ``data`` (default): sizes follow the data. A size-capped average-linkage clustering over an
+  approximate kNN graph (:func:`data_cluster`): clusters merge while their mean pairwise cosine stays
+  at or above ``min_cohesion`` and their size within ``max_size``; ``mean_cap``/``std_cap`` act as a
+  prior (a cluster larger than usual needs a little more cohesion). Rows left in a cluster below
+  ``min_size`` have no close neighbours: the stage makes each a one-row cluster that the distiller
+  rewrites alone, so every row still reaches the distiller and none is forced into unrelated company.
+- ``drawn``: the method's sizes. Capacities drawn from a rounded Normal(mean_cap, std_cap), clipped to
+  [min_size, max_size] and summing to N, so geometry only decides membership
+  (:func:`capacity_cluster`):
+
+  1. centres by a two-level spherical k-means (coarse cells, then ``cap``-many centres per cell), so
+     k ~ N/3 centres never cost an N x k k-means;
+  2. each point's top-m candidate centres by kNN over the centres of its 3 nearest cells (an
+     inverted file over the centres); no full ranking of all centres per point;
+  3. a greedy capacity assignment in vectorised rounds: every unplaced point proposes to its next
+     candidate and each centre keeps its most similar proposals up to its free capacity; points
+     whose m candidates are full fall back to a kNN over the centres that still have room;
+  4. refinement that raises the mean intra-cluster cosine: balanced k-means steps (centres :=
+     member means, then the same capacity assignment) and size-preserving swaps between clusters.
+
+  An optional similarity floor sends points that cannot be placed above it to a reported leftover
+  set instead of a far-away cluster.
 
 k-means runs in torch (CPU or GPU), so faiss is not needed.
-
-An optional similarity floor sends points that cannot be placed above it to a reported leftover
-set instead of a far-away cluster.
 """
 
 from __future__ import annotations
@@ -33,18 +41,8 @@ import torch
 from datasets import Dataset
 
 from lmmixup_hf.data.io import read_pool
-from lmmixup_hf.data.schema import (
-    CLUSTER_ID,
-    COMPLETION,
-    EXTRA,
-    HIGH_QUALITY_THRESHOLD,
-    ID,
-    PROMPT,
-    RATING,
-    SOURCE,
-    LmmixupError,
-)
-from lmmixup_hf.embed.neighbors import knn
+from lmmixup_hf.data.schema import CLUSTER_ID, EXTRA, HIGH_QUALITY_THRESHOLD, ID, RATING, SOURCE, LmmixupError
+from lmmixup_hf.embed.neighbors import knn, resolve_device
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
 from lmmixup_hf.pipeline.workflow import StageRun
 
@@ -131,7 +129,7 @@ def _kmeans_pp(x: torch.Tensor, k: int, rng: np.random.Generator, rounds: int = 
         x = x[torch.from_numpy(np.sort(rng.choice(x.shape[0], 32 * k, replace=False)))]
     n = x.shape[0]
     chosen = np.array([rng.integers(n)])
-    dist = (2 - 2 * (x @ x[int(chosen[0])])).clamp_min(0).double().numpy()
+    dist = (2 - 2 * (x @ x[int(chosen[0])])).clamp_min(0).double().cpu().numpy()
     per_round = max(1, math.ceil((k - 1) / rounds))
     while len(chosen) < k:
         p = dist.copy()
@@ -145,7 +143,7 @@ def _kmeans_pp(x: torch.Tensor, k: int, rng: np.random.Generator, rounds: int = 
             new = rng.choice(n, want, replace=False, p=p / total)
         chosen = np.concatenate([chosen, new])
         near = (x @ x[torch.from_numpy(new)].T).max(1).values
-        dist = np.minimum(dist, (2 - 2 * near).clamp_min(0).double().numpy())
+        dist = np.minimum(dist, (2 - 2 * near).clamp_min(0).double().cpu().numpy())
     return x[torch.from_numpy(chosen)].clone()
 
 
@@ -158,21 +156,28 @@ def _split_counts(total: int, weights: np.ndarray) -> np.ndarray:
     return out
 
 
+def coarse_cells(
+    x: torch.Tensor, cell_size: int, *, niter: int = 10, seed: int = 0, max_cells: int | None = None
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Coarse spherical k-means into cells of ~``cell_size`` rows (trained on a sample of 64 rows per
+    cell): ``(cell centres, cell of every row)``."""
+    n = x.shape[0]
+    n_cells = max(1, min(round(n / cell_size), n if max_cells is None else max_cells))
+    if n_cells == 1:
+        return _normalize(x.mean(0, keepdim=True)), np.zeros(n, np.int64)
+    rng = np.random.default_rng(seed)
+    sample = x[torch.from_numpy(np.sort(rng.choice(n, min(n, 64 * n_cells), replace=False)))]
+    cells = spherical_kmeans(sample, n_cells, niter=niter, seed=seed)
+    return cells, _nearest(x, cells).cpu().numpy()
+
+
 def two_level_centres(
     x: torch.Tensor, k: int, *, cell_size: int = 512, niter: int = 10, seed: int = 0
 ) -> tuple[torch.Tensor, np.ndarray, np.ndarray, torch.Tensor]:
     """``k`` centres: coarse cells of ~``cell_size`` points, then k-means inside each cell with a
     number of centres proportional to its size. Returns (centres, centre_cell, point_cell, cells)."""
-    n = x.shape[0]
-    n_cells = max(1, min(round(n / cell_size), k))
-    if n_cells == 1:
-        cells = _normalize(x.mean(0, keepdim=True))
-        point_cell = np.zeros(n, np.int64)
-    else:
-        rng = np.random.default_rng(seed)
-        sample = x[torch.from_numpy(np.sort(rng.choice(n, min(n, 64 * n_cells), replace=False)))]
-        cells = spherical_kmeans(sample, n_cells, niter=niter, seed=seed)
-        point_cell = _nearest(x, cells).numpy()
+    cells, point_cell = coarse_cells(x, cell_size, niter=niter, seed=seed, max_cells=k)
+    n_cells = len(cells)
     sizes = np.bincount(point_cell, minlength=n_cells)
     per_cell = np.minimum(_split_counts(k, sizes.astype(np.float64)), sizes)
     short = k - int(per_cell.sum())  # only when a cell would need more centres than points
@@ -196,6 +201,7 @@ def candidate_centres(
     cells: np.ndarray,
     m: int,
     probe: int,
+    device: str = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-m centres per point among the centres of the point's ``probe`` nearest cells (an
     inverted file over the centres): ``(sims, centre ids)``, each ``(n, m)``, best first; missing
@@ -203,7 +209,11 @@ def candidate_centres(
     n = x.shape[0]
     if len(cells) == 1:
         probe = 1
-    _, near = knn(x, cells, k=min(probe, len(cells))) if len(cells) > 1 else (None, np.zeros((n, 1), np.int64))
+    _, near = (
+        knn(x, cells, k=min(probe, len(cells)), device=device)
+        if len(cells) > 1
+        else (None, np.zeros((n, 1), np.int64))
+    )
     by_cell = np.argsort(centre_cell, kind="stable")
     cstart = np.searchsorted(centre_cell[by_cell], np.arange(len(cells) + 1))
     sims = np.full((n, near.shape[1] * m), -np.inf, np.float32)
@@ -216,7 +226,7 @@ def candidate_centres(
             group = by_cell[cstart[c] : cstart[c + 1]]
             if len(group) == 0:
                 continue
-            sv, iv = knn(x[pts], centres[group], k=m)
+            sv, iv = knn(x[pts], centres[group], k=m, device=device)
             cols = slice(r * m, r * m + sv.shape[1])
             sims[pts, cols], ids[pts, cols] = sv, group[iv]
     if near.shape[1] > 1:
@@ -265,6 +275,7 @@ def assign(
     cand_sims: np.ndarray,
     cand_ids: np.ndarray,
     sim_floor: float | None = None,
+    device: str = "cpu",
 ) -> np.ndarray:
     """Labels (``-1`` = leftover) with every cluster holding at most its capacity; without a floor
     and with ``sum(caps) == n`` every point is placed and every cluster is exactly full."""
@@ -276,7 +287,7 @@ def assign(
     rows = propose_rounds(cand_ids, cand_sims, cap_left, np.arange(n), labels)
     while len(rows) and cap_left.sum() > 0:  # every candidate was full: search the centres with room
         free = np.flatnonzero(cap_left > 0)
-        s, i = knn(x[rows], centres[free], k=min(m, len(free)))
+        s, i = knn(x[rows], centres[free], k=min(m, len(free)), device=device)
         ids = free[i]
         if sim_floor is not None:
             ids = np.where(s >= sim_floor, ids, -1)
@@ -394,8 +405,9 @@ def cohesion(x: np.ndarray, labels: np.ndarray, n_clusters: int | None = None) -
 @dataclass
 class ClusterResult:
     labels: np.ndarray  # (n,) cluster ids 0..K-1, -1 for leftovers
-    caps: np.ndarray  # the sampled capacities (cluster c has at most caps[c] members)
+    caps: np.ndarray  # drawn: the sampled capacities (cluster c has at most caps[c] members); data: the sizes
     swaps: int = 0
+    rounds: int = 0  # data: merge rounds
 
 
 def capacity_cluster(
@@ -413,8 +425,11 @@ def capacity_cluster(
     balance_iters: int = 2,
     refine_rounds: int = 2,
     sim_floor: float | None = None,
+    device: str | None = None,
 ) -> ClusterResult:
-    """Cluster L2-normalised rows ``x`` into clusters whose sizes are sampled capacities."""
+    """Cluster L2-normalised rows ``x`` into clusters whose sizes are sampled capacities. k-means and
+    the kNN searches run on ``device`` (default: cuda when available); the rest on the CPU."""
+    device = resolve_device(device)
     n = x.shape[0]
     caps = sample_caps(n, min_size, max_size, mean_cap, std_cap, seed)
     if len(caps) == 0:
@@ -423,12 +438,12 @@ def capacity_cluster(
     torch.manual_seed(seed)
     with torch.inference_mode():
         centres, centre_cell, point_cell, cells = two_level_centres(
-            torch.from_numpy(x), len(caps), cell_size=cell_size, niter=kmeans_iters, seed=seed
+            torch.from_numpy(x).to(device), len(caps), cell_size=cell_size, niter=kmeans_iters, seed=seed
         )
-    centres_np, cells_np = centres.numpy(), cells.numpy()
+    centres_np, cells_np = centres.cpu().numpy(), cells.cpu().numpy()
     m = min(n_candidates, len(caps))
-    sims, ids = candidate_centres(x, centres_np, centre_cell, cells_np, m, 1 + neighbor_cells)
-    labels = assign(x, centres_np, caps, sims, ids, sim_floor)
+    sims, ids = candidate_centres(x, centres_np, centre_cell, cells_np, m, 1 + neighbor_cells, device)
+    labels = assign(x, centres_np, caps, sims, ids, sim_floor, device)
     if sim_floor is not None:  # clusters the floor left too small are dissolved into leftovers
         small = np.bincount(labels[labels >= 0], minlength=len(caps)) < min_size
         labels[(labels >= 0) & small[np.maximum(labels, 0)]] = LEFTOVER
@@ -474,6 +489,168 @@ def balanced_step(
     return new if _total_cohesion(new_sums, new_counts) > _total_cohesion(sums, counts) else labels
 
 
+# -- data-driven sizes ----------------------------------------------------------------------------
+def cell_neighbors(
+    x: np.ndarray,
+    rows: np.ndarray,
+    cells: np.ndarray,
+    point_cell: np.ndarray,
+    k: int,
+    probe: int,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-k neighbours ``(sims, ids)``, best first (``-inf`` / ``-1`` where fewer
+    exist), of ``x[rows]`` among all other rows: exact search among the rows of the query's
+    ``probe`` nearest coarse cells, so the cost is ``len(rows) x probe x cell size`` dot products,
+    never N x N."""
+    sims, ids = candidate_centres(x[rows], x, point_cell, cells, min(k + 1, x.shape[0]), probe, device)
+    own = ids == rows[:, None]
+    drop = np.where(own.any(1), own.argmax(1), ids.shape[1] - 1)  # self, else the weakest
+    keep = np.ones(ids.shape, bool)
+    keep[np.arange(len(rows)), drop] = False
+    return sims[keep].reshape(len(rows), -1), ids[keep].reshape(len(rows), -1)
+
+
+def size_penalty(size: np.ndarray, mean_cap: float, std_cap: float, size_prior: float) -> np.ndarray:
+    """The size prior: ``size_prior`` per std above the prior mean size, so that a cluster larger than
+    usual needs a higher mean cosine to form (std 0 counts as 1)."""
+    return size_prior * np.maximum(size - mean_cap, 0) / max(std_cap, 1.0)
+
+
+@dataclass
+class _Merging:
+    """Clusters being merged: the cluster of every row (its smallest row id), sizes and vector sums."""
+
+    parent: np.ndarray
+    size: np.ndarray
+    sums: torch.Tensor
+    rounds: int = 0
+
+    def pairs_of(self, rows: np.ndarray, sims: np.ndarray, nbr: np.ndarray, floor: float) -> np.ndarray:
+        """Unique cluster pairs ``lo * n + hi`` linked by a neighbour edge of cosine >= ``floor``.
+
+        Lower edges are not needed: two clusters whose mean cross cosine reaches ``floor`` have at
+        least one cross pair at or above it, and that pair is an edge of the neighbour graph."""
+        n = len(self.parent)
+        a = np.repeat(rows, nbr.shape[1])
+        b = nbr.ravel()
+        ok = (b >= 0) & (sims.ravel() >= floor)
+        a, b = self.parent[a[ok]], self.parent[b[ok]]
+        a, b = a[a != b], b[a != b]
+        return np.unique(np.minimum(a, b) * n + np.maximum(a, b))
+
+    def run(
+        self, pairs: np.ndarray, max_size: int, bar: float, mean_cap: float, std_cap: float, prior: float
+    ) -> np.ndarray:
+        """Merge mutual best partners in rounds until no candidate pair reaches ``bar``; returns the
+        pairs still fitting in ``max_size`` (candidates for a later pass)."""
+        n = len(self.parent)
+        link = np.full(len(pairs), np.nan)  # cached average linkage per pair, NaN = to compute
+        while len(pairs):
+            pa, pb = pairs // n, pairs % n
+            fits = self.size[pa] + self.size[pb] <= max_size  # sizes only grow: a pair that no longer fits never will
+            pairs, pa, pb, link = pairs[fits], pa[fits], pb[fits], link[fits]
+            todo = np.flatnonzero(np.isnan(link))
+            for i in range(0, len(todo), 65536):
+                t = todo[i : i + 65536]
+                ta, tb = torch.from_numpy(pa[t]), torch.from_numpy(pb[t])
+                dots = (self.sums[ta] * self.sums[tb]).sum(1).double().numpy()
+                link[t] = dots / (self.size[pa[t]] * self.size[pb[t]])
+            score = link - size_penalty(self.size[pa] + self.size[pb], mean_cap, std_cap, prior)
+            good = score >= bar
+            if not good.any():
+                break
+            u = np.concatenate([pa[good], pb[good]])
+            v = np.concatenate([pb[good], pa[good]])
+            s = np.concatenate([score[good], score[good]])
+            order = np.lexsort((v, -s, u))  # per cluster: best score, then smallest partner id
+            u, v = u[order], v[order]
+            first = np.r_[True, u[1:] != u[:-1]]
+            best = np.full(n, -1, np.int64)
+            best[u[first]] = v[first]
+            lo = np.flatnonzero(best >= 0)
+            lo = lo[(best[best[lo]] == lo) & (lo < best[lo])]
+            hi = best[lo]
+            self.sums[torch.from_numpy(lo)] += self.sums[torch.from_numpy(hi)]
+            self.size[lo] += self.size[hi]
+            self.size[hi] = 0
+            to = np.arange(n)
+            to[hi] = lo
+            self.parent = to[self.parent]
+            pa, pb = to[pa], to[pb]
+            keep = pa != pb
+            pa, pb = pa[keep], pb[keep]
+            dirty = np.zeros(n, bool)
+            dirty[lo] = True
+            link = np.where(dirty[pa] | dirty[pb], np.nan, link[keep])
+            pairs, first_at = np.unique(np.minimum(pa, pb) * n + np.maximum(pa, pb), return_index=True)
+            link = link[first_at]
+            self.rounds += 1
+        return pairs
+
+
+def data_cluster(
+    x: np.ndarray,
+    *,
+    min_size: int = 2,
+    max_size: int = 25,
+    mean_cap: float = 10.0,
+    std_cap: float = 3.0,
+    min_cohesion: float = 0.6,
+    size_prior: float = 0.02,
+    n_neighbors: int | None = None,
+    cell_size: int = 512,
+    probe: int = 3,
+    repair_probe: int = 24,
+    kmeans_iters: int = 5,
+    seed: int = 42,
+    device: str | None = None,
+) -> ClusterResult:
+    """Size-capped average-linkage clustering of L2-normalised rows over their kNN graph.
+
+    Every row starts alone. Each round, every cluster picks its best partner among the clusters its
+    members have as neighbours: the highest mean pairwise cosine (average linkage, exact from the
+    clusters' vector sums: ``S_a . S_b / (n_a n_b)``) minus the size prior, among merges that stay
+    within ``max_size`` and reach ``min_cohesion``; mutual choices merge, all at once (the best pair
+    overall is always mutual, so every round merges). By induction every cluster's mean pairwise
+    cosine is at least ``min_cohesion``.
+
+    The neighbour graph is approximate (an inverted file over coarse cells). Rows that end the first
+    pass in a cluster below ``min_size`` search again over ``repair_probe`` cells, and merging
+    resumes with the edges found, so a row is a leftover because its neighbourhood is empty, not
+    because the index missed it. Clusters still below ``min_size`` are leftovers (``-1``).
+
+    The coarse k-means and the neighbour search run on ``device`` (default: cuda when available).
+    """
+    device = resolve_device(device)
+    n = x.shape[0]
+    if n == 0 or max_size < 2:
+        return ClusterResult(np.full(n, LEFTOVER, np.int64), np.zeros(0, np.int64))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    k = n_neighbors or min(max_size + 1, 16)
+    with torch.inference_mode():
+        xd = torch.from_numpy(x).to(device)
+        cells, point_cell = coarse_cells(xd, cell_size, niter=kmeans_iters, seed=seed)
+        cells = cells.cpu().numpy()
+        del xd
+        state = _Merging(np.arange(n), np.ones(n, np.int64), torch.from_numpy(x.copy()))
+        rows = np.arange(n)
+        pairs = state.pairs_of(rows, *cell_neighbors(x, rows, cells, point_cell, k, probe, device), min_cohesion)
+        rest = state.run(pairs, max_size, min_cohesion, mean_cap, std_cap, size_prior)
+        small = np.flatnonzero(state.size[state.parent] < min_size)
+        if len(small) and repair_probe > probe:
+            found = state.pairs_of(
+                small, *cell_neighbors(x, small, cells, point_cell, k, repair_probe, device), min_cohesion
+            )
+            n_c = len(state.parent)
+            pairs = np.union1d(state.parent[rest // n_c] * n_c + state.parent[rest % n_c], found)
+            state.run(pairs, max_size, min_cohesion, mean_cap, std_cap, size_prior)
+    labels = np.where(state.size[state.parent] >= min_size, state.parent, LEFTOVER)
+    labels, k_out = compact_labels(labels)
+    sizes = np.bincount(labels[labels >= 0], minlength=k_out).astype(np.int64)
+    return ClusterResult(labels, sizes, rounds=state.rounds)
+
+
 def compact_labels(labels: np.ndarray, offset: int = 0) -> tuple[np.ndarray, int]:
     """Renumber used cluster ids to ``offset..offset+K-1`` (leftovers stay -1)."""
     used = np.unique(labels[labels >= 0])
@@ -488,27 +665,49 @@ class ClusterArgs:
     input: str = field(metadata={"help": "Rated pool or stage folder (any input `lmmixup ingest` reads)."})
     out: str = field(metadata={"help": "Output folder: data/, clusters/, leftovers/, cluster_sizes.png."})
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
-    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu)."})
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Device for the embedding model (default: cuda > mps > cpu) and for k-means / kNN (cuda > cpu)."
+        },
+    )
     batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
     quality: str = field(
         default="low",
         metadata={"help": "Rows to cluster: `low` (rating.score < 4; unrated rows are skipped) or `all`."},
     )
+    sizes: str = field(
+        default="data",
+        metadata={
+            "help": "`data`: sizes follow the data (merge while the mean pairwise cosine stays >= min_cohesion; "
+            "rows with no close neighbours are distilled alone); `drawn`: the method's sizes drawn from "
+            "Normal(mean_cap, std_cap), every row placed."
+        },
+    )
     min_size: int = field(default=2, metadata={"help": "Smallest cluster."})
     max_size: int = field(default=25, metadata={"help": "Largest cluster."})
-    mean_cap: float = field(default=10.0, metadata={"help": "Mean of the Normal that draws cluster sizes."})
-    std_cap: float = field(default=3.0, metadata={"help": "Std of the Normal that draws cluster sizes."})
+    mean_cap: float = field(
+        default=10.0, metadata={"help": "Mean cluster size: the drawn sizes' Normal, or the data sizes' prior."}
+    )
+    std_cap: float = field(default=3.0, metadata={"help": "Std of the drawn sizes / of the data sizes' prior."})
+    min_cohesion: float = field(
+        default=0.6, metadata={"help": "data: every cluster's mean pairwise cosine is at least this."}
+    )
+    size_prior: float = field(
+        default=0.02,
+        metadata={"help": "data: extra mean cosine a cluster needs per std_cap above mean_cap (0 = no prior)."},
+    )
     seed: int = field(default=42, metadata={"help": "Seed for sizes and k-means."})
     sim_floor: float | None = field(
-        default=None, metadata={"help": "Minimum cosine to a cluster centre; points below go to leftovers/."}
+        default=None, metadata={"help": "drawn: minimum cosine to a cluster centre; points below go to leftovers/."}
     )
-    n_candidates: int = field(default=8, metadata={"help": "Candidate centres per point (top-m)."})
+    n_candidates: int = field(default=8, metadata={"help": "drawn: candidate centres per point (top-m)."})
     cell_size: int = field(default=512, metadata={"help": "Points per coarse k-means cell."})
     kmeans_iters: int = field(default=5, metadata={"help": "k-means iterations per level."})
     balance_iters: int = field(
-        default=2, metadata={"help": "Balanced k-means steps: centres := member means, then reassign (0 = off)."}
+        default=2, metadata={"help": "drawn: balanced k-means steps (centres := member means, reassign; 0 = off)."}
     )
-    refine_rounds: int = field(default=2, metadata={"help": "Size-preserving swap rounds (0 = off)."})
+    refine_rounds: int = field(default=2, metadata={"help": "drawn: size-preserving swap rounds (0 = off)."})
 
 
 def _select_rows(ds: Dataset, quality: str) -> tuple[Dataset, dict[str, int]]:
@@ -549,8 +748,7 @@ def save_histogram(sizes: np.ndarray, path: str | Path, title: str = "cluster si
 
 
 def cluster(args: ClusterArgs) -> Dataset:
-    from lmmixup_hf.data.schema import text_of
-    from lmmixup_hf.embed.embeddings import get_embedder
+    from lmmixup_hf.embed.embeddings import row_embeddings
 
     run = StageRun("cluster", args.out, inputs=[args.input], params=asdict(args))
     if run.is_complete():
@@ -560,8 +758,11 @@ def cluster(args: ClusterArgs) -> Dataset:
     ds, skipped = _select_rows(pool, args.quality)
     if len(ds) == 0:
         raise LmmixupError(f"{args.input}: no rows to cluster (quality={args.quality!r}, {skipped})")
-    texts = [text_of({PROMPT: p, COMPLETION: c}) for p, c in zip(ds[PROMPT], ds[COMPLETION])]
-    emb = get_embedder(args.embedding_model, device=args.device, batch_size=args.batch_size).encode(texts)
+    if args.sizes not in ("data", "drawn"):
+        raise LmmixupError(f"--sizes must be `data` or `drawn`, got {args.sizes!r}")
+    if args.sizes == "data" and args.sim_floor is not None:
+        raise LmmixupError("--sim_floor applies to --sizes drawn; data sizes use --min_cohesion")
+    emb = row_embeddings(ds, args.embedding_model, device=args.device, batch_size=args.batch_size)
 
     sources = np.asarray(list(ds[SOURCE]), dtype=object)
     labels = np.full(len(ds), LEFTOVER, np.int64)
@@ -569,32 +770,24 @@ def cluster(args: ClusterArgs) -> Dataset:
     next_id = 0
     for src in sorted(set(sources.tolist())):
         idx = np.flatnonzero(sources == src)
-        res = capacity_cluster(
-            emb[idx],
-            min_size=args.min_size,
-            max_size=args.max_size,
-            mean_cap=args.mean_cap,
-            std_cap=args.std_cap,
-            seed=args.seed,
-            cell_size=args.cell_size,
-            n_candidates=args.n_candidates,
-            kmeans_iters=args.kmeans_iters,
-            balance_iters=args.balance_iters,
-            refine_rounds=args.refine_rounds,
-            sim_floor=args.sim_floor,
-        )
+        res = _cluster_subset(emb[idx], args)
         local, k = compact_labels(res.labels, next_id)
         labels[idx] = local
         next_id += k
-        per_source[src] = {"rows": len(idx), "clusters": k, "leftovers": int((local < 0).sum()), "swaps": res.swaps}
+        per_source[src] = {"rows": len(idx), "clusters": k, "leftovers": int((local < 0).sum())}
+        per_source[src].update({"merge_rounds": res.rounds} if args.sizes == "data" else {"swaps": res.swaps})
         logger.info("cluster: %s: %d rows -> %d clusters, %d leftovers", src, len(idx), k, (local < 0).sum())
 
+    n_clusters, n_clustered, alone = next_id, int((labels >= 0).sum()), np.flatnonzero(labels < 0)
+    if args.sizes == "data":  # leftovers are distilled alone: each becomes a one-row cluster after the others
+        labels[alone] = next_id + np.arange(len(alone))
+        next_id += len(alone)
     coh = cohesion(emb, labels, next_id)
     sizes = np.bincount(labels[labels >= 0], minlength=next_id)
     ds = ds.add_column(CLUSTER_ID, labels.tolist())
     placed = np.flatnonzero(labels >= 0)
     data = ds.select(placed[np.argsort(labels[placed], kind="stable")])
-    leftovers = ds.select(np.flatnonzero(labels < 0))
+    leftovers = ds.select(alone)
     ids = np.asarray(list(ds[ID]), dtype=object)
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.arange(next_id + 1))
@@ -609,19 +802,63 @@ def cluster(args: ClusterArgs) -> Dataset:
         }
     )
     run.out_dir.mkdir(parents=True, exist_ok=True)
-    save_histogram(sizes, run.out_dir / HISTOGRAM, f"{next_id} clusters, {len(placed)} rows")
-    mean_coh = float(np.nanmean(coh)) if next_id else float("nan")
+    title = f"{n_clusters} clusters, {n_clustered} rows" + (f"; {len(alone)} rows alone" if len(alone) else "")
+    save_histogram(sizes[:n_clusters], run.out_dir / HISTOGRAM, title)
+    mean_coh = float(np.nanmean(coh[:n_clusters])) if n_clusters else float("nan")
+    assert n_clustered + len(alone) == len(ds), "every selected row is clustered or a leftover"
     run.finish(
         data,
         counts={
             "rows_in": len(pool) + len(run.quarantine),
-            "clustered": len(placed),
-            "leftovers": len(leftovers),
-            "clusters": next_id,
+            "selected": len(ds),
+            "clustered": n_clustered,
+            "leftovers": len(alone),
+            "clusters": next_id,  # what the distiller gets, one-row clusters included
+            "distilled_alone": len(alone) if args.sizes == "data" else 0,
             **skipped,
         },
-        extra={"mean_cohesion": mean_coh, "sources": per_source, "histogram": HISTOGRAM},
+        extra={
+            "mean_cohesion": mean_coh,
+            "sizes": args.sizes,
+            "size_histogram": {int(s): int(c) for s, c in zip(*np.unique(sizes[:n_clusters], return_counts=True))},
+            "sources": per_source,
+            "histogram": HISTOGRAM,
+        },
         splits={"clusters": table, "leftovers": leftovers},
     )
-    logger.info("cluster: %d clusters, mean cohesion %.4f, %d leftovers", next_id, mean_coh, len(leftovers))
+    logger.info(
+        "cluster: %d clusters of >= %d rows, mean cohesion %.4f, %d leftovers",
+        n_clusters,
+        args.min_size,
+        mean_coh,
+        len(alone),
+    )
     return data
+
+
+def _cluster_subset(x: np.ndarray, args: ClusterArgs) -> ClusterResult:
+    """One source's rows, clustered with the chosen size mode."""
+    sizes = dict(min_size=args.min_size, max_size=args.max_size, mean_cap=args.mean_cap, std_cap=args.std_cap)
+    if args.sizes == "data":
+        return data_cluster(
+            x,
+            **sizes,
+            min_cohesion=args.min_cohesion,
+            size_prior=args.size_prior,
+            cell_size=args.cell_size,
+            kmeans_iters=args.kmeans_iters,
+            seed=args.seed,
+            device=args.device,
+        )
+    return capacity_cluster(
+        x,
+        **sizes,
+        seed=args.seed,
+        cell_size=args.cell_size,
+        n_candidates=args.n_candidates,
+        kmeans_iters=args.kmeans_iters,
+        balance_iters=args.balance_iters,
+        refine_rounds=args.refine_rounds,
+        sim_floor=args.sim_floor,
+        device=args.device,
+    )

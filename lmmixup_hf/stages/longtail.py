@@ -24,8 +24,8 @@ import torch
 from datasets import Dataset
 
 from lmmixup_hf.data.io import Quarantine, read_pool, read_stage_data
-from lmmixup_hf.data.schema import COMPLETION, LONG_TAIL, PROMPT, LmmixupError, text_of
-from lmmixup_hf.embed.neighbors import knn
+from lmmixup_hf.data.schema import LONG_TAIL, LmmixupError
+from lmmixup_hf.embed.neighbors import AnnCheck, checked_knn, knn, resolve_device
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
 from lmmixup_hf.pipeline.workflow import StageRun
 
@@ -37,20 +37,43 @@ REFERENCE_SPLIT = "reference"
 
 
 def long_tail_raw(
-    x: np.ndarray, k: int = DEFAULT_K, *, reference: np.ndarray | None = None, backend: str = "exact"
+    x: np.ndarray,
+    k: int = DEFAULT_K,
+    *,
+    reference: np.ndarray | None = None,
+    backend: str = "exact",
+    device: str | None = None,
 ) -> np.ndarray:
     """Mean cosine distance of each row of ``x`` to its k nearest rows of ``reference`` (default:
-    ``x`` itself, own row excluded). Rows must be L2-normalised."""
-    if reference is None and backend == "exact":
-        sims = self_knn_sims(x, k)
-    else:
-        sims, _ = knn(x, reference, k=k, backend=backend)
+    ``x`` itself, own row excluded). Rows must be L2-normalised. Exact search runs on ``device``
+    (default: cuda when available)."""
+    return long_tail_checked(x, k, reference=reference, backend=backend, device=device)[0]
+
+
+def long_tail_checked(
+    x: np.ndarray,
+    k: int = DEFAULT_K,
+    *,
+    reference: np.ndarray | None = None,
+    backend: str = "exact",
+    seed: int = 0,
+    device: str | None = None,
+) -> tuple[np.ndarray, AnnCheck]:
+    """:func:`long_tail_raw` plus what the kNN search did: with an ANN backend, its recall@k and
+    score error on a sample of queries against exact search (see :func:`neighbors.checked_knn`)."""
+
+    def exact() -> tuple[np.ndarray, None]:
+        if reference is None:
+            return self_knn_sims(x, k, device=device), None
+        return knn(x, reference, k=k, device=device)[0], None
+
+    sims, _, check = checked_knn(x, reference, k, backend=backend, exact=exact, seed=seed, device=device)  # type: ignore[arg-type]
     if sims.shape[1] == 0:
-        return np.zeros(x.shape[0], np.float32)
-    return (1.0 - sims.astype(np.float64)).mean(1)
+        return np.zeros(x.shape[0], np.float64), check
+    return (1.0 - sims.astype(np.float64)).mean(1), check
 
 
-def self_knn_sims(x: np.ndarray, k: int = DEFAULT_K, block: int = 2048) -> np.ndarray:
+def self_knn_sims(x: np.ndarray, k: int = DEFAULT_K, block: int = 2048, device: str | None = None) -> np.ndarray:
     """Exact top-k cosine similarities of every row to the other rows, ``(n, k)`` best first.
 
     Symmetric blocking: each block pair (i, j >= i) is multiplied once and serves the rows of
@@ -60,8 +83,9 @@ def self_knn_sims(x: np.ndarray, k: int = DEFAULT_K, block: int = 2048) -> np.nd
     k = min(k, n - 1)
     if k <= 0:
         return np.zeros((n, 0), np.float32)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    best = torch.full((n, k), -math.inf)
+    device = resolve_device(device)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    best = torch.full((n, k), -math.inf, device=device)
     starts = list(range(0, n, block))
 
     def merge(rows: slice, scores: torch.Tensor) -> None:
@@ -80,7 +104,7 @@ def self_knn_sims(x: np.ndarray, k: int = DEFAULT_K, block: int = 2048) -> np.nd
                 merge(slice(i, i + block), s)
                 if j != i:
                     merge(slice(j, j + block), s.T.contiguous())
-    return best.numpy()
+    return best.cpu().numpy()
 
 
 def min_max(values: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
@@ -99,18 +123,28 @@ def score_sets(
     k: int = DEFAULT_K,
     normalize: Literal["joint", "per_file"] = "joint",
     backend: str = "exact",
+    checks: dict[str, dict] | None = None,
+    device: str | None = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
-    """``((raw, norm) for x, (raw, norm) for reference or None)`` in the chosen mode."""
+    """``((raw, norm) for x, (raw, norm) for reference or None)`` in the chosen mode. ``checks``,
+    when given, receives what each kNN search did (backend, measured ANN recall), by search."""
     if normalize not in ("joint", "per_file"):
         raise LmmixupError(f"normalize must be `joint` or `per_file`, got {normalize!r}")
+
+    def scored(name: str, rows: np.ndarray, against: np.ndarray | None = None) -> np.ndarray:
+        raw, check = long_tail_checked(rows, k, reference=against, backend=backend, device=device)
+        if checks is not None:
+            checks[name] = check.as_dict()
+        return raw
+
     if reference is None:
-        raw = long_tail_raw(x, k, backend=backend)
+        raw = scored("input", x)
         return (raw, min_max(raw)), None
-    ref_raw = long_tail_raw(reference, k, backend=backend)
+    ref_raw = scored("reference", reference)
     if normalize == "per_file":
-        raw = long_tail_raw(x, k, backend=backend)
+        raw = scored("input", x)
         return (raw, min_max(raw)), (ref_raw, min_max(ref_raw))
-    raw = long_tail_raw(x, k, reference=reference, backend=backend)
+    raw = scored("input_vs_reference", x, reference)
     both = np.concatenate([raw, ref_raw])
     lo, hi = float(both.min()), float(both.max())
     return (raw, min_max(raw, lo, hi)), (ref_raw, min_max(ref_raw, lo, hi))
@@ -128,9 +162,18 @@ class LongtailArgs:
         default="joint",
         metadata={"help": "`joint`: one min-max over input and reference; `per_file`: each set on its own."},
     )
-    backend: str = field(default="exact", metadata={"help": "kNN: exact, ivf, hnsw (faiss) or auto."})
+    backend: str = field(
+        default="exact",
+        metadata={
+            "help": "kNN: exact; ivf or hnsw (faiss, effort tuned to reach 0.95 recall@k on sampled queries, "
+            "recall recorded in the manifest); auto (ivf only where it is faster than exact and reaches 0.95)."
+        },
+    )
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
-    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu)."})
+    device: str | None = field(
+        default=None,
+        metadata={"help": "Device for the embedding model (default: cuda > mps > cpu) and exact kNN (cuda > cpu)."},
+    )
     batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
 
 
@@ -142,10 +185,6 @@ def read_rows(path: str, quarantine: Quarantine) -> Dataset:
     return read_pool(path, quarantine=quarantine)
 
 
-def _texts(ds: Dataset) -> list[str]:
-    return [text_of({PROMPT: p, COMPLETION: c}) for p, c in zip(ds[PROMPT], ds[COMPLETION])]
-
-
 def _with_scores(ds: Dataset, raw: np.ndarray, norm: np.ndarray) -> Dataset:
     ds = ds.remove_columns([c for c in (LONG_TAIL, LONG_TAIL_RAW) if c in ds.column_names])
     return ds.add_column(LONG_TAIL_RAW, raw.astype(np.float64).tolist()).add_column(
@@ -154,7 +193,7 @@ def _with_scores(ds: Dataset, raw: np.ndarray, norm: np.ndarray) -> Dataset:
 
 
 def longtail(args: LongtailArgs) -> Dataset:
-    from lmmixup_hf.embed.embeddings import get_embedder
+    from lmmixup_hf.embed.embeddings import row_embeddings
 
     inputs = [args.input] + ([args.reference] if args.reference else [])
     run = StageRun("longtail", args.out, inputs=inputs, params=asdict(args))
@@ -163,16 +202,24 @@ def longtail(args: LongtailArgs) -> Dataset:
         return run.load()
     ds = read_rows(args.input, run.quarantine)
     ref = read_rows(args.reference, run.quarantine) if args.reference else None
-    embedder = get_embedder(args.embedding_model, device=args.device, batch_size=args.batch_size)
-    x = embedder.encode(_texts(ds))
-    y = embedder.encode(_texts(ref)) if ref is not None else None
-    (raw, norm), ref_scores = score_sets(x, y, k=args.k, normalize=args.normalize, backend=args.backend)
+    embed = dict(model_id=args.embedding_model, device=args.device, batch_size=args.batch_size)
+    x = row_embeddings(ds, **embed)
+    y = row_embeddings(ref, **embed) if ref is not None else None
+    if y is not None and y.shape[1] != x.shape[1]:
+        raise LmmixupError(f"{args.input} embeddings are {x.shape[1]}-d but {args.reference}'s are {y.shape[1]}-d")
+    checks: dict[str, dict] = {}
+    (raw, norm), ref_scores = score_sets(
+        x, y, k=args.k, normalize=args.normalize, backend=args.backend, checks=checks, device=args.device
+    )
     out = _with_scores(ds, raw, norm)
     splits = {REFERENCE_SPLIT: _with_scores(ref, *ref_scores)} if ref is not None else {}
     run.finish(
         out,
         counts={"rows": len(out), "reference_rows": len(ref) if ref is not None else 0},
-        extra={"long_tail": {"k": args.k, "raw_min": float(raw.min()), "raw_max": float(raw.max())}},
+        extra={
+            "long_tail": {"k": args.k, "raw_min": float(raw.min()), "raw_max": float(raw.max())},
+            "knn": checks,
+        },
         splits=splits,
     )
     logger.info("longtail: scored %d rows (k=%d, %s)", len(out), args.k, args.normalize)
