@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     from lmmixup_hf.data.io import read_stage_data
-    from lmmixup_hf.stages.cluster import ClusterArgs, cluster
+    from lmmixup_hf.pipeline.cluster import ClusterArgs, cluster
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--min-size", type=int, default=2)

@@ -281,7 +281,7 @@ def _embedded_pool(path: Path, n: int = 300, seed: int = 6) -> tuple[np.ndarray,
 
 def test_cluster_stage_uses_the_embedding_column_and_distils_leftovers_alone(tmp_path):
     from lmmixup_hf.data.io import read_stage_data
-    from lmmixup_hf.stages.cluster import ClusterArgs, cluster
+    from lmmixup_hf.pipeline.cluster import ClusterArgs, cluster
 
     x, group = _embedded_pool(tmp_path / "pool.jsonl")
     out = tmp_path / "clusters"
@@ -316,7 +316,7 @@ def test_cluster_stage_uses_the_embedding_column_and_distils_leftovers_alone(tmp
 
 def test_cluster_stage_rejects_a_bad_embedding_row(tmp_path):
     from lmmixup_hf.data.schema import LmmixupError
-    from lmmixup_hf.stages.cluster import ClusterArgs, cluster
+    from lmmixup_hf.pipeline.cluster import ClusterArgs, cluster
 
     _embedded_pool(tmp_path / "pool.jsonl", n=20)
     lines = (tmp_path / "pool.jsonl").read_text().splitlines()
@@ -330,7 +330,7 @@ def test_cluster_stage_rejects_a_bad_embedding_row(tmp_path):
 
 
 def test_drawn_sizes_through_the_stage_place_every_row(tmp_path):
-    from lmmixup_hf.stages.cluster import ClusterArgs, cluster
+    from lmmixup_hf.pipeline.cluster import ClusterArgs, cluster
 
     x, _ = _embedded_pool(tmp_path / "pool.jsonl", n=100)
     out = tmp_path / "drawn"

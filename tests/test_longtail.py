@@ -136,7 +136,7 @@ def test_cli_longtail_with_reference(tmp_path):
 
 def test_longtail_stage_uses_the_embedding_column(tmp_path):
     from lmmixup_hf.data.io import read_stage_data
-    from lmmixup_hf.stages.longtail import LongtailArgs, longtail
+    from lmmixup_hf.pipeline.longtail import LongtailArgs, longtail
 
     x, ref = clustered(40, d=24, seed=1), clustered(120, d=24, seed=2)
     for name, vecs in (("dist", x), ("orig", ref)):
@@ -162,7 +162,7 @@ def test_longtail_stage_uses_the_embedding_column(tmp_path):
 
 def test_longtail_stage_records_the_ann_recall(tmp_path):
     pytest.importorskip("faiss")
-    from lmmixup_hf.stages.longtail import LongtailArgs, longtail
+    from lmmixup_hf.pipeline.longtail import LongtailArgs, longtail
 
     x = clustered(3000, d=16, seed=3)
     rows = [{"id": f"r{i}", "prompt": "p", "completion": "c", "embedding": v.tolist()} for i, v in enumerate(x)]

@@ -42,7 +42,7 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "cluster",
-        "lmmixup_hf.stages.cluster",
+        "lmmixup_hf.pipeline.cluster",
         "ClusterArgs",
         "cluster",
         "Cluster the low-quality rows, one source at a time.",
@@ -58,7 +58,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("filter", "lmmixup_hf.pipeline.split", "FilterArgs", "filter_rated", "Keep rated rows at or above a score."),
     Stage(
         "longtail",
-        "lmmixup_hf.stages.longtail",
+        "lmmixup_hf.pipeline.longtail",
         "LongtailArgs",
         "longtail",
         "Long-tail (kNN rarity) scores against the original high-quality rows.",

@@ -1,4 +1,4 @@
-"""``lmmixup cluster``: cluster the low-quality rows, one source at a time, for the distiller to fuse.
+"""The cluster core: the low-quality rows, one source at a time, grouped for the distiller to fuse.
 
 Two ways to size the clusters (``sizes``):
 
@@ -30,26 +30,22 @@ k-means runs in torch (CPU or GPU), so faiss is not needed.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from datasets import Dataset
 
-from lmmixup_hf.data.io import read_pool
-from lmmixup_hf.data.schema import CLUSTER_ID, EXTRA, HIGH_QUALITY_THRESHOLD, ID, RATING, SOURCE, LmmixupError
+from lmmixup_hf.data.schema import CLUSTER_ID, ID, SOURCE, LmmixupError
 from lmmixup_hf.embed.neighbors import knn, resolve_device
-from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
-from lmmixup_hf.pipeline.workflow import StageRun
 
 logger = logging.getLogger(__name__)
 
 LEFTOVER = -1
-HISTOGRAM = "cluster_sizes.png"
 
 
 # -- capacities -----------------------------------------------------------------------------------
@@ -659,135 +655,74 @@ def compact_labels(labels: np.ndarray, offset: int = 0) -> tuple[np.ndarray, int
     return out, len(used)
 
 
-# -- the stage ------------------------------------------------------------------------------------
-@dataclass
-class ClusterArgs:
-    input: str = field(metadata={"help": "Rated pool or stage folder (any input `lmmixup ingest` reads)."})
-    out: str = field(metadata={"help": "Output folder: data/, clusters/, leftovers/, cluster_sizes.png."})
-    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
-    device: str | None = field(
-        default=None,
-        metadata={
-            "help": "Device for the embedding model (default: cuda > mps > cpu) and for k-means / kNN (cuda > cpu)."
-        },
-    )
-    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
-    quality: str = field(
-        default="low",
-        metadata={"help": "Rows to cluster: `low` (rating.score < 4; unrated rows are skipped) or `all`."},
-    )
-    sizes: str = field(
-        default="data",
-        metadata={
-            "help": "`data`: sizes follow the data (merge while the mean pairwise cosine stays >= min_cohesion; "
-            "rows with no close neighbours are distilled alone); `drawn`: the method's sizes drawn from "
-            "Normal(mean_cap, std_cap), every row placed."
-        },
-    )
-    min_size: int = field(default=2, metadata={"help": "Smallest cluster."})
-    max_size: int = field(default=25, metadata={"help": "Largest cluster."})
-    mean_cap: float = field(
-        default=10.0, metadata={"help": "Mean cluster size: the drawn sizes' Normal, or the data sizes' prior."}
-    )
-    std_cap: float = field(default=3.0, metadata={"help": "Std of the drawn sizes / of the data sizes' prior."})
-    min_cohesion: float = field(
-        default=0.6, metadata={"help": "data: every cluster's mean pairwise cosine is at least this."}
-    )
-    size_prior: float = field(
-        default=0.02,
-        metadata={"help": "data: extra mean cosine a cluster needs per std_cap above mean_cap (0 = no prior)."},
-    )
-    seed: int = field(default=42, metadata={"help": "Seed for sizes and k-means."})
-    sim_floor: float | None = field(
-        default=None, metadata={"help": "drawn: minimum cosine to a cluster centre; points below go to leftovers/."}
-    )
-    n_candidates: int = field(default=8, metadata={"help": "drawn: candidate centres per point (top-m)."})
-    cell_size: int = field(default=512, metadata={"help": "Points per coarse k-means cell."})
-    kmeans_iters: int = field(default=5, metadata={"help": "k-means iterations per level."})
-    balance_iters: int = field(
-        default=2, metadata={"help": "drawn: balanced k-means steps (centres := member means, reassign; 0 = off)."}
-    )
-    refine_rounds: int = field(default=2, metadata={"help": "drawn: size-preserving swap rounds (0 = off)."})
+class ClusteredRows(NamedTuple):
+    rows: Dataset  # every clustered row with its `cluster_id`, in cluster order
+    clusters: Dataset  # one row per cluster: cluster_id, source, size, member_ids, cohesion
+    leftovers: Dataset  # rows with no close neighbours (data sizes: also distilled alone, see `rows`)
+    stats: dict[str, Any]  # counts, per-source figures, mean cohesion, size histogram
 
 
-def _select_rows(ds: Dataset, quality: str) -> tuple[Dataset, dict[str, int]]:
-    if quality == "all":
-        return ds, {}
-    if quality != "low":
-        raise LmmixupError(f"--quality must be `low` or `all`, got {quality!r}")
-    if RATING in ds.column_names:
-        ratings = list(ds[RATING])
-    elif EXTRA in ds.column_names:  # a plain JSONL pool keeps `rating` in the extra JSON
-        ratings = [None if e is None else json.loads(e).get(RATING) for e in ds[EXTRA]]
-    else:
-        ratings = []
-    if not any(isinstance(r, dict) for r in ratings):
-        logger.info("cluster: no ratings, clustering every row")
-        return ds, {}
-    scores = [r.get("score") if isinstance(r, dict) else None for r in ratings]
-    keep = [i for i, s in enumerate(scores) if s is not None and s < HIGH_QUALITY_THRESHOLD]
-    n_unrated = sum(s is None for s in scores)
-    return ds.select(keep), {"skipped_high": len(scores) - len(keep) - n_unrated, "skipped_unrated": n_unrated}
+# the clustering options and their defaults (``lmmixup cluster`` takes the same ones as flags)
+CLUSTER_DEFAULTS: dict[str, Any] = {
+    "sizes": "data",
+    "min_size": 2,
+    "max_size": 25,
+    "mean_cap": 10.0,
+    "std_cap": 3.0,
+    "min_cohesion": 0.6,
+    "size_prior": 0.02,
+    "seed": 42,
+    "sim_floor": None,
+    "n_candidates": 8,
+    "cell_size": 512,
+    "kmeans_iters": 5,
+    "balance_iters": 2,
+    "refine_rounds": 2,
+    "device": None,
+}
+CLUSTER_OPTIONS = tuple(CLUSTER_DEFAULTS)
 
 
-def save_histogram(sizes: np.ndarray, path: str | Path, title: str = "cluster sizes") -> None:
-    import matplotlib
+def cluster_rows(ds: Dataset, embeddings: np.ndarray, **options: Any) -> ClusteredRows:
+    """The cluster core: each source's rows clustered on their (unit) embeddings; no files.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    >>> out = cluster_rows(low_rows, row_embeddings(low_rows, "BAAI/bge-m3"), sizes="data", max_size=5)
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if len(sizes):
-        ax.hist(sizes, bins=np.arange(sizes.min(), sizes.max() + 2) - 0.5, edgecolor="black")
-    ax.set_xlabel("cluster size")
-    ax.set_ylabel("clusters")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def cluster(args: ClusterArgs) -> Dataset:
-    from lmmixup_hf.embed.embeddings import row_embeddings
-
-    run = StageRun("cluster", args.out, inputs=[args.input], params=asdict(args))
-    if run.is_complete():
-        logger.info("cluster: up to date, skipping (%s)", args.out)
-        return run.load()
-    pool = read_pool(args.input, quarantine=run.quarantine)
-    ds, skipped = _select_rows(pool, args.quality)
-    if len(ds) == 0:
-        raise LmmixupError(f"{args.input}: no rows to cluster (quality={args.quality!r}, {skipped})")
-    if args.sizes not in ("data", "drawn"):
-        raise LmmixupError(f"--sizes must be `data` or `drawn`, got {args.sizes!r}")
-    if args.sizes == "data" and args.sim_floor is not None:
+    ``options`` are the clustering options of ``lmmixup cluster`` (:data:`CLUSTER_OPTIONS`). With
+    data sizes a row with no close neighbours becomes a one-row cluster of its own (the distiller
+    rewrites it alone) and is also listed in ``leftovers``; with drawn sizes and a ``sim_floor`` such
+    rows get ``cluster_id = -1`` and are left out of ``rows``."""
+    opts = SimpleNamespace(**{**CLUSTER_DEFAULTS, **options})
+    unknown = set(options) - set(CLUSTER_OPTIONS)
+    if unknown:
+        raise LmmixupError(f"unknown clustering option(s) {', '.join(sorted(unknown))}")
+    if opts.sizes not in ("data", "drawn"):
+        raise LmmixupError(f"--sizes must be `data` or `drawn`, got {opts.sizes!r}")
+    if opts.sizes == "data" and opts.sim_floor is not None:
         raise LmmixupError("--sim_floor applies to --sizes drawn; data sizes use --min_cohesion")
-    emb = row_embeddings(ds, args.embedding_model, device=args.device, batch_size=args.batch_size)
-
     sources = np.asarray(list(ds[SOURCE]), dtype=object)
     labels = np.full(len(ds), LEFTOVER, np.int64)
     per_source: dict[str, dict[str, int]] = {}
     next_id = 0
     for src in sorted(set(sources.tolist())):
         idx = np.flatnonzero(sources == src)
-        res = _cluster_subset(emb[idx], args)
+        res = _cluster_subset(embeddings[idx], opts)
         local, k = compact_labels(res.labels, next_id)
         labels[idx] = local
         next_id += k
         per_source[src] = {"rows": len(idx), "clusters": k, "leftovers": int((local < 0).sum())}
-        per_source[src].update({"merge_rounds": res.rounds} if args.sizes == "data" else {"swaps": res.swaps})
+        per_source[src].update({"merge_rounds": res.rounds} if opts.sizes == "data" else {"swaps": res.swaps})
         logger.info("cluster: %s: %d rows -> %d clusters, %d leftovers", src, len(idx), k, (local < 0).sum())
 
     n_clusters, n_clustered, alone = next_id, int((labels >= 0).sum()), np.flatnonzero(labels < 0)
-    if args.sizes == "data":  # leftovers are distilled alone: each becomes a one-row cluster after the others
+    if opts.sizes == "data":  # leftovers are distilled alone: each becomes a one-row cluster after the others
         labels[alone] = next_id + np.arange(len(alone))
         next_id += len(alone)
-    coh = cohesion(emb, labels, next_id)
+    coh = cohesion(embeddings, labels, next_id)
     sizes = np.bincount(labels[labels >= 0], minlength=next_id)
     ds = ds.add_column(CLUSTER_ID, labels.tolist())
     placed = np.flatnonzero(labels >= 0)
-    data = ds.select(placed[np.argsort(labels[placed], kind="stable")])
-    leftovers = ds.select(alone)
+    rows = ds.select(placed[np.argsort(labels[placed], kind="stable")])
     ids = np.asarray(list(ds[ID]), dtype=object)
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.arange(next_id + 1))
@@ -801,42 +736,22 @@ def cluster(args: ClusterArgs) -> Dataset:
             "cohesion": coh.tolist(),
         }
     )
-    run.out_dir.mkdir(parents=True, exist_ok=True)
-    title = f"{n_clusters} clusters, {n_clustered} rows" + (f"; {len(alone)} rows alone" if len(alone) else "")
-    save_histogram(sizes[:n_clusters], run.out_dir / HISTOGRAM, title)
-    mean_coh = float(np.nanmean(coh[:n_clusters])) if n_clusters else float("nan")
-    assert n_clustered + len(alone) == len(ds), "every selected row is clustered or a leftover"
-    run.finish(
-        data,
-        counts={
-            "rows_in": len(pool) + len(run.quarantine),
-            "selected": len(ds),
-            "clustered": n_clustered,
-            "leftovers": len(alone),
-            "clusters": next_id,  # what the distiller gets, one-row clusters included
-            "distilled_alone": len(alone) if args.sizes == "data" else 0,
-            **skipped,
-        },
-        extra={
-            "mean_cohesion": mean_coh,
-            "sizes": args.sizes,
-            "size_histogram": {int(s): int(c) for s, c in zip(*np.unique(sizes[:n_clusters], return_counts=True))},
-            "sources": per_source,
-            "histogram": HISTOGRAM,
-        },
-        splits={"clusters": table, "leftovers": leftovers},
-    )
-    logger.info(
-        "cluster: %d clusters of >= %d rows, mean cohesion %.4f, %d leftovers",
-        n_clusters,
-        args.min_size,
-        mean_coh,
-        len(alone),
-    )
-    return data
+    assert n_clustered + len(alone) == len(ds), "every row is clustered or a leftover"
+    stats = {
+        "clustered": n_clustered,
+        "leftovers": len(alone),
+        "clusters": next_id,  # what the distiller gets, one-row clusters included
+        "multi_row_clusters": n_clusters,
+        "distilled_alone": len(alone) if opts.sizes == "data" else 0,
+        "mean_cohesion": float(np.nanmean(coh[:n_clusters])) if n_clusters else float("nan"),
+        "size_histogram": {int(s): int(c) for s, c in zip(*np.unique(sizes[:n_clusters], return_counts=True))},
+        "sizes": sizes[:n_clusters],
+        "sources": per_source,
+    }
+    return ClusteredRows(rows, table, ds.select(alone), stats)
 
 
-def _cluster_subset(x: np.ndarray, args: ClusterArgs) -> ClusterResult:
+def _cluster_subset(x: np.ndarray, args: Any) -> ClusterResult:
     """One source's rows, clustered with the chosen size mode."""
     sizes = dict(min_size=args.min_size, max_size=args.max_size, mean_cap=args.mean_cap, std_cap=args.std_cap)
     if args.sizes == "data":

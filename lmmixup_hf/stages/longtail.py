@@ -1,4 +1,4 @@
-"""``lmmixup longtail``: the kNN rarity score, mean cosine distance to the k nearest neighbours.
+"""The longtail core: the kNN rarity score, mean cosine distance to the k nearest neighbours.
 
 ``long_tail_raw = mean_j (1 - cos(x, x_j))`` over the k = 15 nearest rows (self excluded), then
 min-max normalised into ``long_tail``; larger means rarer. Two normalisation modes:
@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from datasets import Dataset
 
-from lmmixup_hf.data.io import Quarantine, read_pool, read_stage_data
 from lmmixup_hf.data.schema import LONG_TAIL, LmmixupError
 from lmmixup_hf.embed.neighbors import AnnCheck, checked_knn, knn, resolve_device
-from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
-from lmmixup_hf.pipeline.workflow import StageRun
 
 logger = logging.getLogger(__name__)
 
@@ -150,77 +145,46 @@ def score_sets(
     return (raw, min_max(raw, lo, hi)), (ref_raw, min_max(ref_raw, lo, hi))
 
 
-@dataclass
-class LongtailArgs:
-    input: str = field(metadata={"help": "Rows to score (pool or stage folder), e.g. the distilled rows."})
-    out: str = field(metadata={"help": "Output folder: data/ (+ reference/ with --reference)."})
-    reference: str | None = field(
-        default=None, metadata={"help": "Score the input against this set (e.g. the original high-quality rows)."}
+def longtail_rows(
+    ds: Dataset,
+    embeddings: np.ndarray,
+    reference: Dataset | None = None,
+    reference_embeddings: np.ndarray | None = None,
+    *,
+    k: int = DEFAULT_K,
+    normalize: Literal["joint", "per_file"] = "joint",
+    backend: str = "exact",
+    device: str | None = None,
+) -> tuple[Dataset, Dataset | None, dict[str, dict]]:
+    """The longtail core: ``long_tail_raw`` and ``long_tail`` columns on ``ds`` (and on
+    ``reference``, on the same scale when ``normalize="joint"``), plus what each kNN search did.
+
+    >>> scored, reference_scored, checks = longtail_rows(distilled, x, original_high, y)"""
+    if (
+        reference is not None
+        and reference_embeddings is not None
+        and reference_embeddings.shape[1] != embeddings.shape[1]
+    ):
+        raise LmmixupError(
+            f"embeddings are {embeddings.shape[1]}-d but the reference's are {reference_embeddings.shape[1]}-d"
+        )
+    checks: dict[str, dict] = {}
+    (raw, norm), ref_scores = score_sets(
+        embeddings,
+        reference_embeddings if reference is not None else None,
+        k=k,
+        normalize=normalize,
+        backend=backend,
+        checks=checks,
+        device=device,
     )
-    k: int = field(default=DEFAULT_K, metadata={"help": "Neighbours per row (the method uses 15)."})
-    normalize: str = field(
-        default="joint",
-        metadata={"help": "`joint`: one min-max over input and reference; `per_file`: each set on its own."},
-    )
-    backend: str = field(
-        default="exact",
-        metadata={
-            "help": "kNN: exact; ivf or hnsw (faiss, effort tuned to reach 0.95 recall@k on sampled queries, "
-            "recall recorded in the manifest); auto (ivf only where it is faster than exact and reaches 0.95)."
-        },
-    )
-    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
-    device: str | None = field(
-        default=None,
-        metadata={"help": "Device for the embedding model (default: cuda > mps > cpu) and exact kNN (cuda > cpu)."},
-    )
-    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
+    scored_ref = with_scores(reference, *ref_scores) if reference is not None and ref_scores is not None else None
+    return with_scores(ds, raw, norm), scored_ref, checks
 
 
-def read_rows(path: str, quarantine: Quarantine) -> Dataset:
-    """A pool, a stage folder, or one split folder of a stage (e.g. ``<longtail out>/reference``)."""
-    p = Path(path)
-    if p.is_dir() and not (p / "data").is_dir() and any(p.glob("*.parquet")):
-        return read_stage_data(p.parent, p.name)
-    return read_pool(path, quarantine=quarantine)
-
-
-def _with_scores(ds: Dataset, raw: np.ndarray, norm: np.ndarray) -> Dataset:
+def with_scores(ds: Dataset, raw: np.ndarray, norm: np.ndarray) -> Dataset:
+    """``ds`` with fresh ``long_tail_raw`` and ``long_tail`` columns."""
     ds = ds.remove_columns([c for c in (LONG_TAIL, LONG_TAIL_RAW) if c in ds.column_names])
     return ds.add_column(LONG_TAIL_RAW, raw.astype(np.float64).tolist()).add_column(
         LONG_TAIL, norm.astype(np.float64).tolist()
     )
-
-
-def longtail(args: LongtailArgs) -> Dataset:
-    from lmmixup_hf.embed.embeddings import row_embeddings
-
-    inputs = [args.input] + ([args.reference] if args.reference else [])
-    run = StageRun("longtail", args.out, inputs=inputs, params=asdict(args))
-    if run.is_complete():
-        logger.info("longtail: up to date, skipping (%s)", args.out)
-        return run.load()
-    ds = read_rows(args.input, run.quarantine)
-    ref = read_rows(args.reference, run.quarantine) if args.reference else None
-    embed = dict(model_id=args.embedding_model, device=args.device, batch_size=args.batch_size)
-    x = row_embeddings(ds, **embed)
-    y = row_embeddings(ref, **embed) if ref is not None else None
-    if y is not None and y.shape[1] != x.shape[1]:
-        raise LmmixupError(f"{args.input} embeddings are {x.shape[1]}-d but {args.reference}'s are {y.shape[1]}-d")
-    checks: dict[str, dict] = {}
-    (raw, norm), ref_scores = score_sets(
-        x, y, k=args.k, normalize=args.normalize, backend=args.backend, checks=checks, device=args.device
-    )
-    out = _with_scores(ds, raw, norm)
-    splits = {REFERENCE_SPLIT: _with_scores(ref, *ref_scores)} if ref is not None else {}
-    run.finish(
-        out,
-        counts={"rows": len(out), "reference_rows": len(ref) if ref is not None else 0},
-        extra={
-            "long_tail": {"k": args.k, "raw_min": float(raw.min()), "raw_max": float(raw.max())},
-            "knn": checks,
-        },
-        splits=splits,
-    )
-    logger.info("longtail: scored %d rows (k=%d, %s)", len(out), args.k, args.normalize)
-    return out
