@@ -341,3 +341,22 @@ def test_drawn_sizes_through_the_stage_place_every_row(tmp_path):
     assert counts["clustered"] == len(data) == len(x) and counts["leftovers"] == counts["distilled_alone"] == 0
     expected = capacity_cluster(x, min_size=2, max_size=5, mean_cap=3, std_cap=1, seed=42)
     assert counts["clusters"] == len(expected.caps)
+
+
+def test_cluster_rows_core_in_memory():
+    """The core over an in-memory Dataset and its vectors: planted pairs end up together, per source."""
+    import numpy as np
+    from datasets import Dataset
+
+    from lmmixup_hf.stages.cluster import cluster_rows
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(6, 16))
+    x = np.repeat(centres, 2, axis=0) + 0.01 * rng.normal(size=(12, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ds = Dataset.from_dict({"id": [f"r{i:02d}" for i in range(12)], "source": ["a"] * 6 + ["b"] * 6})
+    out = cluster_rows(ds, x, min_size=2, max_size=3, mean_cap=2, std_cap=1)
+    label = dict(zip(out.rows["id"], out.rows["cluster_id"]))
+    assert all(label[f"r{2 * g:02d}"] == label[f"r{2 * g + 1:02d}"] for g in range(6))
+    assert out.stats["clustered"] + out.stats["leftovers"] == 12 and out.stats["clusters"] == 6
+    assert {s for s in out.clusters["source"]} == {"a", "b"} and out.stats["mean_cohesion"] > 0.99

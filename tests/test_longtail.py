@@ -174,3 +174,55 @@ def test_longtail_stage_records_the_ann_recall(tmp_path):
     assert check["max_score_error"] <= 0.01
     exact = long_tail_raw(x, 15)
     assert np.abs(np.array(data["long_tail_raw"]) - exact).max() <= max(check["max_score_error"], 0.01) + 0.02
+
+
+def test_longtail_rows_core_in_memory_and_the_command_stores_vectors(tmp_path):
+    """The core scores in-memory rows by their vectors; the command writes the vectors with the
+    rows so the mix reuses them without an embedding model."""
+    import numpy as np
+    from datasets import Dataset
+
+    from lmmixup_hf.data.io import read_stage_data, write_stage_data
+    from lmmixup_hf.pipeline.longtail import LongtailArgs, longtail
+    from lmmixup_hf.pipeline.mix import MixArgs, mix
+    from lmmixup_hf.stages.longtail import longtail_rows
+
+    rng = np.random.default_rng(0)
+
+    def rows(prefix: str, n: int) -> Dataset:
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        return Dataset.from_dict(
+            {
+                "id": [f"{prefix}{i}" for i in range(n)],
+                "prompt": [f"{prefix} q{i}" for i in range(n)],
+                "completion": [f"{prefix} a{i}" for i in range(n)],
+                "source": ["s"] * n,
+                "embedding": x.tolist(),
+            }
+        )
+
+    dist, high = rows("d", 12), rows("h", 20)
+    x, y = np.asarray(dist["embedding"]), np.asarray(high["embedding"])
+    x, y = x / np.linalg.norm(x, axis=1, keepdims=True), y / np.linalg.norm(y, axis=1, keepdims=True)
+    scored, ref, checks = longtail_rows(dist, x, high, y, k=3)
+    both = np.concatenate([scored["long_tail"], ref["long_tail"]])
+    assert both.min() == 0.0 and both.max() == 1.0 and set(checks) == {"reference", "input_vs_reference"}
+
+    write_stage_data(dist, tmp_path / "dist")
+    write_stage_data(high, tmp_path / "high")
+    for d in ("dist", "high"):
+        (tmp_path / d / "manifest.json").write_text(json.dumps({"fingerprint": d}))
+    args = LongtailArgs(input=str(tmp_path / "dist"), reference=str(tmp_path / "high"), out=str(tmp_path / "lt"), k=3)
+    longtail(args)
+    assert np.allclose(read_stage_data(tmp_path / "lt")["long_tail"], scored["long_tail"], atol=1e-6)
+    assert "embedding" in read_stage_data(tmp_path / "lt", "reference").column_names
+    mixed = mix(
+        MixArgs(
+            original=str(tmp_path / "lt" / "reference"),
+            distilled=str(tmp_path / "lt"),
+            out=str(tmp_path / "mix"),
+            total=10,
+            embedding_model="no-such-model",  # never loaded: the vectors came with the rows
+        )
+    )
+    assert len(mixed) == 10

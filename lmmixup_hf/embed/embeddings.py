@@ -179,6 +179,43 @@ def get_embedder(model_id: str = DEFAULT_EMBEDDING_MODEL, **kwargs) -> Embedder:
 EMBEDDING = "embedding"  # a row's own precomputed vector (list of floats), used instead of the model
 
 
+def _arrow_vectors(ds) -> np.ndarray | None:
+    """The ``embedding`` column straight from Arrow (no Python float per value) when every row
+    holds a finite, non-zero vector of one length; None to fall back to the checked path."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not len(ds):
+        return None
+    col = ds.select_columns([EMBEDDING]).with_format("arrow")[: len(ds)].column(EMBEDDING).combine_chunks()
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) or col.null_count:
+        return None
+    lengths = pc.list_value_length(col).to_numpy()
+    if lengths.min() != lengths.max() or lengths[0] == 0:
+        return None
+    x = np.asarray(pc.cast(col.flatten(), pa.float32()).to_numpy(zero_copy_only=False)).reshape(len(ds), -1)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if not np.isfinite(x).all() or (norms == 0).any():
+        return None
+    return x / norms
+
+
+def with_embeddings(ds, x: np.ndarray):
+    """``ds`` with an ``embedding`` column (float32), so later stages reuse the vectors."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]).cast(pa.list_(pa.float32()))
+    table = (
+        ds.remove_columns([EMBEDDING]).with_format("arrow")[: len(ds)]
+        if EMBEDDING in ds.column_names
+        else ds.with_format("arrow")[: len(ds)]
+    )
+    return Dataset(InMemoryTable(table.append_column(EMBEDDING, vectors)))
+
+
 def precomputed_embeddings(ds) -> np.ndarray | None:
     """The rows' own ``embedding`` vectors, L2-normalised, or None when no row carries one.
 
@@ -191,7 +228,10 @@ def precomputed_embeddings(ds) -> np.ndarray | None:
     from lmmixup_hf.data.schema import EXTRA, ID, LmmixupError
 
     if EMBEDDING in ds.column_names:
-        vectors = ds[EMBEDDING]
+        fast = _arrow_vectors(ds)
+        if fast is not None:
+            return fast
+        vectors = ds[EMBEDDING]  # ragged or missing somewhere: the row-by-row check names the row
     elif EXTRA in ds.column_names and len(ds) and EMBEDDING in json.loads(ds[0][EXTRA] or "{}"):
         vectors = [None if e is None else json.loads(e).get(EMBEDDING) for e in ds[EXTRA]]
     else:

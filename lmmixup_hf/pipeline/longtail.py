@@ -50,7 +50,7 @@ class LongtailArgs:
 def longtail(args: LongtailArgs) -> Dataset:
     """``lmmixup longtail``: read both sets, embed them once (or reuse ``embedding`` columns), run
     :func:`~lmmixup_hf.pipeline.longtail.longtail_rows`, write ``data/`` and ``reference/``."""
-    from lmmixup_hf.embed.embeddings import row_embeddings
+    from lmmixup_hf.embed.embeddings import row_embeddings, with_embeddings
 
     inputs = [args.input] + ([args.reference] if args.reference else [])
     run = StageRun("longtail", args.out, inputs=inputs, params=asdict(args))
@@ -67,6 +67,9 @@ def longtail(args: LongtailArgs) -> Dataset:
     out, ref_out, checks = longtail_rows(
         ds, x, ref, y, k=args.k, normalize=args.normalize, backend=args.backend, device=args.device
     )
+    # the vectors travel with the rows, so the mix (and anyone after) never encodes these texts again
+    out = with_embeddings(out, x)
+    ref_out = with_embeddings(ref_out, y) if ref_out is not None else None
     raw = np.asarray(out[LONG_TAIL_RAW], dtype=np.float64)
     run.finish(
         out,

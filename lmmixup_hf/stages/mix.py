@@ -22,6 +22,7 @@ import torch
 from datasets import Dataset, Features, Value, concatenate_datasets
 
 from lmmixup_hf.data.schema import COMPLETION, ID, LONG_TAIL, PROMPT, RATING, SOURCE, LmmixupError, text_of
+from lmmixup_hf.embed.embeddings import precomputed_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,6 @@ def _project(ds: Dataset, order: np.ndarray, origin: str) -> Dataset:
     return Dataset.from_dict({**cols, LONG_TAIL: lt, ORIGIN: [origin] * len(ds)}, features=MIX_FEATURES)
 
 
-EMBEDDING = "embedding"  # a precomputed vector column, reused instead of encoding again
-
-
 def mix_rows(
     original: Dataset,
     distilled: Dataset,
@@ -167,9 +165,9 @@ def mix_rows(
 
 def _vectors(ds: Dataset, order: np.ndarray, embed: Callable[[list[str]], np.ndarray] | None) -> np.ndarray:
     """Unit vectors of ``ds``'s rows in ``order``: its ``embedding`` column, or ``embed`` on the texts."""
-    if EMBEDDING in ds.column_names:
-        x = np.asarray(ds.select(order)[EMBEDDING], dtype=np.float32).reshape(len(order), -1)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = precomputed_embeddings(ds.select(order)) if len(order) else None
+    if x is not None:
+        return x
     if embed is None:
         raise LmmixupError("dedup needs an `embedding` column or an embedding model")
     return embed(_texts(ds, order))

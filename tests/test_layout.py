@@ -1,0 +1,36 @@
+"""The package's layering is a checked contract: `make lint` fails when a lower layer imports a higher one."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT = Path(sys.executable).with_name("lint-imports")
+
+
+def lint(tree: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(LINT), "--config", str(tree / "pyproject.toml"), "--no-cache"],
+        cwd=tree,
+        env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_package_keeps_its_layers():
+    r = lint(ROOT)
+    assert r.returncode == 0 and "1 kept, 0 broken" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_lower_layer_importing_a_higher_one_breaks_the_contract(tmp_path):
+    shutil.copytree(ROOT / "lmmixup_hf", tmp_path / "lmmixup_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    schema = tmp_path / "lmmixup_hf" / "data" / "schema.py"
+    schema.write_text(schema.read_text() + "\nfrom lmmixup_hf.pipeline import run  # noqa: E402\n")
+    r = lint(tmp_path)
+    assert r.returncode != 0 and "lmmixup_hf.data is not allowed to import lmmixup_hf.pipeline" in r.stdout, r.stdout
