@@ -145,27 +145,22 @@ def to_csv(columns: list[str], rows: list[dict]) -> str:
 
 
 def bar_chart(columns: list[str], rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from lmmixup_hf.plotting import figure
 
     metrics = [*BENCHMARKS, AVG]
     x = np.arange(len(metrics))
     width = 0.8 / max(1, len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(metrics)), 4.0), dpi=120)
-    for i, r in enumerate(rows):
-        values = [r[m] if r[m] is not None else 0.0 for m in metrics]
-        ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=r["Model"])
-    ax.set_xticks(x, metrics)
-    ax.set_ylabel("score (%)")
-    ax.set_title(title)
-    ax.legend(fontsize="small")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with figure(path, (max(6.0, 1.4 * len(metrics)), 4.0), dpi=120) as (_, ax):
+        for i, r in enumerate(rows):
+            values = [r[m] if r[m] is not None else 0.0 for m in metrics]
+            ax.bar(x - 0.4 + width * (i + 0.5), values, width, label=r["Model"])
+        ax.set_xticks(x, metrics)
+        ax.set_ylabel("score (%)")
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
 
 
 def eval_report(args: EvalReportArgs) -> list[dict]:

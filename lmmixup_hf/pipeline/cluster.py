@@ -19,6 +19,7 @@ from lmmixup_hf.data.quality import high_quality_mask, rating_scores
 from lmmixup_hf.data.schema import HIGH_QUALITY_THRESHOLD, RATING, LmmixupError
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
 from lmmixup_hf.pipeline.workflow import StageRun
+from lmmixup_hf.plotting import figure
 from lmmixup_hf.stages.cluster import CLUSTER_DEFAULTS, CLUSTER_OPTIONS, cluster_rows
 
 logger = logging.getLogger(__name__)
@@ -94,20 +95,12 @@ class ClusterArgs:
 
 
 def save_histogram(sizes: np.ndarray, path: str | Path, title: str = "cluster sizes") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if len(sizes):
-        ax.hist(sizes, bins=np.arange(sizes.min(), sizes.max() + 2) - 0.5, edgecolor="black")
-    ax.set_xlabel("cluster size")
-    ax.set_ylabel("clusters")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, (6, 3.5)) as (fig, ax):
+        if len(sizes):
+            ax.hist(sizes, bins=np.arange(sizes.min(), sizes.max() + 2) - 0.5, edgecolor="black")
+        ax.set_xlabel("cluster size")
+        ax.set_ylabel("clusters")
+        ax.set_title(title)
 
 
 def cluster(args: ClusterArgs) -> Dataset:

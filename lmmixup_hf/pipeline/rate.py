@@ -39,6 +39,7 @@ from lmmixup_hf.data.schema import (
 from lmmixup_hf.judge.judges import KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
 from lmmixup_hf.models.llm_client import request_key
 from lmmixup_hf.pipeline.workflow import StageRun
+from lmmixup_hf.plotting import figure
 from lmmixup_hf.stages.rate import judge_items, with_ratings
 
 logger = logging.getLogger(__name__)
@@ -585,26 +586,21 @@ def write_summary(out: Path, summary: Mapping[str, Any], threshold: int) -> None
         )
     (out / "summary.md").write_text("# Rating summary\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sources = list(summary["by_source"].items())
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * (SCORE_MAX + 1)), 4))
-    width = 0.8 / max(1, len(sources))
-    x = np.arange(SCORE_MIN, SCORE_MAX + 1)
-    for k, (name, st) in enumerate(sources):
-        ax.bar(
-            x + (k - (len(sources) - 1) / 2) * width, st["histogram"], width, label=f"{name or '(none)'} (n={st['n']})"
-        )
-    ax.axvline(threshold - 0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_xticks(x)
-    ax.set_xlabel("score (0-5)")
-    ax.set_ylabel("rows")
-    ax.set_title("Judge scores by source")
-    if sources:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(out / "summary.png", dpi=100)
-    plt.close(fig)
+    with figure(out / "summary.png", (max(6, 1.2 * (SCORE_MAX + 1)), 4)) as (fig, ax):
+        width = 0.8 / max(1, len(sources))
+        x = np.arange(SCORE_MIN, SCORE_MAX + 1)
+        for k, (name, st) in enumerate(sources):
+            ax.bar(
+                x + (k - (len(sources) - 1) / 2) * width,
+                st["histogram"],
+                width,
+                label=f"{name or '(none)'} (n={st['n']})",
+            )
+        ax.axvline(threshold - 0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_xticks(x)
+        ax.set_xlabel("score (0-5)")
+        ax.set_ylabel("rows")
+        ax.set_title("Judge scores by source")
+        if sources:
+            ax.legend(fontsize="small")
