@@ -109,3 +109,11 @@ def test_target_format_round_trips_for_every_task():
         assert parsed.ok, (task, parsed.error)
         assert parsed.think == "why" and parsed.output == output
         assert split_output(output, task) == (parsed.prompt, parsed.completion)
+
+
+def test_the_self_contained_parser_knows_the_contract_task_types():
+    """response_parsing ships alone with a saved pipeline, so it keeps its own copy of the list."""
+    from lmmixup_hf.data.schema import TASK_TYPES
+    from lmmixup_hf.distiller import response_parsing
+
+    assert response_parsing.TASK_TYPES == TASK_TYPES
