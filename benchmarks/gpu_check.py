@@ -90,7 +90,7 @@ def check_clustering(n: int, d: int, devices: list[str], cpu_max: int) -> None:
 
 
 def check_generation(model: str, device: str, batch: int, new_tokens: int) -> None:
-    from lmmixup_hf.distill.engines import TransformersEngine
+    from lmmixup_hf.distiller.engines import TransformersEngine
 
     engine = TransformersEngine(model, batch_size=batch, device=device)
     convs = [[{"role": "user", "content": f"Write a short paragraph about the number {i}."}] for i in range(batch)]
