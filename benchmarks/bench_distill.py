@@ -69,7 +69,10 @@ def main() -> None:
     ap.add_argument("--openai-clusters", type=int, default=256)
     ap.add_argument("--latency", type=float, default=0.05)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 1 cluster, 8 tokens, 16 openai clusters")
     a = ap.parse_args()
+    if a.quick:
+        a.clusters, a.max_new_tokens, a.openai_clusters = 1, 8, 16
     results = {}
     convs = conversations(a.clusters)
     for bs in (1, 4):

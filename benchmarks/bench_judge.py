@@ -77,7 +77,10 @@ def main() -> None:
     p.add_argument("--rows-per-slot", type=int, default=4, help="rows = max(20, in_flight * this)")
     p.add_argument("--repeats", type=int, default=3, help="runs per point; the median by rows/s is shown")
     p.add_argument("--cache", action="store_true", help="with the response cache on (the default of `lmmixup rate`)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1 and 16 in flight, one repeat")
     a = p.parse_args()
+    if a.quick:
+        a.in_flight, a.repeats, a.rows_per_slot = [1, 16], 1, 2
     print(f"latency {a.latency * 1000:.0f} ms per request, response cache {'on' if a.cache else 'off'}\n")
     print("| in flight | rows | seconds | rows/s | ideal rows/s | efficiency | client CPU ms/row | stub CPU ms/row |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -34,7 +34,10 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--k", type=int, default=15)
     ap.add_argument("--repeat", type=int, default=3, help="best of this many interleaved runs")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 2k rows at 128-d, no ANN")
     args = ap.parse_args()
+    if args.quick:
+        args.sizes, args.ann_sizes, args.dim, args.repeat = [2000], [], 128, 1
     print("| N | method | seconds | max abs diff vs sklearn | speed-up |")
     print("|---|---|---|---|---|")
     for n in args.sizes:

@@ -61,7 +61,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", type=int, default=6000, help="train rows per task type")
     p.add_argument("--test", type=int, default=1400, help="test rows per task type")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 200 train / 50 test rows per task")
     args = p.parse_args()
+    if args.quick:
+        args.train, args.test = 200, 50
     datasets.disable_progress_bars()
 
     with tempfile.TemporaryDirectory() as tmp:
