@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import logging
 import re
 import sys
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         name, rest = f"{name} {rest[0]}", rest[1:]
     elif name not in COMMANDS and any(c.startswith(name + " ") for c in COMMANDS):
         group = {c: cmd for c, cmd in COMMANDS.items() if c.startswith(name + " ")}
-        asked = bool(rest) and rest[0] in ("-h", "--help") or not rest
+        asked = not rest or rest[0] in ("-h", "--help")
         print(
             "\n".join(
                 [f"usage: lmmixup {name} {{{','.join(c.split()[1] for c in group)}}} [options]", ""]
@@ -189,23 +188,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _partial_status(name: str, out: str) -> int:
     """EXIT_PARTIAL, with one line saying what is missing, when the stage's manifest says so."""
-    from lmmixup_hf.pipeline.workflow import MANIFEST
+    from lmmixup_hf.pipeline.workflow import input_status
 
-    try:
-        manifest = json.loads((Path(out) / MANIFEST).read_text())
-    except (OSError, ValueError):
+    why = input_status(out)
+    if why is None:
         return EXIT_OK
-    if not manifest.get("complete", True):
-        print(f"lmmixup {name}: partial: {manifest.get('incomplete')} ({out})", file=sys.stderr)
-        return EXIT_PARTIAL
-    if manifest.get("partial_inputs"):
-        shown = "; ".join(f"{p}: {why}" for p, why in manifest["partial_inputs"].items())
-        print(
-            f"lmmixup {name}: partial: built on an incomplete input ({shown}); rerun after completing it",
-            file=sys.stderr,
-        )
-        return EXIT_PARTIAL
-    return EXIT_OK
+    print(f"lmmixup {name}: partial: {why} ({out}); rerun to retry what is missing", file=sys.stderr)
+    return EXIT_PARTIAL
 
 
 if __name__ == "__main__":

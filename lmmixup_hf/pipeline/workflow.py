@@ -62,11 +62,7 @@ def fingerprint_path(path: str | Path) -> str:
         m = json.loads((p / MANIFEST).read_text())
         return m.get("output_fingerprint") or m["fingerprint"]
     if p.is_file():
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return "sha256:" + h.hexdigest()
+        return "sha256:" + _hash_file(hashlib.sha256(), p).hexdigest()
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(x for x in p.rglob("*") if x.is_file() and not x.name.startswith(".")):
@@ -86,10 +82,16 @@ def content_fingerprint(folder: str | Path) -> str:
     )
     for f in files:
         h.update(f"{f.relative_to(folder).as_posix()}\n".encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        _hash_file(h, f)
     return "out:" + h.hexdigest()[:32]
+
+
+def _hash_file(h: Any, path: Path) -> Any:
+    """Feed a file's bytes into ``h`` in 1 MiB chunks (large outputs never sit in memory)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h
 
 
 def input_status(path: str | Path) -> str | None:
