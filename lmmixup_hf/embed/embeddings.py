@@ -138,6 +138,23 @@ class Embedder:
         self.n_encoded += len(texts)
         return np.asarray(vecs, dtype=np.float32)
 
+    def _encode_missing(self, missing: list[tuple[str, str]], found: dict[str, np.ndarray], desc: str) -> None:
+        """Encode the cache's misses ``(key, text)`` into ``found``, committing each chunk to the cache
+        as it finishes (a crash loses at most one chunk). An executor may send them elsewhere."""
+        chunk = self.batch_size * 16
+        bar = tqdm(total=len(missing), desc=desc, unit="text", disable=not self.show_progress or len(missing) < chunk)
+        for i in range(0, len(missing), chunk):
+            part = missing[i : i + chunk]
+            vecs = self._encode_uncached([text for _, text in part])
+            self.store([key for key, _ in part], vecs, found)
+            bar.update(len(part))
+        bar.close()
+
+    def store(self, keys: Sequence[str], vecs: np.ndarray, found: dict[str, np.ndarray]) -> None:
+        if self.cache is not None:
+            self.cache.put(list(keys), vecs)
+        found.update(zip(keys, vecs))
+
     def encode(self, texts: Sequence[str], desc: str = "embedding") -> np.ndarray:
         """Return an ``(n, d)`` float32 array in the order of ``texts``."""
         texts = list(texts)
@@ -148,18 +165,7 @@ class Embedder:
         found = self.cache.get(list(unique)) if self.cache is not None else {}
         missing = [k for k in unique if k not in found]
         if missing:
-            chunk = self.batch_size * 16
-            bar = tqdm(
-                total=len(missing), desc=desc, unit="text", disable=not self.show_progress or len(missing) < chunk
-            )
-            for i in range(0, len(missing), chunk):
-                part = missing[i : i + chunk]
-                vecs = self._encode_uncached([unique[k] for k in part])
-                if self.cache is not None:
-                    self.cache.put(part, vecs)  # committed per chunk: a crash loses at most one chunk
-                found.update(zip(part, vecs))
-                bar.update(len(part))
-            bar.close()
+            self._encode_missing([(k, unique[k]) for k in missing], found, desc)
         return np.stack([found[k] for k in keys]).astype(np.float32, copy=False)
 
 
@@ -252,9 +258,12 @@ def precomputed_embeddings(ds) -> np.ndarray | None:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def row_embeddings(ds, model_id: str, *, device: str | None = None, batch_size: int = 64) -> np.ndarray:
+def row_embeddings(
+    ds, model_id: str, *, device: str | None = None, batch_size: int = 64, embedder: Embedder | None = None
+) -> np.ndarray:
     """The rows' precomputed ``embedding`` when they carry one (no model is loaded), else the
-    model's embeddings of ``prompt + "\\n" + completion``."""
+    model's embeddings of ``prompt + "\\n" + completion`` (by ``embedder`` when given, e.g. one
+    that encodes on a cluster)."""
     from lmmixup_hf.data.schema import COMPLETION, PROMPT, text_of
 
     x = precomputed_embeddings(ds)
@@ -262,4 +271,5 @@ def row_embeddings(ds, model_id: str, *, device: str | None = None, batch_size: 
         logger.info("using the rows' own %r column (%d x %d); no embedding model", EMBEDDING, *x.shape)
         return x
     texts = [text_of({PROMPT: p, COMPLETION: c}) for p, c in zip(ds[PROMPT], ds[COMPLETION])]
-    return get_embedder(model_id, device=device, batch_size=batch_size).encode(texts)
+    embedder = embedder or get_embedder(model_id, device=device, batch_size=batch_size)
+    return embedder.encode(texts)

@@ -2,7 +2,7 @@
 
 Reads a rated pool or stage folder, keeps the rows under the quality threshold (the one rule of
 :mod:`lmmixup_hf.data.quality`), embeds them once (or reuses an ``embedding`` column), runs the
-core (:func:`lmmixup_hf.pipeline.cluster.cluster_rows`) and writes ``data/`` (rows with
+core (:func:`lmmixup_hf.stages.cluster.cluster_rows`) and writes ``data/`` (rows with
 ``cluster_id``), ``clusters/`` (one row per cluster), ``leftovers/`` and ``cluster_sizes.png``."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.quality import high_quality_mask, rating_scores
 from lmmixup_hf.data.schema import HIGH_QUALITY_THRESHOLD, RATING, LmmixupError
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
+from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.plotting import figure
 from lmmixup_hf.stages.cluster import CLUSTER_DEFAULTS, CLUSTER_OPTIONS, cluster_rows
@@ -103,9 +104,10 @@ def save_histogram(sizes: np.ndarray, path: str | Path, title: str = "cluster si
         ax.set_title(title)
 
 
-def cluster(args: ClusterArgs) -> Dataset:
+def cluster(args: ClusterArgs, executor: Executor | None = None) -> Dataset:
     """``lmmixup cluster``: read, pick the low-quality rows, embed (or reuse an ``embedding``
-    column), run :func:`~lmmixup_hf.pipeline.cluster.cluster_rows`, write the folder."""
+    column), run :func:`~lmmixup_hf.stages.cluster.cluster_rows`, write the folder. ``executor``
+    runs the embedding and each source's clustering (default: here)."""
     from lmmixup_hf.embed.embeddings import row_embeddings
 
     run = StageRun("cluster", args.out, inputs=[args.input], params=asdict(args))
@@ -116,8 +118,11 @@ def cluster(args: ClusterArgs) -> Dataset:
     ds, skipped = select_rows(pool, args.quality, args.threshold)
     if len(ds) == 0:
         raise LmmixupError(f"{args.input}: no rows to cluster (quality={args.quality!r}, {skipped})")
-    emb = row_embeddings(ds, args.embedding_model, device=args.device, batch_size=args.batch_size)
-    out = cluster_rows(ds, emb, **{k: getattr(args, k) for k in CLUSTER_OPTIONS})
+    executor = executor or Executor()
+    embed = dict(device=args.device, batch_size=args.batch_size)
+    emb = row_embeddings(ds, args.embedding_model, **embed, embedder=executor.embedder(args.embedding_model, **embed))
+    options = {k: getattr(args, k) for k in CLUSTER_OPTIONS}
+    out = cluster_rows(ds, emb, map_sources=executor.map_sources, **options)
     st = out.stats
     run.out_dir.mkdir(parents=True, exist_ok=True)
     n_clusters = st["multi_row_clusters"]
@@ -142,6 +147,7 @@ def cluster(args: ClusterArgs) -> Dataset:
             "size_histogram": st["size_histogram"],
             "sources": st["sources"],
             "histogram": HISTOGRAM,
+            "executor": executor.name,
         },
         splits={"clusters": out.clusters, "leftovers": out.leftovers},
     )

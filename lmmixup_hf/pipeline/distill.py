@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,9 @@ from lmmixup_hf.distiller.prompts import (
     PROMPT_STYLES,
     PROMPT_VERSION,
 )
+from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.distill import SCHEMA, distill_chunk, group_clusters
+from lmmixup_hf.stages.distill import SCHEMA, group_clusters
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,9 @@ def _write_part(path: Path, rows: list[dict[str, Any]], stats: dict[str, Any]) -
 
 
 # -- the command: checkpoints per chunk, manifest and throughput around the core --------------------
-def distill(args: DistillArgs, engine: Engine | None = None) -> Dataset:
+def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor | None = None) -> Dataset:
     """Run the stage (or return its output when it is up to date). ``engine`` lets a caller that
-    already holds a loaded model reuse it."""
+    already holds a loaded model reuse it; ``executor`` runs the chunks (default: here)."""
     from tqdm.auto import tqdm
 
     if args.engine not in ENGINES:
@@ -173,15 +174,19 @@ def distill(args: DistillArgs, engine: Engine | None = None) -> Dataset:
     }
     bar = tqdm(total=len(clusters), desc="distill", unit="cluster", dynamic_ncols=True)
     bar.update(sum(len(chunks[k]) for k in range(len(chunks)) if k not in set(todo)))
-    if todo and engine is None:
-        options = {k: v for k, v in asdict(args).items() if k not in ("engine", "model")}
-        engine = make_engine(args.engine, args.model, **options)
-    for k in todo:
-        t0 = time.time()
-        out_rows = distill_chunk(members_table, chunks[k], engine, **generation)
-        seconds = time.time() - t0
+
+    def finished(k: int, out_rows: list[dict[str, Any]], seconds: float) -> None:
         _write_part(work / f"part-{k:06d}.parquet", out_rows, {"seconds": seconds, "clusters": len(chunks[k])})
         bar.update(len(chunks[k]))
+
+    if engine is not None:  # a loaded model lives in this process
+        executor, make = Executor(), lambda: engine
+    else:
+        options = {k: v for k, v in asdict(args).items() if k not in ("engine", "model")}
+        make = partial(make_engine, args.engine, args.model, **options)
+    described = (
+        (executor or Executor()).distill(make, members_table, chunks, todo, generation, finished) if todo else {}
+    )
     bar.close()
 
     parts = [work / f"part-{k:06d}.parquet" for k in range(len(chunks))]
@@ -218,8 +223,8 @@ def distill(args: DistillArgs, engine: Engine | None = None) -> Dataset:
         "truncated": int(np.sum(np.asarray(result["finish_reason"]) == "length")),
     }
     extra = {"throughput": throughput}
-    if engine is not None:
-        extra["engine"] = engine.describe()
+    if described:
+        extra["engine"] = described
     run.finish(good, counts=counts, extra=extra, splits={"unparsed": bad})
     logger.info(
         "distill: %d clusters -> %d distilled, %d unparsed; %.1f completion tokens/s",

@@ -1,6 +1,6 @@
 """``lmmixup longtail``: long-tail (kNN rarity) scores of the distilled rows against the original high-quality
 rows, on one joint scale. Embeds each set once (or reuses ``embedding`` columns); the scoring is
-:func:`lmmixup_hf.pipeline.longtail.longtail_rows`; the manifest records each kNN search and, for
+:func:`lmmixup_hf.stages.longtail.longtail_rows`; the manifest records each kNN search and, for
 ANN backends, its measured recall."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from datasets import Dataset
 from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
+from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.stages.longtail import DEFAULT_K, LONG_TAIL_RAW, REFERENCE_SPLIT, longtail_rows
 
@@ -47,9 +48,10 @@ class LongtailArgs:
     batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
 
 
-def longtail(args: LongtailArgs) -> Dataset:
+def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
     """``lmmixup longtail``: read both sets, embed them once (or reuse ``embedding`` columns), run
-    :func:`~lmmixup_hf.pipeline.longtail.longtail_rows`, write ``data/`` and ``reference/``."""
+    :func:`~lmmixup_hf.stages.longtail.longtail_rows`, write ``data/`` and ``reference/``.
+    ``executor`` runs the embedding and the exact kNN searches (default: here)."""
     from lmmixup_hf.embed.embeddings import row_embeddings, with_embeddings
 
     inputs = [args.input] + ([args.reference] if args.reference else [])
@@ -59,13 +61,23 @@ def longtail(args: LongtailArgs) -> Dataset:
         return run.load()
     ds = read_pool(args.input, quarantine=run.quarantine)
     ref = read_pool(args.reference, quarantine=run.quarantine) if args.reference else None
+    executor = executor or Executor()
     embed = dict(model_id=args.embedding_model, device=args.device, batch_size=args.batch_size)
+    embed["embedder"] = executor.embedder(args.embedding_model, device=args.device, batch_size=args.batch_size)
     x = row_embeddings(ds, **embed)
     y = row_embeddings(ref, **embed) if ref is not None else None
     if y is not None and y.shape[1] != x.shape[1]:
         raise LmmixupError(f"{args.input} embeddings are {x.shape[1]}-d but {args.reference}'s are {y.shape[1]}-d")
     out, ref_out, checks = longtail_rows(
-        ds, x, ref, y, k=args.k, normalize=args.normalize, backend=args.backend, device=args.device
+        ds,
+        x,
+        ref,
+        y,
+        k=args.k,
+        normalize=args.normalize,
+        backend=args.backend,
+        device=args.device,
+        search=executor.knn_search,
     )
     # the vectors travel with the rows, so the mix (and anyone after) never encodes these texts again
     out = with_embeddings(out, x)
@@ -77,6 +89,7 @@ def longtail(args: LongtailArgs) -> Dataset:
         extra={
             "long_tail": {"k": args.k, "raw_min": float(raw.min()), "raw_max": float(raw.max())},
             "knn": checks,
+            "executor": executor.name,
         },
         splits={REFERENCE_SPLIT: ref_out} if ref_out is not None else {},
     )

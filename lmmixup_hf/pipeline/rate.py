@@ -19,6 +19,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from lmmixup_hf.data.schema import (
 )
 from lmmixup_hf.judge.judges import KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
 from lmmixup_hf.models.llm_client import request_key
+from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.plotting import figure
 from lmmixup_hf.stages.rate import judge_items, with_ratings
@@ -218,7 +220,9 @@ def _cache_dir(value: str | None) -> Path | None:
 
 
 # -- the command: files, checkpoints, batches, summaries around the core ---------------------------
-def rate(args: RateArgs) -> Dataset | None:
+def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
+    """Run the stage (or return its output when it is up to date). ``executor`` runs the judging
+    (default: here; see :mod:`lmmixup_hf.pipeline.executors`)."""
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     if not fields:
         raise LmmixupError("--fields: name at least one column")
@@ -274,40 +278,38 @@ def rate(args: RateArgs) -> Dataset | None:
         if batch_usage is None:  # --batch_file_only: the requests are written, nothing is rated yet
             return None
         return _finish(run, args, ds, items, ckpt.done, {**batch_usage, "estimate": estimate["numbers"]})
-    judge = (
-        make_judge(
-            args.engine,
-            args.judge_model,
-            base_url=args.base_url,
-            api_key=args.api_key,
-            max_concurrency=args.max_concurrency,
-            requests_per_minute=args.rpm,
-            tokens_per_minute=args.tpm,
-            max_retries=args.max_retries,
-            timeout=args.timeout,
-            retry_base_delay=args.retry_base_delay,
-            cache_dir=_cache_dir(args.cache_dir),
-            prices=_load_prices(args.prices),
-            json_mode=args.json_mode,
-            logprobs=args.logprobs,
-            temperature=args.temperature,
-            max_tokens=args.max_tokens,
-            batch_size=args.batch_size,
-        )
-        if todo
-        else None
+    make = partial(
+        make_judge,
+        args.engine,
+        args.judge_model,
+        base_url=args.base_url,
+        api_key=args.api_key,
+        max_concurrency=args.max_concurrency,
+        requests_per_minute=args.rpm,
+        tokens_per_minute=args.tpm,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        retry_base_delay=args.retry_base_delay,
+        cache_dir=_cache_dir(args.cache_dir),
+        prices=_load_prices(args.prices),
+        json_mode=args.json_mode,
+        logprobs=args.logprobs,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
     )
+    usage: dict[str, Any] = {}
     try:
-        if judge is not None:
-            judge.rate_many(
+        if todo:
+            usage = (executor or Executor()).rate(
+                make,
                 [items[i] for i in todo],
                 on_result=lambda k, r: ckpt.add(todo[k], ids[todo[k]], r),
-                desc="rate",
                 show_progress=args.progress,
             )
+            usage = {**usage, "mode": "sync"}
     finally:
         ckpt.close()
-    usage = {**judge.usage.as_dict(), "mode": "sync"} if judge is not None else {}
     return _finish(run, args, ds, items, ckpt.done, {**usage, "estimate": estimate["numbers"]})
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 import logging
 import time
 import types
@@ -83,6 +84,8 @@ class RunConfig:
     batch_size: int | None = None
     num_proc: int | None = None
     allow_partial: bool = False  # go on to the next stage when rows were left failed (e.g. by the judge)
+    executor: str = "local"  # where the stages' parallel work runs: local or ray
+    ray: dict[str, Any] | None = None  # the Ray executor's options (RayOptions)
     description: str | None = None
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -102,6 +105,14 @@ class RunArgs:
     )
     to_stage: str | None = field(default=None, metadata={"aliases": ["--to"], "help": "Last stage to run."})
     only: str | None = field(default=None, metadata={"help": "Run just this stage (its inputs must exist)."})
+    executor: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the stages' parallel work runs: local (this process) or ray (a Ray cluster; "
+            "see the config's `ray:` section). Default: the config's `executor`, else local.",
+            "choices": ["local", "ray"],
+        },
+    )
     allow_partial: bool | None = field(
         default=None,
         metadata={
@@ -145,6 +156,11 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
     cfg = RunConfig(**{k: v for k, v in raw.items() if k in top}, sections=sections)
     cfg.name = cfg.name or path.stem
     _check_input(cfg.input, path)
+    from lmmixup_hf.pipeline.executors import EXECUTORS, RayOptions
+
+    if cfg.executor not in EXECUTORS:
+        raise LmmixupError(f"{path}: executor: expected one of {', '.join(EXECUTORS)}, got {cfg.executor!r}")
+    RayOptions.from_config(cfg.ray, f"{path}: ray")  # a typo fails now, not after an hour of rating
     return cfg
 
 
@@ -251,7 +267,13 @@ def select_stages(from_stage: str | None, to_stage: str | None, only: str | None
 
 def run(args: RunArgs) -> int:
     """Run the selected stages in order; already finished ones skip themselves."""
-    overrides = {"name": args.name, "out_dir": args.out_dir, "input": args.input, "allow_partial": args.allow_partial}
+    overrides = {
+        "name": args.name,
+        "out_dir": args.out_dir,
+        "input": args.input,
+        "allow_partial": args.allow_partial,
+        "executor": args.executor,
+    }
     if args.name and not args.out_dir:
         overrides["out_dir"] = f"runs/{args.name}"
     cfg = load_config(args.config, overrides)
@@ -272,15 +294,33 @@ def run(args: RunArgs) -> int:
     datasets.disable_progress_bars()  # the stages' own bars are the progress display; not parquet I/O
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(_resolved(cfg, all_args), sort_keys=False))
-    logger.info("run %s: %d stage(s) %s -> %s", cfg.name, len(stages), "/".join(s.name for s in stages), cfg.run_dir)
+    logger.info(
+        "run %s: %d stage(s) %s -> %s (executor: %s)",
+        cfg.name,
+        len(stages),
+        "/".join(s.name for s in stages),
+        cfg.run_dir,
+        cfg.executor,
+    )
+    from lmmixup_hf.pipeline.executors import make_executor
+
+    executor = make_executor(cfg.executor, cfg.ray)
+    try:
+        return _run_stages(cfg, stages, all_args, executor)
+    finally:
+        executor.close()
+
+
+def _run_stages(cfg: RunConfig, stages: list[Stage], all_args: Mapping[str, Any], executor: Any) -> int:
     started = time.time()
     partial: dict[str, str] = {}
     for i, stage in enumerate(stages, start=1):
         t0 = time.time()
         logger.info("[%d/%d] %s: %s", i, len(stages), stage.name, stage.help)
-        func: Callable[[Any], Any] = getattr(_import(stage), stage.func)
+        func: Callable[..., Any] = getattr(_import(stage), stage.func)
         if not _skip_empty(stage, all_args[stage.name]):
-            func(all_args[stage.name])
+            takes_executor = "executor" in inspect.signature(func).parameters
+            func(all_args[stage.name], **({"executor": executor.for_stage(stage.name)} if takes_executor else {}))
         stage_dir = cfg.run_dir / stage.name
         logger.info(
             "[%d/%d] %s: done in %.1f s%s", i, len(stages), stage.name, time.time() - t0, _count_note(stage_dir)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -683,7 +684,19 @@ CLUSTER_DEFAULTS: dict[str, Any] = {
 CLUSTER_OPTIONS = tuple(CLUSTER_DEFAULTS)
 
 
-def cluster_rows(ds: Dataset, embeddings: np.ndarray, **options: Any) -> ClusteredRows:
+SourceMapper = Callable[[np.ndarray, np.ndarray, dict[str, Any]], dict[str, ClusterResult]]
+
+
+def cluster_sources(sources: np.ndarray, embeddings: np.ndarray, options: dict[str, Any]) -> dict[str, ClusterResult]:
+    """Each source's rows clustered on their own, one after the other (an executor may run them
+    elsewhere, e.g. a Ray ``groupby("source")``)."""
+    opts = SimpleNamespace(**{**CLUSTER_DEFAULTS, **options})
+    return {src: cluster_subset(embeddings[sources == src], opts) for src in sorted(set(sources.tolist()))}
+
+
+def cluster_rows(
+    ds: Dataset, embeddings: np.ndarray, *, map_sources: SourceMapper | None = None, **options: Any
+) -> ClusteredRows:
     """The cluster core: each source's rows clustered on their (unit) embeddings; no files.
 
     >>> out = cluster_rows(low_rows, row_embeddings(low_rows, "BAAI/bge-m3"), sizes="data", max_size=5)
@@ -691,7 +704,8 @@ def cluster_rows(ds: Dataset, embeddings: np.ndarray, **options: Any) -> Cluster
     ``options`` are the clustering options of ``lmmixup cluster`` (:data:`CLUSTER_OPTIONS`). With
     data sizes a row with no close neighbours becomes a one-row cluster of its own (the distiller
     rewrites it alone) and is also listed in ``leftovers``; with drawn sizes and a ``sim_floor`` such
-    rows get ``cluster_id = -1`` and are left out of ``rows``."""
+    rows get ``cluster_id = -1`` and are left out of ``rows``. ``map_sources`` clusters the sources
+    (default :func:`cluster_sources`: here, one after the other)."""
     opts = SimpleNamespace(**{**CLUSTER_DEFAULTS, **options})
     unknown = set(options) - set(CLUSTER_OPTIONS)
     if unknown:
@@ -704,9 +718,10 @@ def cluster_rows(ds: Dataset, embeddings: np.ndarray, **options: Any) -> Cluster
     labels = np.full(len(ds), LEFTOVER, np.int64)
     per_source: dict[str, dict[str, int]] = {}
     next_id = 0
-    for src in sorted(set(sources.tolist())):
+    results = (map_sources or cluster_sources)(sources, embeddings, {**CLUSTER_DEFAULTS, **options})
+    for src in sorted(results):
         idx = np.flatnonzero(sources == src)
-        res = _cluster_subset(embeddings[idx], opts)
+        res = results[src]
         local, k = compact_labels(res.labels, next_id)
         labels[idx] = local
         next_id += k
@@ -751,7 +766,7 @@ def cluster_rows(ds: Dataset, embeddings: np.ndarray, **options: Any) -> Cluster
     return ClusteredRows(rows, table, ds.select(alone), stats)
 
 
-def _cluster_subset(x: np.ndarray, args: Any) -> ClusterResult:
+def cluster_subset(x: np.ndarray, args: Any) -> ClusterResult:
     """One source's rows, clustered with the chosen size mode."""
     sizes = dict(min_size=args.min_size, max_size=args.max_size, mean_cap=args.mean_cap, std_cap=args.std_cap)
     if args.sizes == "data":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 LONG_TAIL_RAW = "long_tail_raw"
 DEFAULT_K = 15
 REFERENCE_SPLIT = "reference"
+
+# exact top-k cosine similarities ``(n, k)`` of the queries to the keys (None: to themselves, own row
+# excluded); an executor may run it elsewhere (e.g. Ray workers sharing the keys)
+Search = Callable[[np.ndarray, np.ndarray | None, int], np.ndarray]
 
 
 def long_tail_raw(
@@ -53,11 +58,14 @@ def long_tail_checked(
     backend: str = "exact",
     seed: int = 0,
     device: str | None = None,
+    search: Search | None = None,
 ) -> tuple[np.ndarray, AnnCheck]:
     """:func:`long_tail_raw` plus what the kNN search did: with an ANN backend, its recall@k and
     score error on a sample of queries against exact search (see :func:`neighbors.checked_knn`)."""
 
     def exact() -> tuple[np.ndarray, None]:
+        if search is not None:
+            return search(x, reference, k), None
         if reference is None:
             return self_knn_sims(x, k, device=device), None
         return knn(x, reference, k=k, device=device)[0], None
@@ -120,6 +128,7 @@ def score_sets(
     backend: str = "exact",
     checks: dict[str, dict] | None = None,
     device: str | None = None,
+    search: Search | None = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
     """``((raw, norm) for x, (raw, norm) for reference or None)`` in the chosen mode. ``checks``,
     when given, receives what each kNN search did (backend, measured ANN recall), by search."""
@@ -127,7 +136,7 @@ def score_sets(
         raise LmmixupError(f"normalize must be `joint` or `per_file`, got {normalize!r}")
 
     def scored(name: str, rows: np.ndarray, against: np.ndarray | None = None) -> np.ndarray:
-        raw, check = long_tail_checked(rows, k, reference=against, backend=backend, device=device)
+        raw, check = long_tail_checked(rows, k, reference=against, backend=backend, device=device, search=search)
         if checks is not None:
             checks[name] = check.as_dict()
         return raw
@@ -155,9 +164,11 @@ def longtail_rows(
     normalize: Literal["joint", "per_file"] = "joint",
     backend: str = "exact",
     device: str | None = None,
+    search: Search | None = None,
 ) -> tuple[Dataset, Dataset | None, dict[str, dict]]:
     """The longtail core: ``long_tail_raw`` and ``long_tail`` columns on ``ds`` (and on
     ``reference``, on the same scale when ``normalize="joint"``), plus what each kNN search did.
+    ``search`` replaces the exact kNN search (the one min-max over its results stays here).
 
     >>> scored, reference_scored, checks = longtail_rows(distilled, x, original_high, y)"""
     if (
@@ -177,6 +188,7 @@ def longtail_rows(
         backend=backend,
         checks=checks,
         device=device,
+        search=search,
     )
     scored_ref = with_scores(reference, *ref_scores) if reference is not None and ref_scores is not None else None
     return with_scores(ds, raw, norm), scored_ref, checks

@@ -1,0 +1,177 @@
+"""Where a stage's parallel work runs: in this process (``local``) or on a Ray cluster (``ray``).
+
+A stage command keeps its files, checkpoints and manifest. What it hands to its executor is the
+work that can run in parallel: judging rows, distilling chunks of clusters, embedding texts,
+clustering each source, the long-tail kNN search. :class:`Executor` does that work here, as the
+commands always have; :class:`~lmmixup_hf.pipeline.ray_executor.RayExecutor` runs it on Ray Data
+and streams the results back, so the command's checkpoints fill in as batches finish and a rerun
+after a kill picks up where they stopped. The results are the same rows either way.
+
+>>> executor: ray            # in a pipeline config
+>>> ray:
+>>>   address: auto          # a running cluster (`ray start --head`); leave out for a private one
+>>>   rate: {actors: 8}
+>>>   distill: {actors: 2, num_gpus: 1}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from datasets import Dataset
+
+from lmmixup_hf.data.schema import LmmixupError
+
+EXECUTORS = ("local", "ray")
+
+# Stage parts that run on Ray actors, each with its own pool options (`ray: {<part>: {...}}`).
+# `embed` covers the embedding done by cluster, longtail and mix.
+RAY_PARTS = ("rate", "rerate", "distill", "embed", "cluster", "longtail")
+
+# rows per Ray batch (one batch = one call of an actor); distill counts chunks of clusters
+DEFAULT_BATCH = {"rate": 64, "rerate": 64, "embed": 512, "distill": 1, "cluster": 1, "longtail": 2048}
+
+OnRating = Callable[[int, Any], None]  # (position in the items, Rating)
+OnChunk = Callable[[int, list[dict[str, Any]], float], None]  # (chunk, records, seconds)
+
+
+@dataclass
+class RayPoolOptions:
+    """One part's actor pool: how many actors, what each asks of the cluster, rows per call."""
+
+    actors: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    batch_size: int | None = None  # default: DEFAULT_BATCH for the part
+
+
+@dataclass
+class RayOptions:
+    """The ``ray:`` section of a pipeline config."""
+
+    address: str | None = None  # a running cluster ("auto", "ray://head:10001"); None: start a private one
+    num_cpus: int | None = None  # private cluster only: CPUs it may use (default: all)
+    num_gpus: int | None = None  # private cluster only
+    parts: dict[str, RayPoolOptions] = field(default_factory=dict)
+
+    def pool(self, part: str) -> RayPoolOptions:
+        return self.parts.get(part) or RayPoolOptions()
+
+    def batch_size(self, part: str) -> int:
+        return self.pool(part).batch_size or DEFAULT_BATCH.get(part, 64)
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any] | None, where: str = "ray") -> RayOptions:
+        """Validate a ``ray:`` mapping; every problem names the key and what is wrong."""
+        raw = dict(raw or {})
+        top = {"address": (str, type(None)), "num_cpus": (int, type(None)), "num_gpus": (int, type(None))}
+        unknown = sorted(set(raw) - set(top) - set(RAY_PARTS))
+        if unknown:
+            raise LmmixupError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; keys are {', '.join(top)} and the parts "
+                f"{', '.join(RAY_PARTS)}"
+            )
+        for key, types in top.items():
+            if key in raw and (not isinstance(raw[key], types) or isinstance(raw[key], bool)):
+                raise LmmixupError(f"{where}.{key}: expected {types[0].__name__}, got {raw[key]!r}")
+            if key in ("num_cpus", "num_gpus") and isinstance(raw.get(key), int) and raw[key] < 0:
+                raise LmmixupError(f"{where}.{key}: must be >= 0, got {raw[key]}")
+        parts = {}
+        names = [f.name for f in dataclasses.fields(RayPoolOptions)]
+        for part in RAY_PARTS:
+            section = raw.get(part)
+            if section is None:
+                continue
+            if not isinstance(section, Mapping):
+                raise LmmixupError(f"{where}.{part}: expected a mapping of {', '.join(names)}")
+            bad = sorted(set(section) - set(names))
+            if bad:
+                raise LmmixupError(f"{where}.{part}: unknown key(s) {', '.join(bad)}; keys are {', '.join(names)}")
+            for key, value in section.items():
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                low = 1 if key in ("actors", "batch_size") else 0
+                if not (number and value >= low) or (key in ("actors", "batch_size") and not isinstance(value, int)):
+                    kind = "an integer" if key in ("actors", "batch_size") else "a number"
+                    raise LmmixupError(f"{where}.{part}.{key}: expected {kind} >= {low}, got {value!r}")
+            parts[part] = RayPoolOptions(**section)
+        return cls(**{k: raw[k] for k in top if k in raw}, parts=parts)
+
+
+class Executor:
+    """Runs a stage's parallel work in this process, one piece after another."""
+
+    name = "local"
+
+    def for_stage(self, stage: str) -> Executor:
+        """The executor as one stage sees it (a Ray executor picks that stage's pool options)."""
+        return self
+
+    def rate(
+        self,
+        make_judge: Callable[[], Any],
+        items: Sequence[Any],
+        on_result: OnRating,
+        *,
+        show_progress: bool = True,
+    ) -> dict[str, Any]:
+        """Rate ``items`` (JudgeItems) with one judge from ``make_judge``; ``on_result(position, rating)``
+        as each finishes. Returns the judge's usage (requests, tokens, cost)."""
+        judge = make_judge()
+        judge.rate_many(items, on_result=on_result, desc="rate", show_progress=show_progress)
+        return judge.usage.as_dict()
+
+    def distill(
+        self,
+        make_engine: Callable[[], Any],
+        members: Dataset,
+        chunks: Sequence[Sequence[tuple[int, Any]]],
+        todo: Sequence[int],
+        generation: Mapping[str, Any],
+        on_chunk: OnChunk,
+    ) -> dict[str, Any]:
+        """Distil the chunks ``todo`` (each a list of ``(cluster_id, member indices)``); ``on_chunk``
+        as each finishes. Returns the engine's description."""
+        from lmmixup_hf.stages.distill import distill_chunk
+
+        engine = make_engine()
+        for k in todo:
+            t0 = time.time()
+            rows = distill_chunk(members, chunks[k], engine, **generation)
+            on_chunk(k, rows, time.time() - t0)
+        return engine.describe()
+
+    def embedder(self, model_id: str, *, device: str | None, batch_size: int) -> Any:
+        """The embedder for a stage's rows; None means the process-wide one (``get_embedder``)."""
+        return None
+
+    @property
+    def map_sources(self) -> Callable | None:
+        """How ``cluster_rows`` clusters the sources; None: here, one after the other."""
+        return None
+
+    @property
+    def knn_search(self) -> Callable | None:
+        """The long-tail stage's exact kNN search; None: here (``neighbors.knn``)."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {"executor": self.name}
+
+    def close(self) -> None:
+        pass
+
+
+def make_executor(name: str = "local", ray: Mapping[str, Any] | RayOptions | None = None) -> Executor:
+    """``local`` (the default, needs nothing) or ``ray`` (needs ``pip install "lmmixup-hf[ray]"``)."""
+    if name == "local":
+        return Executor()
+    if name == "ray":
+        from lmmixup_hf.pipeline.ray_executor import RayExecutor
+
+        options = ray if isinstance(ray, RayOptions) else RayOptions.from_config(ray)
+        return RayExecutor(options)
+    raise LmmixupError(f"executor: {name!r}: expected one of {', '.join(EXECUTORS)}")

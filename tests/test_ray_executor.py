@@ -1,0 +1,280 @@
+"""`executor: ray`: the same rows as the local executor, and no row lost or duplicated when an actor
+or the driver dies mid-stage.
+
+Every Ray cluster here is private and bound to 127.0.0.1 (Ray's single-machine mode), with 2 CPUs.
+The chain tests reuse the 40-row chain of test_pipeline.py (loopback judge and distiller, MiniLM).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, before Ray is imported
+ray = pytest.importorskip("ray")
+
+from test_pipeline import (  # noqa: E402  (fixtures and helpers of the 40-row chain)
+    KEY,
+    ROOT,
+    clean_run,  # noqa: F401
+    lmmixup,
+    manifest,
+    rows,
+    served_config,
+    server,  # noqa: F401
+    subset,  # noqa: F401
+)
+
+from lmmixup_hf.data.schema import LmmixupError  # noqa: E402
+from lmmixup_hf.pipeline.executors import Executor, RayOptions, make_executor  # noqa: E402
+from lmmixup_hf.pipeline.run import load_config  # noqa: E402
+
+RAY_SECTION = {
+    "num_cpus": 2,
+    "rate": {"actors": 2, "batch_size": 8},
+    "rerate": {"actors": 1, "batch_size": 4},
+    "embed": {"actors": 1, "batch_size": 16},
+    "distill": {"actors": 2},
+    "longtail": {"actors": 2, "batch_size": 8},
+}
+
+
+def ray_config(tmp: Path, server, subset, name: str, **ray_changes) -> Path:
+    """The 40-row chain's config with `executor: ray`."""
+    import yaml
+
+    path = served_config(tmp, server, subset, name)
+    cfg = yaml.safe_load(path.read_text())
+    cfg.update(executor="ray", ray={**RAY_SECTION, **ray_changes})
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def by_id(stage_dir: Path, split: str = "data") -> dict[str, dict]:
+    return {r["id"]: r for r in rows(stage_dir, split)}
+
+
+def assert_same_rows(a: dict[str, dict], b: dict[str, dict], where: str) -> None:
+    """Equal row sets and values; floats (embeddings, scores) to 1e-5."""
+    assert a.keys() == b.keys(), where
+    for key in a:
+        for col in a[key]:
+            x, y = a[key][col], b[key][col]
+            if col in ("embedding", "long_tail", "long_tail_raw"):
+                np.testing.assert_allclose(np.asarray(x, float), np.asarray(y, float), atol=1e-5, err_msg=where)
+            else:
+                assert x == y, f"{where}: row {key}, column {col}: {x!r} != {y!r}"
+
+
+# -- options ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"adress": "auto"}, "unknown key(s) adress"),
+        ({"rate": {"actor": 2}}, "rate: unknown key(s) actor"),
+        ({"rate": {"actors": 0}}, "rate.actors: expected an integer >= 1"),
+        ({"distill": {"num_gpus": -1}}, "distill.num_gpus: expected a number >= 0"),
+        ({"embed": 4}, "embed: expected a mapping"),
+        ({"num_cpus": "two"}, "num_cpus: expected int"),
+    ],
+)
+def test_bad_ray_options_name_the_key(section, message):
+    with pytest.raises(LmmixupError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        RayOptions.from_config(section)
+
+
+def test_ray_options_defaults_and_per_part_pools():
+    opts = RayOptions.from_config({"address": "auto", "distill": {"actors": 4, "num_gpus": 1}})
+    assert opts.address == "auto" and opts.pool("distill").num_gpus == 1 and opts.pool("distill").actors == 4
+    assert opts.pool("rate").actors == 2 and opts.batch_size("rate") == 64 and opts.batch_size("distill") == 1
+    assert make_executor("local").name == "local" and isinstance(make_executor(), Executor)
+    with pytest.raises(LmmixupError, match="executor: 'spark'"):
+        make_executor("spark")
+
+
+def test_config_checks_executor_and_ray_section(tmp_path):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"prompt": "a", "completion": "b"}\n')
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"input: {pool}\nexecutor: spark\n")
+    with pytest.raises(LmmixupError, match="executor: expected one of local, ray"):
+        load_config(bad)
+    bad.write_text(f"input: {pool}\nexecutor: ray\nray: {{rate: {{actors: 0}}}}\n")
+    with pytest.raises(LmmixupError, match=r"bad.yaml: ray.rate.actors"):
+        load_config(bad)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text(f"input: {pool}\nexecutor: ray\nray: {{address: auto, distill: {{num_gpus: 1}}}}\n")
+    assert load_config(ok).executor == "ray"
+
+
+# -- the chain --------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ray_chain_gives_the_rows_of_the_local_chain(clean_run, server, subset, tmp_path):  # noqa: F811
+    config = ray_config(tmp_path, server, subset, "onray")
+    r = lmmixup("run", "--config", str(config))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "executor: ray" in r.stderr
+    out = tmp_path / "onray"
+    for stage, split in [
+        ("ingest", "data"),
+        ("rate", "data"),
+        ("split", "low"),
+        ("cluster", "data"),
+        ("cluster", "clusters"),
+        ("distill", "data"),
+        ("distill", "unparsed"),
+        ("rerate", "data"),
+        ("filter", "data"),
+        ("longtail", "data"),
+        ("longtail", "reference"),
+    ]:
+        key = "cluster_id" if split == "clusters" else "id"
+        a = {r[key]: r for r in rows(out / stage, split)}
+        b = {r[key]: r for r in rows(clean_run / stage, split)}
+        assert_same_rows(a, b, f"{stage}/{split}")
+    assert sorted(r["id"] for r in rows(out / "mix")) == sorted(r["id"] for r in rows(clean_run / "mix"))
+    assert manifest(out / "rate")["usage"]["executor"] == "ray"
+    assert manifest(out / "distill")["engine"]["executor"] == "ray"
+    assert manifest(out / "cluster")["executor"] == manifest(out / "longtail")["executor"] == "ray"
+    assert manifest(clean_run / "cluster")["executor"] == "local"
+    assert manifest(out / "rate")["usage"]["n_requests"] == manifest(clean_run / "rate")["usage"]["n_requests"]
+    for path in out.rglob("*"):  # the key reached the actors, and was written nowhere
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), path
+
+
+# -- faults -----------------------------------------------------------------------------------------
+def checkpoint_records(path: Path) -> list[dict]:
+    """The checkpoint's whole lines (a kill may cut the last one short)."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+CRASH_DIR = "LMMIXUP_TEST_CRASH_DIR"
+
+
+def call_number(folder: str) -> int:
+    """A number per call, shared by every process: the first free ``call-N`` file, taken atomically."""
+    n = 0
+    while True:
+        try:
+            os.close(os.open(os.path.join(folder, f"call-{n}"), os.O_CREAT | os.O_EXCL))
+            return n
+        except FileExistsError:
+            n += 1
+
+
+class CrashingJudge:
+    """A real judge whose process dies (``os._exit``) on the third batch any actor gets."""
+
+    def __init__(self, judge):
+        self.judge = judge
+        self.usage = judge.usage
+
+    def rate_many(self, items, **kwargs):
+        if call_number(os.environ[CRASH_DIR]) == 2:
+            os._exit(1)
+        return self.judge.rate_many(items, **kwargs)
+
+
+def crashing_make_judge(*args, **kwargs):
+    from lmmixup_hf.judge.judges import make_judge
+
+    return CrashingJudge(make_judge(*args, **kwargs))
+
+
+@pytest.fixture(scope="module")
+def private_ray(tmp_path_factory):
+    """One in-process private cluster (2 CPUs, loopback) for the in-process tests."""
+    crash_dir = tmp_path_factory.mktemp("calls")
+    os.environ[CRASH_DIR] = str(crash_dir)  # workers inherit the environment the cluster starts with
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this module's helpers
+    executor = make_executor("ray", {"num_cpus": 2, "rate": {"actors": 2, "batch_size": 8}})
+    executor._ray()
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    yield executor, crash_dir
+    executor.close()
+
+
+@pytest.mark.slow
+def test_an_actor_killed_mid_stage_loses_and_repeats_no_row(
+    private_ray, clean_run, server, subset, tmp_path, monkeypatch
+):  # noqa: F811
+    from lmmixup_hf.pipeline import rate as rate_module
+    from lmmixup_hf.pipeline.rate import RateArgs, rate
+
+    executor, calls = private_ray
+    monkeypatch.setattr(rate_module, "make_judge", crashing_make_judge)
+    recorded: list[int] = []  # every row the driver wrote to the checkpoint
+    add = rate_module.Checkpoint.add
+    monkeypatch.setattr(rate_module.Checkpoint, "add", lambda self, i, *a: (recorded.append(i), add(self, i, *a)))
+    asked = server.n_requests
+    out = tmp_path / "rate"
+    args = RateArgs(
+        input=str(clean_run / "ingest"),
+        out=str(out),
+        engine="openai",
+        judge_model="stub-judge",
+        base_url=server.base_url,
+        api_key=KEY,
+        cache_dir="none",
+        max_concurrency=2,
+        progress=False,
+    )
+    rate(args, executor=executor.for_stage("rate"))
+    assert (calls / "call-2").exists() and len(list(calls.iterdir())) >= 40 // 8 + 1  # the crash happened
+    assert sorted(recorded) == list(range(40))  # every row once: none lost, none twice
+    assert server.n_requests - asked == 40  # the crashed batch died before asking: nothing asked twice
+    assert manifest(out)["complete"] is True
+    assert_same_rows(by_id(out), by_id(clean_run / "rate"), "rate after an actor crash")
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_stage_then_rerun(clean_run, subset, tmp_path):  # noqa: F811
+    """SIGKILL the driver (and its private cluster) while it rates, rerun: every row rated exactly once."""
+    from openai_server import OpenAIStubServer
+    from test_pipeline import responder
+
+    slow = OpenAIStubServer(responder, latency=0.25).start()
+    try:
+        config = ray_config(tmp_path, slow, subset, "killed", rate={"actors": 2, "batch_size": 4})
+        env = {**os.environ, "OPENAI_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "lmmixup_hf.cli", "run", "--config", str(config), "--to", "rate"]
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        work = tmp_path / "killed" / "rate" / ".work"
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            found = list(work.glob("*/ratings.jsonl"))
+            if found and len(found[0].read_text().splitlines()) >= 8:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        done_before = len({r["i"] for r in checkpoint_records(found[0]) if r["ok"]})
+        assert 8 <= done_before < 40
+        asked_before = slow.n_requests
+
+        r = lmmixup("run", "--config", str(config), "--to", "rate")
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert f"{done_before} already rated" in r.stderr
+        assert manifest(tmp_path / "killed" / "rate")["counts"]["rated"] == 40
+        assert slow.n_requests - asked_before <= 40 - done_before + 2 * 4  # at most the batches in flight again
+        assert_same_rows(by_id(tmp_path / "killed" / "rate"), by_id(clean_run / "rate"), "rate after a driver kill")
+    finally:
+        slow.stop()
