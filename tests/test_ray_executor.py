@@ -21,17 +21,10 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only, before Ray is imported
 ray = pytest.importorskip("ray")
 
-from test_pipeline import (  # noqa: E402  (fixtures and helpers of the 40-row chain)
-    KEY,
-    ROOT,
-    clean_run,  # noqa: F401
-    lmmixup,
-    manifest,
-    rows,
-    served_config,
-    server,  # noqa: F401
-    subset,  # noqa: F401
-)
+import test_pipeline as chain  # noqa: E402  (the 40-row chain's fixtures and helpers)
+from test_pipeline import KEY, ROOT, lmmixup, manifest, rows, served_config  # noqa: E402
+
+server, subset, clean_run = chain.server, chain.subset, chain.clean_run  # the fixtures, shared
 
 from lmmixup_hf.data.schema import LmmixupError  # noqa: E402
 from lmmixup_hf.pipeline.executors import Executor, RayOptions, make_executor  # noqa: E402
@@ -117,7 +110,7 @@ def test_config_checks_executor_and_ray_section(tmp_path):
 
 # -- the chain --------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_ray_chain_gives_the_rows_of_the_local_chain(clean_run, server, subset, tmp_path):  # noqa: F811
+def test_ray_chain_gives_the_rows_of_the_local_chain(clean_run, server, subset, tmp_path):
     config = ray_config(tmp_path, server, subset, "onray")
     r = lmmixup("run", "--config", str(config))
     assert r.returncode == 0, r.stderr[-4000:]
@@ -212,7 +205,7 @@ def private_ray(tmp_path_factory):
 @pytest.mark.slow
 def test_an_actor_killed_mid_stage_loses_and_repeats_no_row(
     private_ray, clean_run, server, subset, tmp_path, monkeypatch
-):  # noqa: F811
+):
     from lmmixup_hf.pipeline import rate as rate_module
     from lmmixup_hf.pipeline.rate import RateArgs, rate
 
@@ -243,7 +236,7 @@ def test_an_actor_killed_mid_stage_loses_and_repeats_no_row(
 
 
 @pytest.mark.slow
-def test_driver_killed_mid_stage_then_rerun(clean_run, subset, tmp_path):  # noqa: F811
+def test_driver_killed_mid_stage_then_rerun(clean_run, subset, tmp_path):
     """SIGKILL the driver (and its private cluster) while it rates, rerun: every row rated exactly once."""
     from openai_server import OpenAIStubServer
     from test_pipeline import responder
