@@ -189,9 +189,9 @@ def crashing_make_judge(*args, **kwargs):
     return CrashingJudge(make_judge(*args, **kwargs))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def private_ray(tmp_path_factory):
-    """One in-process private cluster (2 CPUs, loopback) for the in-process tests."""
+    """An in-process private cluster (2 CPUs, loopback)."""
     crash_dir = tmp_path_factory.mktemp("calls")
     os.environ[CRASH_DIR] = str(crash_dir)  # workers inherit the environment the cluster starts with
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this module's helpers
@@ -271,3 +271,46 @@ def test_driver_killed_mid_stage_then_rerun(clean_run, subset, tmp_path):
         assert_same_rows(by_id(tmp_path / "killed" / "rate"), by_id(clean_run / "rate"), "rate after a driver kill")
     finally:
         slow.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_stage_costs_retries_not_rows(clean_run, server):
+    """Ray's simulated multi-node cluster, all on 127.0.0.1: a head with no CPUs (so every actor
+    runs on a worker node) and two 1-CPU worker nodes; one node is removed while the rows are
+    being rated. Every row still comes back exactly once, with the local executor's rating."""
+    from functools import partial
+
+    from ray.cluster_utils import Cluster
+
+    from lmmixup_hf.data.io import read_pool
+    from lmmixup_hf.judge.judges import make_judge
+    from lmmixup_hf.stages.rate import judge_items
+
+    ds = read_pool(str(clean_run / "ingest"))
+    items, _ = judge_items(ds, ["prompt", "completion"])
+    items = [items[i] for i in sorted(items)]
+    make = partial(make_judge, "openai", "stub-judge", base_url=server.base_url, api_key=KEY, cache_dir=None)
+    local: dict[int, dict] = {}
+    Executor().rate(make, items, lambda i, r: local.update({i: r.as_struct()}), show_progress=False)
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    executor = make_executor("ray", {"address": cluster.address, "rate": {"actors": 2, "batch_size": 4}})
+    try:
+        seen: list[int] = []
+        got: dict[int, dict] = {}
+
+        def on_result(i, rating):
+            seen.append(i)
+            got[i] = rating.as_struct()
+            if len(seen) == 8:
+                cluster.remove_node(nodes[0])  # mid-stage: 8 of 40 rows in
+
+        executor.rate(make, items, on_result, show_progress=False)
+        assert len(ray.nodes()) == 3 and sum(n["Alive"] for n in ray.nodes()) == 2
+    finally:
+        executor.close()
+        ray.shutdown()
+        cluster.shutdown()
+    assert sorted(seen) == list(range(len(items)))  # none lost, none twice
+    assert got == local
