@@ -106,6 +106,7 @@ def test_config_checks_executor_and_ray_section(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text(f"input: {pool}\nexecutor: ray\nray: {{address: auto, distill: {{num_gpus: 1}}}}\n")
     assert load_config(ok).executor == "ray"
+    assert load_config(ok, {"executor": "local"}).executor == "local"  # what --executor does
 
 
 # -- the chain --------------------------------------------------------------------------------------

@@ -183,6 +183,9 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
         executor, make = Executor(), lambda: engine
     else:
         options = {k: v for k, v in asdict(args).items() if k not in ("engine", "model")}
+        # resolved here, so engines built elsewhere (Ray actors on other nodes) use the driver's endpoint
+        options["base_url"] = args.base_url or os.environ.get("OPENAI_BASE_URL")
+        options["api_key"] = args.api_key or os.environ.get("OPENAI_API_KEY")
         make = partial(make_engine, args.engine, args.model, **options)
     described = (
         (executor or Executor()).distill(make, members_table, chunks, todo, generation, finished) if todo else {}

@@ -282,8 +282,9 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         make_judge,
         args.engine,
         args.judge_model,
-        base_url=args.base_url,
-        api_key=args.api_key,
+        # resolved here, so judges built elsewhere (Ray actors on other nodes) use the driver's endpoint
+        base_url=args.base_url or os.environ.get("OPENAI_BASE_URL"),
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
         max_concurrency=args.max_concurrency,
         requests_per_minute=args.rpm,
         tokens_per_minute=args.tpm,

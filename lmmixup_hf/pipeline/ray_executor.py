@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -55,6 +56,7 @@ def connect(options: RayOptions) -> bool:
     ctx.enable_progress_bars = False  # the stage's own bar counts rows
     ctx.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
@@ -162,6 +164,9 @@ class EmbedActor:
     """One embedding model per actor (no cache there: the driver keeps the one cache)."""
 
     def __init__(self, model_id: str, device: str | None, batch_size: int):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per actor in the driver's log is noise
         self.embedder = Embedder(model_id, device=device, batch_size=batch_size, cache=False, show_progress=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -174,7 +179,8 @@ class KnnActor:
     def __init__(self, keys: list, k: int, self_search: bool, device: str | None):
         import ray
 
-        self.keys = ray.get(keys[0])  # from the object store, once per actor
+        self.keys = ray.get(keys[0])  # from the object store, once per actor, shared read-only
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # we only read
         self.k, self.self_search, self.device = k, self_search, device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -325,8 +331,8 @@ class RayExecutor(Executor):
         for k in todo:
             idx = np.concatenate([np.asarray(i) for _, i in chunks[k]])
             cids = np.concatenate([np.full(len(i), c, np.int64) for c, i in chunks[k]])
-            sub = members.select(idx.tolist()).add_column(CLUSTER_ID, cids.tolist())
-            rows.append({"k": k, "members": to_ipc(sub.data.table)})
+            sub = members.with_format("arrow")[idx.tolist()].append_column(CLUSTER_ID, pa.array(cids))
+            rows.append({"k": k, "members": to_ipc(sub)})
         table = pa.Table.from_pylist(rows, schema=pa.schema([("k", pa.int64()), ("members", pa.binary())]))
         constructor = {"make_engine": make_engine, "generation": dict(generation)}
         engine: dict[str, Any] = {}

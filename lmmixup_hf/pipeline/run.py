@@ -6,6 +6,8 @@ runs, called with its own arguments dataclass; this module only validates the co
 stage's input to the previous stage's output under ``runs/<name>/<stage>/`` and shows one progress
 line per stage. Skipping and resuming are the stages' own (:class:`~lmmixup_hf.pipeline.workflow.StageRun`):
 a stage whose manifest matches is skipped, an interrupted one resumes from its scratch space.
+Where the stages' parallel work runs is the executor's business (``executor: local | ray``, see
+:mod:`lmmixup_hf.pipeline.executors`); the outputs are the same rows either way.
 
 A config has top-level keys (:class:`RunConfig`) and one section per stage whose keys are that
 stage's own options (the fields of its ``XArgs`` dataclass, the same as its command-line flags):
