@@ -315,3 +315,20 @@ def test_a_worker_node_lost_mid_stage_costs_retries_not_rows(clean_run, server):
         cluster.shutdown()
     assert sorted(seen) == list(range(len(items)))  # none lost, none twice
     assert got == local
+
+
+@pytest.mark.slow
+def test_transformers_distiller_on_actors_gives_the_local_rows(private_ray, clean_run, tiny_qwen_dir, tmp_path):
+    """The engine is built once per actor from the stage's own settings; each actor distils whole
+    chunks, so the generations (greedy, batched) are the local ones, token for token."""
+    from lmmixup_hf.pipeline.distill import DistillArgs, distill
+
+    executor, _ = private_ray
+    common = dict(input=str(clean_run / "cluster"), model=tiny_qwen_dir, max_new_tokens=8, checkpoint_every=2, limit=6)
+    local = distill(DistillArgs(out=str(tmp_path / "local"), **common))
+    remote = distill(DistillArgs(out=str(tmp_path / "ray"), **common), executor=executor.for_stage("distill"))
+    assert len(local) + len(rows(tmp_path / "local", "unparsed")) == 6
+    assert_same_rows(by_id(tmp_path / "ray"), by_id(tmp_path / "local"), "distilled")
+    assert_same_rows(by_id(tmp_path / "ray", "unparsed"), by_id(tmp_path / "local", "unparsed"), "unparsed")
+    assert manifest(tmp_path / "ray")["engine"]["executor"] == "ray"
+    assert len(remote) == len(local)
