@@ -25,6 +25,7 @@ import test_pipeline as chain  # noqa: E402  (the 40-row chain's fixtures and he
 from test_pipeline import KEY, ROOT, lmmixup, manifest, rows, served_config  # noqa: E402
 
 server, subset, clean_run = chain.server, chain.subset, chain.clean_run  # the fixtures, shared
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this module's helpers by value
 
 from lmmixup_hf.data.schema import LmmixupError  # noqa: E402
 from lmmixup_hf.pipeline.executors import Executor, RayOptions, make_executor  # noqa: E402
@@ -184,6 +185,21 @@ class CrashingJudge:
         return self.judge.rate_many(items, **kwargs)
 
 
+class PoisonedJudge(CrashingJudge):
+    """Its process dies on every batch holding the poisoned row."""
+
+    def rate_many(self, items, **kwargs):
+        if any("POISON" in it.text for it in items):
+            os._exit(1)
+        return self.judge.rate_many(items, **kwargs)
+
+
+def poisoned_make_judge(*args, **kwargs):
+    from lmmixup_hf.judge.judges import make_judge
+
+    return PoisonedJudge(make_judge(*args, **kwargs))
+
+
 def crashing_make_judge(*args, **kwargs):
     from lmmixup_hf.judge.judges import make_judge
 
@@ -195,7 +211,6 @@ def private_ray(tmp_path_factory):
     """An in-process private cluster (2 CPUs, loopback)."""
     crash_dir = tmp_path_factory.mktemp("calls")
     os.environ[CRASH_DIR] = str(crash_dir)  # workers inherit the environment the cluster starts with
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this module's helpers
     executor = make_executor("ray", {"num_cpus": 2, "rate": {"actors": 2, "batch_size": 8}})
     executor._ray()
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
@@ -234,6 +249,48 @@ def test_an_actor_killed_mid_stage_loses_and_repeats_no_row(
     assert server.n_requests - asked == 40  # the crashed batch died before asking: nothing asked twice
     assert manifest(out)["complete"] is True
     assert_same_rows(by_id(out), by_id(clean_run / "rate"), "rate after an actor crash")
+
+
+@pytest.mark.slow
+def test_a_batch_that_kills_every_actor_fails_the_stage_and_keeps_the_rest(server, tmp_path, monkeypatch):
+    """Retries are bounded: the stage fails with one clear line, the other rows stay checkpointed,
+    and the rerun (the row fixed) asks only for the missing batch."""
+    from lmmixup_hf.data.schema import ServiceError
+    from lmmixup_hf.pipeline import rate as rate_module
+    from lmmixup_hf.pipeline.rate import RateArgs, rate
+
+    pool = tmp_path / "pool.jsonl"
+    texts = [f"Question {i}: what is {i} plus {i}?" for i in range(16)]
+    texts[13] += " POISON"
+    pool.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": t, "completion": str(2 * i)}) + "\n" for i, t in enumerate(texts))
+    )
+    executor = make_executor("ray", {"num_cpus": 2, "max_retries": 1, "rate": {"actors": 2, "batch_size": 4}})
+    args = RateArgs(
+        input=str(pool),
+        out=str(tmp_path / "rate"),
+        engine="openai",
+        judge_model="stub-judge",
+        base_url=server.base_url,
+        api_key=KEY,
+        cache_dir="none",
+        progress=False,
+    )
+    try:
+        monkeypatch.setattr(rate_module, "make_judge", poisoned_make_judge)
+        with pytest.raises(ServiceError, match="rate on Ray: a batch failed after 1 retries"):
+            rate(args, executor=executor.for_stage("rate"))
+        done = {r["i"] for r in checkpoint_records(next((tmp_path / "rate" / ".work").glob("*/ratings.jsonl")))}
+        assert 13 not in done and done <= set(range(16)) and len(done) >= 4
+        from lmmixup_hf.judge.judges import make_judge
+
+        monkeypatch.setattr(rate_module, "make_judge", make_judge)  # the row no longer kills its actor
+        asked = server.n_requests
+        rate(args, executor=executor.for_stage("rate"))
+        assert server.n_requests - asked == 16 - len(done)
+        assert manifest(tmp_path / "rate")["counts"]["rated"] == 16
+    finally:
+        executor.close()
 
 
 @pytest.mark.slow

@@ -56,6 +56,7 @@ class RayOptions:
     address: str | None = None  # a running cluster ("auto", "ray://head:10001"); None: start a private one
     num_cpus: int | None = None  # private cluster only: CPUs it may use (default: all)
     num_gpus: int | None = None  # private cluster only
+    max_retries: int = 3  # restarts of a dead actor (and retries of its batch) before the stage fails
     parts: dict[str, RayPoolOptions] = field(default_factory=dict)
 
     def pool(self, part: str) -> RayPoolOptions:
@@ -68,7 +69,12 @@ class RayOptions:
     def from_config(cls, raw: Mapping[str, Any] | None, where: str = "ray") -> RayOptions:
         """Validate a ``ray:`` mapping; every problem names the key and what is wrong."""
         raw = dict(raw or {})
-        top = {"address": (str, type(None)), "num_cpus": (int, type(None)), "num_gpus": (int, type(None))}
+        top = {
+            "address": (str, type(None)),
+            "num_cpus": (int, type(None)),
+            "num_gpus": (int, type(None)),
+            "max_retries": (int,),
+        }
         unknown = sorted(set(raw) - set(top) - set(RAY_PARTS))
         if unknown:
             raise LmmixupError(
@@ -78,7 +84,7 @@ class RayOptions:
         for key, types in top.items():
             if key in raw and (not isinstance(raw[key], types) or isinstance(raw[key], bool)):
                 raise LmmixupError(f"{where}.{key}: expected {types[0].__name__}, got {raw[key]!r}")
-            if key in ("num_cpus", "num_gpus") and isinstance(raw.get(key), int) and raw[key] < 0:
+            if key in ("num_cpus", "num_gpus", "max_retries") and isinstance(raw.get(key), int) and raw[key] < 0:
                 raise LmmixupError(f"{where}.{key}: must be >= 0, got {raw[key]}")
         parts = {}
         names = [f.name for f in dataclasses.fields(RayPoolOptions)]

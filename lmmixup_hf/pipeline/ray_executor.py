@@ -33,7 +33,7 @@ import pyarrow as pa
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from lmmixup_hf.data.schema import CLUSTER_ID, ID, LmmixupError
+from lmmixup_hf.data.schema import CLUSTER_ID, ID, LmmixupError, ServiceError
 from lmmixup_hf.embed.embeddings import Embedder
 from lmmixup_hf.pipeline.executors import Executor, OnChunk, OnRating, RayOptions
 
@@ -266,8 +266,19 @@ class RayExecutor(Executor):
             compute=ray.data.ActorPoolStrategy(size=min(pool.actors, max(1, len(blocks)))),
             num_cpus=pool.num_cpus,
             num_gpus=pool.num_gpus or None,
+            # a dead actor is restarted and its batch retried, a bounded number of times: a batch that
+            # kills every actor it meets fails the stage (what finished is in the checkpoints)
+            max_restarts=self.options.max_retries,
+            max_task_retries=self.options.max_retries,
         )
-        yield from mapped.iter_batches(batch_size=None, batch_format=batch_format)
+        try:
+            yield from mapped.iter_batches(batch_size=None, batch_format=batch_format)
+        except ray.exceptions.RayError as e:
+            raise ServiceError(
+                f"{self.stage or part} on Ray: a batch failed after {self.options.max_retries} retries "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); what finished is kept, "
+                "rerun to resume"
+            ) from e
 
     def _blocks(self, part: str, table: pa.Table) -> list[pa.Table]:
         size = self.options.batch_size(part)
