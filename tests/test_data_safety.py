@@ -111,6 +111,7 @@ def test_run_stops_on_a_partial_stage_unless_allowed(openai_server, tmp_path, mo
     assert json.loads((tmp_path / "run" / "run.json").read_text()) == {
         "partial_stages": {"rate": manifest(tmp_path / "run" / "rate")["incomplete"]},
         "allow_partial": False,
+        "executor": "local",
     }
     assert main(["run", "--config", str(config), "--to", "split", "--allow_partial", "true"]) == EXIT_PARTIAL
     assert manifest(tmp_path / "run" / "split")["partial_inputs"]

@@ -140,6 +140,8 @@ def test_ray_chain_gives_the_rows_of_the_local_chain(clean_run, server, subset, 
     assert manifest(out / "distill")["engine"]["executor"] == "ray"
     assert manifest(out / "cluster")["executor"] == manifest(out / "longtail")["executor"] == "ray"
     assert manifest(clean_run / "cluster")["executor"] == "local"
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["executor"] == "ray" and run_json["address"] == "private cluster"
     assert manifest(out / "rate")["usage"]["n_requests"] == manifest(clean_run / "rate")["usage"]["n_requests"]
     for path in out.rglob("*"):  # the key reached the actors, and was written nowhere
         if path.is_file():

@@ -339,19 +339,20 @@ def _run_stages(cfg: RunConfig, stages: list[Stage], all_args: Mapping[str, Any]
                 stage.name,
                 why,
             )
-            _record_partial(cfg.run_dir, partial, allowed=False)
+            _record_partial(cfg.run_dir, partial, allowed=False, executor=executor.describe())
             return EXIT_PARTIAL
         logger.warning("run %s: %s is partial (%s); going on (allow_partial)", cfg.name, stage.name, why)
-    _record_partial(cfg.run_dir, partial, allowed=cfg.allow_partial)
+    _record_partial(cfg.run_dir, partial, allowed=cfg.allow_partial, executor=executor.describe())
     report = " ; report: " + str(cfg.run_dir / "report.html") if any(s.name == "report" for s in stages) else ""
     state = "finished with partial stages " + ", ".join(partial) if partial else "finished"
     logger.info("run %s: %s in %.1f s%s", cfg.name, state, time.time() - started, report)
     return EXIT_PARTIAL if partial else EXIT_OK
 
 
-def _record_partial(run_dir: Path, partial: Mapping[str, str], allowed: bool) -> None:
-    """``run.json``: which stages were partial and whether the run went on anyway (the report shows it)."""
-    write_json(run_dir / "run.json", {"partial_stages": dict(partial), "allow_partial": allowed})
+def _record_partial(run_dir: Path, partial: Mapping[str, str], allowed: bool, executor: Mapping[str, Any]) -> None:
+    """``run.json``: which stages were partial, whether the run went on anyway (the report shows it),
+    and where the parallel work ran."""
+    write_json(run_dir / "run.json", {"partial_stages": dict(partial), "allow_partial": allowed, **executor})
 
 
 def _skip_empty(stage: Stage, args: Any) -> bool:
