@@ -208,6 +208,23 @@ def crashing_make_judge(*args, **kwargs):
     return CrashingJudge(make_judge(*args, **kwargs))
 
 
+def non_loopback_listeners() -> list[str]:
+    """Sockets this process's children (the private cluster: GCS, raylet, workers) listen on
+    outside 127.0.0.1."""
+    import ipaddress
+
+    import psutil
+
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+        return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+    pids = {p.pid for p in psutil.Process().children(recursive=True)}
+    listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert listening, "the private cluster's processes were not found"
+    return [f"{c.laddr.ip}:{c.laddr.port} (pid {c.pid})" for c in listening if not loopback(c.laddr.ip)]
+
+
 @pytest.fixture
 def private_ray(tmp_path_factory):
     """An in-process private cluster (2 CPUs, loopback)."""
@@ -216,6 +233,7 @@ def private_ray(tmp_path_factory):
     executor = make_executor("ray", {"num_cpus": 2, "rate": {"actors": 2, "batch_size": 8}})
     executor._ray()
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert not non_loopback_listeners()
     yield executor, crash_dir
     executor.close()
 
