@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.embed.kmeans import coarse_cells
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def knn(
     """Return ``(similarities, indices)``, each ``(n_queries, k)``, best first.
 
     With ``keys=None`` the queries search themselves and, by default, each row's own index is
-    excluded. ``k`` is capped by the number of available neighbours.
+    excluded. ``k`` is capped by the number of available neighbours. ``nprobe``: the cells (or IVF
+    lists) each query searches with ``partition`` / ``ivf``; unchecked here, see :func:`checked_knn`.
     """
     self_search = keys is None
     keys = queries if keys is None else keys
@@ -203,8 +205,6 @@ def build_partition(
 ) -> Partition:
     """Spherical k-means cells over ``keys``: about sqrt(N) cells of sqrt(N) rows (at least 64),
     trained on a sample of 64 rows per cell; each key in the cell of its nearest centre."""
-    from lmmixup_hf.embed.kmeans import coarse_cells
-
     n = keys.shape[0]
     cell_size = cell_size or max(64, int(math.sqrt(n)))
     with torch.inference_mode():
@@ -479,6 +479,7 @@ def _checked_partition(
         # a self-search is refined afterwards, which repairs the rare rows that make the max error:
         # the sample's mean recall is what the probes must reach
         ready = measure(s, i, check) or (self_search and check.recall >= min_recall)
+        logger.info("partition: %d of %d cells, sampled recall %.4f", effort, nlist, check.recall)
         if ready or effort >= nlist or check.seconds_ann_estimate > budget:
             break
         effort *= 2
@@ -489,6 +490,10 @@ def _checked_partition(
         sims, ids = _run_partition(part, queries, keys, k, self_search, check, device)
         check.seconds_ann_estimate = time.perf_counter() - t0
         good = measure(sims[q], ids[q], check)
+        logger.info(
+            "partition: full search at %d cells + refinement, %.0f s: sampled recall %.4f, max score error %.4f",
+            *(check.effort, time.perf_counter() - t, check.recall, check.max_score_error),
+        )
         if good or check.effort >= nlist or check.seconds_ann_estimate + 2 * (time.perf_counter() - t) > budget:
             return sims, ids, good
         check.effort = min(2 * check.effort, nlist)
