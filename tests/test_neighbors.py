@@ -151,12 +151,15 @@ def test_refinement_repairs_a_split_group():
         order = np.argsort(-sims[r])
         sims[r], ids[r] = sims[r][order], ids[r][order]
     assert _recall(ids[[a, b]], ei[[a, b]]) < 0.1
-    rs, ri = neighbors.refine_self(x, sims, ids)
-    # a reaches its mates through b's reverse neighbours and the lists of the mates that found it;
-    # b through a (which found it) and the mates that found b
-    assert set(ri[[a, b]].ravel()) <= set(members)  # only group mates again
+    # one round: a reaches its mates through the mates that found it (reverse neighbours) and their
+    # lists, b through a, which found it; only group mates again, close to the exact score
+    rs, ri = neighbors.refine_self(x, sims, ids, rounds=1)
+    assert set(ri[[a, b]].ravel()) <= set(members)
     err = np.abs((1 - rs[[a, b]]).mean(1) - (1 - es[[a, b]]).mean(1))
     assert _recall(ri[[a, b]], ei[[a, b]]) >= 0.7 and err.max() <= 0.01, err
+    # the second round (the default) spreads what the first found: exact again
+    rs, ri = neighbors.refine_self(x, sims, ids)
+    np.testing.assert_array_equal(np.sort(ri[[a, b]], 1), np.sort(ei[[a, b]], 1))
     assert np.all(rs >= sims - 1e-6)  # a rescored superset: never worse at any rank
     np.testing.assert_allclose(rs, np.einsum("nd,nkd->nk", x, x[ri]), atol=1e-5)
     untouched = np.setdiff1d(np.arange(len(x)), members)
@@ -172,7 +175,14 @@ def test_partition_checks_itself():
     assert check.backend == "partition" and check.refined and check.sample == 500 and check.nlist > 8
     assert check.recall >= 0.95 and check.max_score_error <= 0.01 and check.mean_score_error <= check.max_score_error
     assert _recall(ids, exact) >= 0.95 and not (ids == np.arange(len(x))[:, None]).any()
+    assert abs(check.recall - _recall(ids, exact)) < 0.02  # the sample measured the final, refined result
     np.testing.assert_allclose(sims, np.einsum("nd,nkd->nk", x, x[ids]), atol=1e-5)
+    # queries against other keys: no refinement, so the probes are tuned to both targets directly
+    q, _ = _planted(200, 2, 32, 3)
+    s, i, cross = neighbors.checked_knn(q, x, k=15, backend="partition", sample=300)
+    es, ei = knn(q, x, k=15)
+    assert cross.backend == "partition" and not cross.refined
+    assert cross.recall >= 0.95 and cross.max_score_error <= 0.01 and _recall(i, ei) >= 0.9
     # a floor no search short of exact reaches: reported, with every cell probed in the end
     _, _, low = neighbors.checked_knn(x, k=15, backend="partition", sample=200, min_recall=1.01)
     assert low.backend == "partition" and low.recall <= 1.0 and low.effort == low.nlist
