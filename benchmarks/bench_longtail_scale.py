@@ -13,6 +13,7 @@ estimated from the exact search of the sampled rows.
 from __future__ import annotations
 
 import argparse
+import logging
 import resource
 import sys
 import time
@@ -44,6 +45,7 @@ def main() -> None:
         help="also time the partition backend's phases at this many probed cells: search, then each refinement round",
     )
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="  %(message)s")  # the tuning steps, on stderr
     if args.quick:
         args.n, args.sample, args.exact = 20_000, 200, True
     n, k = args.n, args.k
