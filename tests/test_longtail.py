@@ -160,18 +160,20 @@ def test_longtail_stage_uses_the_embedding_column(tmp_path):
     np.testing.assert_allclose(read_stage_data(out, "reference")["long_tail_raw"], ref_raw, atol=1e-5)
 
 
-def test_longtail_stage_records_the_ann_recall(tmp_path):
-    pytest.importorskip("faiss")
+@pytest.mark.parametrize("backend", ["ivf", "partition"])
+def test_longtail_stage_records_the_ann_recall(tmp_path, backend):
+    if backend == "ivf":
+        pytest.importorskip("faiss")
     from lmmixup_hf.pipeline.longtail import LongtailArgs, longtail
 
     x = clustered(3000, d=16, seed=3)
     rows = [{"id": f"r{i}", "prompt": "p", "completion": "c", "embedding": v.tolist()} for i, v in enumerate(x)]
     _write(tmp_path / "rows.jsonl", rows)
     out = tmp_path / "lt"
-    data = longtail(LongtailArgs(input=str(tmp_path / "rows.jsonl"), out=str(out), k=15, backend="ivf"))
+    data = longtail(LongtailArgs(input=str(tmp_path / "rows.jsonl"), out=str(out), k=15, backend=backend))
     check = json.loads((out / "manifest.json").read_text())["knn"]["input"]
-    assert check["backend"] == "ivf" and check["sample"] == 1000 and check["recall"] >= 0.95
-    assert check["max_score_error"] <= 0.01
+    assert check["backend"] == backend and check["sample"] == 1000 and check["recall"] >= 0.95
+    assert check["max_score_error"] <= 0.01 and check["refined"] == (backend == "partition")
     exact = long_tail_raw(x, 15)
     assert np.abs(np.array(data["long_tail_raw"]) - exact).max() <= max(check["max_score_error"], 0.01) + 0.02
 
