@@ -155,7 +155,7 @@ def main() -> None:
         },
     ).for_stage("rate")
     if a.only != "local":
-        ray_exec._ray()  # the cluster, started once
+        ray_exec.start()  # the cluster, started once
     results = []
     try:
         if "rate" in a.parts:

@@ -231,7 +231,7 @@ def private_ray(tmp_path_factory):
     crash_dir = tmp_path_factory.mktemp("calls")
     os.environ[CRASH_DIR] = str(crash_dir)  # workers inherit the environment the cluster starts with
     executor = make_executor("ray", {"num_cpus": 2, "rate": {"actors": 2, "batch_size": 8}})
-    executor._ray()
+    executor.start()
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     assert not non_loopback_listeners()
     yield executor, crash_dir

@@ -228,7 +228,9 @@ class RayExecutor(Executor):
     def for_stage(self, stage: str) -> RayExecutor:
         return RayExecutor(self.options, stage, self._shared)
 
-    def _ray(self):
+    def start(self):
+        """Join or start the cluster (once, on first use: a run whose stages are all up to date
+        never starts Ray); returns the ``ray`` module."""
         if self._shared["started"] is None:
             self._shared["started"] = connect(self.options)
         import ray
@@ -245,7 +247,7 @@ class RayExecutor(Executor):
     def describe(self) -> dict[str, Any]:
         return {"executor": self.name, "address": self.options.address or "private cluster"}
 
-    def _map(
+    def map_blocks(
         self,
         part: str,
         blocks: Sequence[pa.Table],
@@ -255,7 +257,7 @@ class RayExecutor(Executor):
     ) -> Iterator[Any]:
         """``map_batches`` of ``blocks`` (one block per call) over the part's actor pool; results as
         they finish, in no particular order."""
-        ray = self._ray()
+        ray = self.start()
         pool = self.options.pool(part)
         ds = ray.data.from_arrow(list(blocks))
         mapped = ds.map_batches(
@@ -280,7 +282,8 @@ class RayExecutor(Executor):
                 "rerun to resume"
             ) from e
 
-    def _blocks(self, part: str, table: pa.Table) -> list[pa.Table]:
+    def split(self, part: str, table: pa.Table) -> list[pa.Table]:
+        """``table`` in blocks of the part's batch size: one block is one actor call."""
         size = self.options.batch_size(part)
         return [table.slice(i, size) for i in range(0, table.num_rows, size)]
 
@@ -307,7 +310,7 @@ class RayExecutor(Executor):
         )
         usage: dict[str, Any] = {}
         with tqdm(total=len(items), desc=f"{part} (ray)", unit="row", disable=not show_progress) as bar:
-            for out in self._map(part, self._blocks(part, table), JudgeActor, {"make_judge": make_judge}):
+            for out in self.map_blocks(part, self.split(part, table), JudgeActor, {"make_judge": make_judge}):
                 for pos, rating, error, judge, used in zip(*(out[c].to_pylist() for c in out.column_names)):
                     if rating is not None:
                         struct = json.loads(rating)
@@ -347,7 +350,7 @@ class RayExecutor(Executor):
         table = pa.Table.from_pylist(rows, schema=pa.schema([("k", pa.int64()), ("members", pa.binary())]))
         constructor = {"make_engine": make_engine, "generation": dict(generation)}
         engine: dict[str, Any] = {}
-        for out in self._map("distill", self._blocks("distill", table), DistillActor, constructor):
+        for out in self.map_blocks("distill", self.split("distill", table), DistillActor, constructor):
             for k, blob, seconds, described in zip(*(out[c].to_pylist() for c in ("k", "part", "seconds", "engine"))):
                 on_chunk(k, from_ipc(blob).to_pylist(), seconds)
                 engine = engine or json.loads(described)
@@ -363,7 +366,7 @@ class RayExecutor(Executor):
         def run(sources: np.ndarray, x: np.ndarray, options: dict[str, Any]) -> dict[str, Any]:
             from lmmixup_hf.stages.cluster import ClusterResult
 
-            ray = self._ray()
+            ray = self.start()
             pool = self.options.pool("cluster")
             table = pa.table(
                 {
@@ -400,7 +403,7 @@ class RayExecutor(Executor):
     @property
     def knn_search(self) -> Callable[[np.ndarray, np.ndarray | None, int], np.ndarray]:
         def search(queries: np.ndarray, keys: np.ndarray | None, k: int) -> np.ndarray:
-            ray = self._ray()
+            ray = self.start()
             self_search = keys is None
             shared = ray.put(np.ascontiguousarray(queries if self_search else keys, dtype=np.float32))
             table = pa.table({"row": np.arange(len(queries), dtype=np.int64), "query": tensor_column(queries)})
@@ -409,7 +412,7 @@ class RayExecutor(Executor):
             if k_eff <= 0 or len(queries) == 0:
                 return sims
             constructor = {"keys": [shared], "k": k_eff, "self_search": self_search, "device": None}
-            for b in self._map("longtail", self._blocks("longtail", table), KnnActor, constructor, "numpy"):
+            for b in self.map_blocks("longtail", self.split("longtail", table), KnnActor, constructor, "numpy"):
                 sims[b["row"]] = b["sims"]
             return sims
 
@@ -427,9 +430,9 @@ class RayEmbedder(Embedder):
     def _encode_missing(self, missing: list[tuple[str, str]], found: dict[str, np.ndarray], desc: str) -> None:
         table = pa.table({"key": [k for k, _ in missing], "text": [t for _, t in missing]})
         constructor = {"model_id": self.model_id, "device": self.device, "batch_size": self.batch_size}
-        blocks = self.executor._blocks("embed", table)
+        blocks = self.executor.split("embed", table)
         with tqdm(total=len(missing), desc=f"{desc} (ray)", unit="text", disable=not self.show_progress) as bar:
-            for b in self.executor._map("embed", blocks, EmbedActor, constructor, "numpy"):
+            for b in self.executor.map_blocks("embed", blocks, EmbedActor, constructor, "numpy"):
                 self.store([str(k) for k in b["key"]], np.asarray(b["vector"], np.float32), found)
                 self.n_encoded += len(b["key"])
                 bar.update(len(b["key"]))
