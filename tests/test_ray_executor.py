@@ -409,3 +409,47 @@ def test_transformers_distiller_on_actors_gives_the_local_rows(private_ray, clea
     assert_same_rows(by_id(tmp_path / "ray", "unparsed"), by_id(tmp_path / "local", "unparsed"), "unparsed")
     assert manifest(tmp_path / "ray")["engine"]["executor"] == "ray"
     assert len(remote) == len(local)
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_distill_then_rerun(clean_run, subset, tmp_path):
+    """The finished stages are copied from the clean run (fingerprints follow content, so they are
+    up to date); the driver is SIGKILLed once the first chunk is written; the rerun distils only
+    the chunks that were not, and the rows are the local run's."""
+    import shutil
+
+    from openai_server import OpenAIStubServer
+    from test_pipeline import responder
+
+    slow = OpenAIStubServer(responder, latency=0.5).start()
+    try:
+        config = ray_config(tmp_path, slow, subset, "killed", distill={"actors": 1})
+        out = tmp_path / "killed"
+        for stage in ("ingest", "rate", "split", "cluster"):
+            shutil.copytree(clean_run / stage, out / stage)
+        env = {**os.environ, "OPENAI_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "lmmixup_hf.cli", "run", "--config", str(config), "--to", "distill"]
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not list(out.glob("distill/.work/*/part-*.json")):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        chunks = -(-manifest(clean_run / "distill")["counts"]["clusters"] // 2)  # checkpoint_every: 2
+        done = len(list(out.glob("distill/.work/*/part-*.json")))
+        assert 1 <= done < chunks
+        asked = slow.n_requests
+
+        r = lmmixup("run", "--config", str(config), "--to", "distill")
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert f"{done} of" in r.stderr and "chunks already done" in r.stderr
+        assert "rate: up to date" in r.stderr and "cluster: up to date" in r.stderr
+        clusters = manifest(clean_run / "distill")["counts"]["clusters"]
+        assert slow.n_requests - asked <= clusters - 2 * done + 2  # only the chunks not written (+ one in flight)
+        for split in ("data", "unparsed"):
+            assert_same_rows(by_id(out / "distill", split), by_id(clean_run / "distill", split), f"distill/{split}")
+    finally:
+        slow.stop()
