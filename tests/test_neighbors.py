@@ -223,3 +223,16 @@ def test_device_option():
     if not torch.cuda.is_available():
         with pytest.raises(LmmixupError, match="device 'cuda' is not available"):
             knn(x, k=5, device="cuda")
+
+
+def test_plain_knn_auto_is_the_checked_rule(monkeypatch):
+    """`knn(backend="auto")` goes through `checked_knn`: on rows with no structure its ANN misses the
+    recall target, so the answer is the exact one."""
+    x = _unit(3000, 16, 8)
+    monkeypatch.setattr(neighbors, "AUTO_MIN_KEYS", 0)
+    calls = []
+    checked = neighbors.checked_knn
+    monkeypatch.setattr(neighbors, "checked_knn", lambda *a, **kw: calls.append(kw["backend"]) or checked(*a, **kw))
+    s, i = knn(x, k=8, backend="auto")
+    exact_s, exact_i = knn(x, k=8)
+    assert calls == ["auto"] and np.array_equal(i, exact_i) and np.array_equal(s, exact_s)

@@ -24,7 +24,6 @@ from lmmixup_hf.embed.kmeans import coarse_cells
 logger = logging.getLogger(__name__)
 
 Backend = Literal["exact", "partition", "ivf", "hnsw", "auto"]
-AUTO_ANN_THRESHOLD = 500_000
 
 
 def resolve_device(device: str | None) -> str:
@@ -59,7 +58,8 @@ def knn(
 
     With ``keys=None`` the queries search themselves and, by default, each row's own index is
     excluded. ``k`` is capped by the number of available neighbours. ``nprobe``: the cells (or IVF
-    lists) each query searches with ``partition`` / ``ivf``; unchecked here, see :func:`checked_knn`.
+    lists) each query searches with ``partition`` / ``ivf``; unchecked here, see :func:`checked_knn`
+    (which ``auto`` goes through).
     """
     self_search = keys is None
     keys = queries if keys is None else keys
@@ -70,8 +70,12 @@ def knn(
     k = min(k, n_avail)
     if k <= 0 or queries.shape[0] == 0:
         return np.zeros((queries.shape[0], 0), np.float32), np.zeros((queries.shape[0], 0), np.int64)
-    if backend == "auto":
-        backend = "ivf" if keys.shape[0] >= AUTO_ANN_THRESHOLD and _has_faiss() else "exact"
+    if backend == "auto":  # one rule for `auto`: an ANN only where it measured itself good enough
+        if exclude_self != self_search:
+            backend = "exact"
+        else:
+            sims, ids, _ = checked_knn(queries, None if self_search else keys, k, backend="auto", device=device)
+            return sims, ids  # type: ignore[return-value]
     if backend == "exact":
         return _exact(queries, keys, k, exclude_self, query_block, key_block, resolve_device(device))
     if backend == "partition":
