@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_clustering import synthetic  # noqa: E402
 from bench_judge import stub_server  # noqa: E402
 
 from lmmixup_hf.embed.embeddings import Embedder  # noqa: E402
@@ -98,15 +99,8 @@ def bench_embed(ray_exec, rows: int, threads: int, actors: int) -> dict:
     }
 
 
-def planted(n: int, d: int = 384, group: int = 30, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // group), d)).astype(np.float32)
-    x = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def bench_longtail(ray_exec, rows: int, threads: int, actors: int) -> dict:
-    x = planted(rows)
+    x = synthetic(rows, 384, group=30)
     torch.set_num_threads(threads)
     t_local, a = timed(lambda: self_knn_sims(x, 15), "local")
     t_ray, b = timed(lambda: ray_exec.knn_search(x, None, 15), "ray")

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,12 @@ class Rating:
     @property
     def ok(self) -> bool:
         return self.error is None and self.raw is not None
+
+    @classmethod
+    def from_struct(cls, struct: Mapping[str, Any]) -> Rating:
+        """The rating a ``rating`` column value (:meth:`as_struct`) came from."""
+        fields = ("raw", "score", "dims", "expected", "reply", "judge")
+        return cls(**{f: struct[f] for f in fields})
 
     def as_struct(self) -> dict[str, Any]:
         """The ``rating`` column value (DESIGN §3)."""

@@ -312,13 +312,11 @@ class RayExecutor(Executor):
         with tqdm(total=len(items), desc=f"{part} (ray)", unit="row", disable=not show_progress) as bar:
             for out in self.map_blocks(part, self.split(part, table), JudgeActor, {"make_judge": make_judge}):
                 for pos, rating, error, judge, used in zip(*(out[c].to_pylist() for c in out.column_names)):
-                    if rating is not None:
-                        struct = json.loads(rating)
-                        r = Rating(
-                            struct["raw"], struct["score"], struct["dims"], struct["expected"], struct["reply"], judge
-                        )
-                    else:
-                        r = Rating(None, None, judge=judge, error=error)
+                    r = (
+                        Rating.from_struct(json.loads(rating))
+                        if rating
+                        else Rating(None, None, judge=judge, error=error)
+                    )
                     on_result(pos, r)
                     if used:
                         add_usage(usage, json.loads(used))
