@@ -453,3 +453,31 @@ def test_driver_killed_mid_distill_then_rerun(clean_run, subset, tmp_path):
             assert_same_rows(by_id(out / "distill", split), by_id(clean_run / "distill", split), f"distill/{split}")
     finally:
         slow.stop()
+
+
+@pytest.mark.slow
+def test_cluster_groups_and_knn_search_on_ray_equal_the_local_ones(private_ray):
+    """The two parts the chain cannot tell apart from a local fallback, checked directly: Ray's
+    groupby-per-source clustering gives the local labels, and its shared-keys kNN the exact
+    similarities (self-search without the row itself, and a search against other keys)."""
+    from lmmixup_hf.embed.neighbors import knn
+    from lmmixup_hf.stages.cluster import CLUSTER_DEFAULTS, cluster_sources
+
+    executor, _ = private_ray
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((40, 32)).astype(np.float32)
+    x = centres[rng.integers(0, 40, 600)] + 0.3 * rng.standard_normal((600, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sources = np.asarray(rng.choice(["a", "b", "c"], 600), dtype=object)
+
+    ray_ex = executor.for_stage("cluster")
+    options = {**CLUSTER_DEFAULTS, "max_size": 5}
+    on_ray, local = ray_ex.map_sources(sources, x, options), cluster_sources(sources, x, options)
+    assert on_ray.keys() == local.keys() == {"a", "b", "c"}
+    for src in local:
+        assert np.array_equal(on_ray[src].labels, local[src].labels) and on_ray[src].rounds == local[src].rounds
+        assert (local[src].labels >= 0).any()
+
+    search = executor.for_stage("longtail").knn_search
+    np.testing.assert_allclose(search(x, None, 15), knn(x, None, 15)[0], atol=1e-5)
+    np.testing.assert_allclose(search(x[:50], x[50:], 15), knn(x[:50], x[50:], 15)[0], atol=1e-5)
