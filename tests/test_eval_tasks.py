@@ -201,7 +201,9 @@ def test_bbh_samples_as_the_protocol_under_hf(tiny_qwen_dir, monkeypatch):
     def warpers(gen_kwargs: dict) -> dict[str, float]:
         built.clear()
         lm.generate_until([Instance("generate_until", {}, ("Q: 1 + 1\nA:", {**gen_kwargs, "max_gen_toks": 2}), 0)])
-        return {type(w).__name__: getattr(w, "temperature", getattr(w, "top_p", getattr(w, "top_k", None))) for w in built}
+        return {
+            type(w).__name__: getattr(w, "temperature", getattr(w, "top_p", getattr(w, "top_k", None))) for w in built
+        }
 
     task = _gen_kwargs("bbh_3shot_cot_40")
     assert warpers(task) == {"TemperatureLogitsWarper": 0.8}
