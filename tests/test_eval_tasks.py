@@ -70,6 +70,17 @@ def test_lm_eval_validate_every_task():
     assert "All tasks found and valid" in proc.stdout + proc.stderr
 
 
+class _TaskLoader(yaml.SafeLoader):  # lm-eval's !function tags are not needed here
+    pass
+
+
+_TaskLoader.add_constructor("!function", lambda loader, node: node.value)
+
+
+def _gen_kwargs(name: str) -> dict:
+    return yaml.load((TASKS / "openllm" / f"{name}.yaml").read_text(), Loader=_TaskLoader)["generation_kwargs"]
+
+
 def test_group_and_variant_yaml():
     group = yaml.safe_load((TASKS / "openllm" / "_lmmixup_openllm.yaml").read_text())
     assert group["task"] == [
@@ -81,16 +92,17 @@ def test_group_and_variant_yaml():
     ]
     assert group["aggregate_metric_list"] == [{"metric": "score", "aggregation": "mean", "weight_by_size": False}]
 
-    # the group's tasks decode as the protocol: BBH sampled at 0.8, TyDiQA at 1, GSM8K greedy
-    class Loader(yaml.SafeLoader):  # lm-eval's !function tags are not needed here
-        pass
-
-    Loader.add_constructor("!function", lambda loader, node: node.value)
-
-    def gen(name: str) -> dict:
-        return yaml.load((TASKS / "openllm" / f"{name}.yaml").read_text(), Loader=Loader)["generation_kwargs"]
-
-    assert gen("bbh_3shot_cot_40") == {"until": ["\n\n"], "do_sample": True, "temperature": 0.8, "max_gen_toks": 512}
+    # the group's tasks decode as the protocol: BBH sampled at 0.8 (top_p 1, no top-k, as vLLM's
+    # SamplingParams defaults), TyDiQA at 1, GSM8K greedy
+    gen = _gen_kwargs
+    assert gen("bbh_3shot_cot_40") == {
+        "until": ["\n\n"],
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_p": 1.0,
+        "top_k": 0,
+        "max_gen_toks": 512,
+    }
     assert gen("tydiqa_goldp_1shot") == {"until": ["\n"], "do_sample": True, "temperature": 1.0, "max_gen_toks": 50}
     assert gen("gsm8k_8shot_cot_200") == {"until": ["\n"], "do_sample": False, "max_gen_toks": 512}
     assert gen("truthfulqa_judge") == {"until": ["\n\n"], "do_sample": False, "max_gen_toks": 50}
@@ -152,6 +164,51 @@ def test_bbh_hub_prompts_come_from_lm_eval(openllm):
     assert len(names) == 27 and "boolean_expressions" in names
     prompt = openllm._bbh_hub_prompt("boolean_expressions")
     assert prompt.startswith("Evaluate the result of a random Boolean expression.") and prompt.count("Q: ") == 3
+
+
+def test_bbh_hub_prompts_equal_the_original_files(openllm):
+    """tests/fixtures/eval/bbh-original/ holds verbatim copies of two of the original BIG-Bench-Hard
+    chain-of-thought prompt files (``cot-prompts/<task>.txt`` of the BIG-Bench-Hard release, which the
+    protocol reads): sports_understanding, whose exemplars keep the reasoning on the "Let's think step
+    by step." line where lm-eval's copy starts a new line, and boolean_expressions, where both start
+    a new line. The Hub path rebuilds each from lm-eval's copy character for character."""
+    files = sorted((EVAL_DATA / "bbh-original").glob("*.txt"))
+    assert [f.stem for f in files] == ["boolean_expressions", "sports_understanding"]
+    for file in files:
+        with open(file, encoding="utf-8") as f:
+            original = "".join(f.readlines()[2:]).strip()  # as the protocol: canary line and rule dropped
+        assert openllm._bbh_hub_prompt(file.stem) == original, file.stem
+    sports = openllm._bbh_hub_prompt("sports_understanding")
+    assert sports.count("A: Let's think step by step. ") == 3 and "step by step.\n" not in sports
+
+
+def test_bbh_samples_as_the_protocol_under_hf(tiny_qwen_dir, monkeypatch):
+    """lm-eval's hf backend with the task's generation_kwargs, on a model whose generation config
+    samples with top_p 0.9 and no top_k (Llama-3.1-8B's): only the temperature 0.8 warper is built,
+    as vLLM's SamplingParams(temperature=0.8) samples; without the explicit keys the model's top_p
+    0.9 and transformers' default top_k 50 would apply."""
+    import transformers.generation.utils as gen_utils
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    built: list = []
+    for name in ("TemperatureLogitsWarper", "TopPLogitsWarper", "TopKLogitsWarper"):
+        cls = getattr(gen_utils, name)
+        monkeypatch.setattr(gen_utils, name, lambda *a, _cls=cls, **k: built.append(_cls(*a, **k)) or built[-1])
+    lm = HFLM(pretrained=tiny_qwen_dir, device="cpu", batch_size=1)
+    lm.model.generation_config.update(do_sample=True, temperature=0.6, top_p=0.9, top_k=None)
+
+    def warpers(gen_kwargs: dict) -> dict[str, float]:
+        built.clear()
+        lm.generate_until([Instance("generate_until", {}, ("Q: 1 + 1\nA:", {**gen_kwargs, "max_gen_toks": 2}), 0)])
+        return {
+            type(w).__name__: getattr(w, "temperature", getattr(w, "top_p", getattr(w, "top_k", None))) for w in built
+        }
+
+    task = _gen_kwargs("bbh_3shot_cot_40")
+    assert warpers(task) == {"TemperatureLogitsWarper": 0.8}
+    without = {k: v for k, v in task.items() if k not in ("top_p", "top_k")}
+    assert warpers(without) == {"TemperatureLogitsWarper": 0.8, "TopPLogitsWarper": 0.9, "TopKLogitsWarper": 50}
 
 
 def test_truthfulqa_loaders(openllm):

@@ -89,9 +89,54 @@ def test_reference_style_grpo_turn():
     )
     # a single user turn: no system message, so the chat template's default one applies, as in the reference
     assert grpo["prompt"] == [{"role": "user", "content": REF_GRPO + "Merge these.\n\nQ: a\nA: b"}]
-    # an SFT-style record: instruction and input joined by a blank line, as its GRPO split did
+    # an SFT-style record: instruction and input each stripped, then joined by a blank line, as its
+    # GRPO split did
     split = grpo_example({"instruction": "Merge.", "input": " Q: a\nA: b ", "output": "o"}, style="reference")
-    assert split["prompt"][0]["content"] == REF_GRPO + "Merge.\n\n Q: a\nA: b"  # only the whole is trimmed
+    assert split["prompt"][0]["content"] == REF_GRPO + "Merge.\n\nQ: a\nA: b"
+
+
+def test_reference_style_edge_cases(tmp_path):
+    """The reference's SFT / inference / GRPO-split code on its edge inputs: a whitespace-only
+    ``cot`` still opens a think block (its check is truthiness), a record without an instruction is
+    the input alone, and the GRPO merge strips both parts before joining them."""
+    import json
+    from pathlib import Path
+
+    from lmmixup_hf.integrations.mixture import merge_instruction
+
+    rec = {"instruction": "Merge these.", "input": "Q: a\nA: b", "output": "Q: x\nA: y", "task_type": "qa"}
+    target = sft_example({**rec, "cot": " \n "}, style="reference")["completion"][0]["content"]
+    assert target == "<think>\n\n</think>\n\n<answer>\nQ: x\nA: y\n</answer>"
+    for cot in ("", None):
+        assert sft_example({**rec, "cot": cot}, style="reference")["completion"][0]["content"].startswith("<answer>")
+
+    # no instruction (absent or blank): the user turn is the input alone, no QA-merge sentence
+    for instruction in ({}, {"instruction": "  "}):
+        bare = {"input": " Q: a\nA: b ", "output": "o", "task_type": "qa", **instruction}
+        assert sft_example(bare, style="reference")["prompt"][1] == {"role": "user", "content": "Q: a\nA: b"}
+        # ours keeps the task's instruction
+        assert sft_example(bare)["prompt"][1]["content"] == user_content(instruction_for("qa"), "Q: a\nA: b")
+        assert grpo_example(bare, style="reference")["prompt"][0]["content"] == REF_GRPO + "Q: a\nA: b"
+
+    # GRPO rows from SFT-format records, in both places that merge them
+    padded = {"instruction": "Merge these.  ", "input": "  Q: a", "output": "o", "task_type": "qa"}
+    assert grpo_example(padded, style="reference")["prompt"][0]["content"] == REF_GRPO + "Merge these.\n\nQ: a"
+    assert merge_instruction("Merge these.  ", "  Q: a") == "Merge these.\n\nQ: a"
+    assert merge_instruction(" ", " Q: a ") == "Q: a" and merge_instruction("Merge.", "") == "Merge."
+
+    # the mixture_distill task (inference on MIXTURE test records) follows the same rule
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "mixture_utils_edge", Path(__file__).parents[1] / "eval_tasks/mixture/utils.py"
+    )
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    (tmp_path / "data_sft" / "qa").mkdir(parents=True)
+    records = [{"input": " Q: a\nA: b", "output": "Q: x\nA: y", "cot": " "}]
+    (tmp_path / utils.test_file("qa")).write_text(json.dumps(records))
+    row = utils.load_mixture("qa", data_dir=str(tmp_path), prompt_style="reference")["test"][0]
+    assert row["user"] == "Q: a\nA: b" and row["target"].startswith("<think>\n\n</think>\n\n<answer>")
 
 
 def test_reference_style_cluster_to_input(tiny_qwen_dir):

@@ -93,12 +93,16 @@ def test_prompt_cap_truncates_members_or_drops(tiny_qwen_dir, caplog):
     assert len(cap_prompts(ds, tok, n_short - 1, "truncate")) == 0  # not even one member fits
 
 
-def test_sft_supervises_completion_and_end_of_turn_only(tiny_qwen_dir, tmp_path):
+@pytest.mark.parametrize("style", ["ours", "reference"])
+def test_sft_supervises_completion_and_end_of_turn_only(tiny_qwen_dir, tmp_path, style):
+    """The end-of-turn token closes every SFT target and is trained, in both prompt styles: a
+    deliberate deviation from the reference, whose SFT text (prompt + target) had none, so its model
+    never learned to stop (docs/distiller.md)."""
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(tiny_qwen_dir)
-    ds = to_sft_dataset(load_records(str(SFT_FILE)))
+    ds = to_sft_dataset(load_records(str(SFT_FILE)), prompt_style=style)
     cfg = SFTConfig(
         output_dir=str(tmp_path),
         use_cpu=True,
@@ -114,6 +118,7 @@ def test_sft_supervises_completion_and_end_of_turn_only(tiny_qwen_dir, tmp_path)
         ids, labels = batch["input_ids"][0], batch["labels"][0]
         supervised = tok.decode(ids[labels != -100])
         target = ds[i]["completion"][0]["content"]
+        assert target.endswith("</answer>") and not target.endswith(tok.eos_token)
         assert supervised.rstrip("\n") == target + tok.eos_token  # prompt masked, <|im_end|> trained
         prompt_text = tok.apply_chat_template(ds[i]["prompt"], tokenize=False, add_generation_prompt=True)
         assert tok.decode(ids[labels == -100]) == prompt_text

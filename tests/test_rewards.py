@@ -270,6 +270,26 @@ def test_reference_mode_value_for_value(reference_library):
     assert s["quality"][4] < 0.5  # "mcq" reads as mcq: the all-0 library
 
 
+def test_only_mixup_reward_reproduces_the_fallback_weights(reference_library):
+    """The reference weights a task type outside the five ``*_mixup`` keys 0.8/0/0.2. ``mixup_reward``
+    does; the three-function recipe cannot: TRL sums quality_reward, alignment_reward and
+    format_reward with one global ``reward_weights`` (0.5/0.4/0.1), a weighted nansum over the
+    functions, whatever the row's task type. On the exact keys the two totals agree."""
+    cfg = RewardConfig(mode="reference", embedding_model="minilm-offline", library=reference_library, k=3)
+    completions = [wrap(ANS)] * 2
+    kw = {"task_type": ["qa_mixup", "qa"], "output": ["", ""]}  # an empty target: alignment 0
+    parts = np.array(
+        [fn(None, completions, **kw) for fn in (QualityReward(cfg), AlignmentReward(cfg), FormatReward(cfg))],
+        dtype=float,
+    )
+    np.testing.assert_allclose(parts.T, [[1.0, 0.0, 1.0], [1.0, 0.0, 0.5]])  # (quality, alignment, format)
+    recipe = np.nansum(parts.T * np.array([0.5, 0.4, 0.1]), axis=1)  # as GRPOTrainer combines them
+    exact = MixupReward(cfg)(None, completions, **kw)
+    assert exact[0] == pytest.approx(recipe[0]) == pytest.approx(0.5 * 1.0 + 0.4 * 0.0 + 0.1 * 1.0)
+    assert exact[1] == pytest.approx(0.8 * 1.0 + 0.0 * 0.0 + 0.2 * 0.5)  # the reference's fallback
+    assert recipe[1] == pytest.approx(0.5 * 1.0 + 0.4 * 0.0 + 0.1 * 0.5)  # 0.55, not the reference's 0.9
+
+
 def test_combine_handles_none():
     assert combine([[1.0, None, None], [0.0, None, 1.0], [0.5, None, None]], (0.5, 0.4, 0.1)) == [
         pytest.approx(0.55),

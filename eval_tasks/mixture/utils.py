@@ -27,7 +27,7 @@ from pathlib import Path
 
 import datasets
 
-from lmmixup_hf.distiller.prompts import format_target, instruction_for, system_prompt, user_content
+from lmmixup_hf.distiller.prompts import format_target, record_instruction, system_prompt, user_content
 from lmmixup_hf.evaluation import metrics
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def load_mixture(task: str, data_dir: str | None = None, prompt_style: str | Non
         for field in ("input", "output"):
             if not isinstance(rec.get(field), str) or not rec[field].strip():
                 raise ValueError(f"{path}: item {i}: field {field!r} must be a non-empty string")
-        instruction = rec.get("instruction") or instruction_for(task, style)
+        instruction = record_instruction(rec, task, style)
         rows.append(
             {
                 "id": str(rec.get("id", i)),

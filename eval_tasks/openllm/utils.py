@@ -225,12 +225,19 @@ def bbh_task_names() -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml") if not p.name.startswith("_"))
 
 
+# lm-eval's cot_fewshot files keep each exemplar's reasoning apart from "Let's think step by step.";
+# the original cot-prompts put it on the next line, except in these tasks, where it follows a space.
+BBH_SAME_LINE_COT = frozenset({"sports_understanding"})
+
+
 def _bbh_hub_prompt(task: str) -> str:
-    """The task's 3-shot CoT prompt rebuilt from lm-eval's copy of the BBH cot-prompts."""
+    """The task's 3-shot CoT prompt rebuilt from lm-eval's copy of the BBH cot-prompts, character for
+    character as the original ``cot-prompts/<task>.txt`` (header lines dropped, stripped)."""
     with open(_lm_eval_tasks_dir() / "bbh" / "cot_fewshot" / f"{task}.yaml", encoding="utf-8") as f:
         cfg = yaml.safe_load(f)
+    step = " " if task in BBH_SAME_LINE_COT else "\n"
     shots = "\n\n".join(
-        f"Q: {s['input']}\nA: Let's think step by step.\n{s['target']}" for s in cfg["fewshot_config"]["samples"]
+        f"Q: {s['input']}\nA: Let's think step by step.{step}{s['target']}" for s in cfg["fewshot_config"]["samples"]
     )
     return f"{cfg['description'].strip()}\n\n{shots}"
 

@@ -129,6 +129,15 @@ def instruction_for(task_type: str | None, style: str = "ours") -> str:
     return TASK_INSTRUCTIONS[normalize_task_type(task_type)]
 
 
+def record_instruction(record: Mapping[str, Any], task_type: str | None, style: str = "ours") -> str:
+    """A MIXTURE record's instruction: its own when it has one; without one, ours is the task's
+    instruction and the reference's is none (its SFT and inference wrote the input alone)."""
+    value = record.get("instruction")
+    if isinstance(value, str) and value.strip():
+        return value
+    return "" if _check_style(style) == "reference" else instruction_for(task_type, style)
+
+
 def user_content(instruction: str, cluster_text: str, style: str = "ours") -> str:
     """``instruction``, a blank line (reference: one newline), then the cluster; either alone if the
     other is empty."""
@@ -159,20 +168,21 @@ def build_grpo_messages(
     cluster_text: str, task_type: str | None = "qa", instruction: str | None = None, style: str = "ours"
 ) -> list[dict]:
     """The GRPO prompt. Ours: the same messages as SFT. Reference: one user turn, the escaped
-    instructions + ``instruction + blank line + input`` (its GRPO data merged the two that way)."""
+    instructions + ``instruction + blank line + input``, each stripped first (its GRPO data merged
+    the two that way), either alone if the other is empty."""
     if _check_style(style) != "reference":
         return build_messages(cluster_text, task_type, instruction, style)
     instruction = instruction if instruction is not None else instruction_for(task_type, style)
-    content = "\n\n".join(x for x in (instruction, cluster_text) if x)
-    return [{"role": "user", "content": REFERENCE_GRPO_PREFIX + content.strip()}]
+    content = "\n\n".join(x for x in (instruction.strip(), cluster_text.strip()) if x)
+    return [{"role": "user", "content": REFERENCE_GRPO_PREFIX + content}]
 
 
 def format_target(output: str, cot: str | None = None, style: str = "ours") -> str:
     """The completion the model is trained to write (SFT targets, reference completions). The
-    reference writes the think block only when there is reasoning and right-strips both parts."""
+    reference writes the think block whenever ``cot`` is a non-empty string (whitespace only gives
+    an empty block) and right-strips both parts."""
     if _check_style(style) == "reference":
-        think = (cot or "").rstrip()
-        head = f"<think>\n{think}\n</think>\n\n" if think else ""
+        head = f"<think>\n{cot.rstrip()}\n</think>\n\n" if isinstance(cot, str) and cot else ""
         return f"{head}<answer>\n{output.rstrip()}\n</answer>"
     think = (cot or "").strip()
     return f"<think>\n{think}\n</think>\n\n<answer>\n{output.strip()}\n</answer>"

@@ -132,8 +132,10 @@ def split_sft_grpo(
 
 
 def merge_instruction(instruction: str, text: str) -> str:
-    """The GRPO prompt text: ``instruction + "\\n\\n" + input`` (as the reference GRPO files)."""
-    return f"{instruction}\n\n{text}" if instruction else text
+    """The GRPO prompt text: ``instruction + "\\n\\n" + input``, each stripped first, either alone if
+    the other is empty (as the reference built its GRPO files)."""
+    instruction, text = instruction.strip(), text.strip()
+    return f"{instruction}\n\n{text}" if instruction and text else instruction or text
 
 
 # -- members -----------------------------------------------------------------------------------
@@ -298,14 +300,14 @@ class MixtureConfig(datasets.BuilderConfig):
 class Mixture(datasets.GeneratorBasedBuilder):
     """MIXTURE from ``dokiik/MIXTURE`` or a local mirror (``data_dir=``), one config per scope x stage."""
 
-    VERSION = datasets.Version("1.0.0")
+    VERSION = datasets.Version("1.0.1")  # 1.0.1: merged GRPO inputs strip instruction and input
     BUILDER_CONFIG_CLASS = MixtureConfig
     BUILDER_CONFIGS = [
         MixtureConfig(
             name=config_name(scope, stage),
             scope=scope,
             stage=stage,
-            version=datasets.Version("1.0.0"),
+            version=datasets.Version("1.0.1"),
             description=f"MIXTURE, {'all task types' if scope == 'all' else scope}, {stage} stage",
         )
         for stage in STAGES

@@ -32,6 +32,7 @@ from lmmixup_hf.distiller.prompts import (
     build_messages,
     format_target,
     prompt_token_count,
+    record_instruction,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,24 +53,22 @@ def record_task(record: Mapping[str, Any], default: str | None = None) -> str:
     return normalize_task_type(default or DEFAULT_TASK_TYPE)
 
 
-def _instruction(record: Mapping[str, Any], merged: bool) -> str | None:
-    """The record's own instruction; GRPO records carry it inside ``input`` already ("" then)."""
+def _own_instruction(record: Mapping[str, Any]) -> str:
+    """The record's own instruction, else none: GRPO records carry it inside ``input`` already."""
     value = record.get("instruction")
-    if isinstance(value, str) and value.strip():
-        return value
-    return "" if merged else None
+    return value if isinstance(value, str) and value.strip() else ""
 
 
 def sft_example(record: Mapping[str, Any], task_type: str | None = None, style: str = "ours") -> dict[str, Any]:
     task = record_task(record, task_type)
-    prompt = build_messages(str(record.get("input") or ""), task, _instruction(record, merged=False), style)
+    prompt = build_messages(str(record.get("input") or ""), task, record_instruction(record, task, style), style)
     target = format_target(str(record.get("output") or ""), record.get("cot"), style)
     return {"prompt": prompt, "completion": [{"role": "assistant", "content": target}], "task_type": task}
 
 
 def grpo_example(record: Mapping[str, Any], task_type: str | None = None, style: str = "ours") -> dict[str, Any]:
     task = record_task(record, task_type)
-    prompt = build_grpo_messages(str(record.get("input") or ""), task, _instruction(record, merged=True), style)
+    prompt = build_grpo_messages(str(record.get("input") or ""), task, _own_instruction(record), style)
     return {"prompt": prompt, "output": str(record.get("output") or ""), "task_type": f"{task}_mixup"}
 
 
