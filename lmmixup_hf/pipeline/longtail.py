@@ -6,7 +6,8 @@ ANN backends, its measured recall."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from datasets import Dataset
@@ -14,6 +15,7 @@ from datasets import Dataset
 from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
+from lmmixup_hf.options import Options
 from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.stages.longtail import DEFAULT_K, LONG_TAIL_RAW, REFERENCE_SPLIT, longtail_rows
@@ -22,18 +24,20 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LongtailArgs:
+class LongtailArgs(Options):
     input: str = field(metadata={"help": "Rows to score (pool or stage folder), e.g. the distilled rows."})
     out: str = field(metadata={"help": "Output folder: data/ (+ reference/ with --reference)."})
     reference: str | None = field(
         default=None, metadata={"help": "Score the input against this set (e.g. the original high-quality rows)."}
     )
-    k: int = field(default=DEFAULT_K, metadata={"help": "Neighbours per row (the method uses 15)."})
-    normalize: str = field(
+    k: int = field(
+        default=DEFAULT_K, metadata={"help": "Neighbours per row (the method uses 15).", "range": "[1, inf)"}
+    )
+    normalize: Literal["joint", "per_file"] = field(
         default="joint",
         metadata={"help": "`joint`: one min-max over input and reference; `per_file`: each set on its own."},
     )
-    backend: str = field(
+    backend: Literal["exact", "partition", "ivf", "hnsw", "auto"] = field(
         default="exact",
         metadata={
             "help": "kNN: exact; partition (k-means cells + neighbour descent, torch), ivf or hnsw (faiss): "
@@ -44,9 +48,14 @@ class LongtailArgs:
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
     device: str | None = field(
         default=None,
-        metadata={"help": "Device for the embedding model (default: cuda > mps > cpu) and exact kNN (cuda > cpu)."},
+        metadata={
+            "help": "Device for the embedding model (default: cuda > mps > cpu) and exact kNN (cuda > cpu).",
+            "fingerprint": False,
+        },
     )
-    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Embedding batch size.", "range": "[1, inf)", "fingerprint": False}
+    )
 
 
 def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
@@ -56,7 +65,7 @@ def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
     from lmmixup_hf.embed.embeddings import row_embeddings, with_embeddings
 
     inputs = [args.input] + ([args.reference] if args.reference else [])
-    run = StageRun("longtail", args.out, inputs=inputs, params=asdict(args))
+    run = StageRun("longtail", args.out, inputs=inputs, params=args)
     if run.is_complete():
         logger.info("longtail: up to date, skipping (%s)", args.out)
         return run.load()
