@@ -126,6 +126,8 @@ def fingerprint_params(options: Any) -> dict[str, Any]:
         mark, value = f.metadata.get(FINGERPRINT, True), getattr(options, f.name)
         if mark is False or (mark == NON_DEFAULT and value == f.default):
             continue
+        if isinstance(value, int) and not isinstance(value, bool) and _is_float(hints(type(options))[f.name]):
+            value = float(value)  # mean_cap=3 from Python and 3.0 from a flag are one value
         out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
     return out
 

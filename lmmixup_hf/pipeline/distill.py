@@ -107,7 +107,7 @@ class DistillArgs(GenerationOptions):
     # openai
     base_url: str | None = field(default=None, metadata={"help": "openai: server URL (default $OPENAI_BASE_URL)."})
     api_key: str | None = field(
-        default=None, metadata={"help": "openai: key (default $OPENAI_API_KEY; never written)."}
+        default=None, metadata={"help": "openai: key (default $OPENAI_API_KEY; never written).", "fingerprint": False}
     )
     max_concurrency: int = field(
         default=16, metadata={"help": "openai: requests in flight.", "range": "[1, inf)", "fingerprint": False}

@@ -34,7 +34,8 @@ class OptionsParser(HfArgumentParser):
         if not self.own_config:  # a command whose own option is `config` (``lmmixup run``) reads it itself
             self.add_argument("--config", default=None, help="YAML file whose keys are this command's flags")
         for action in self._actions:
-            action.required = False  # a required option may come from the YAML: from_mapping checks it
+            if action.required:  # it may come from the YAML instead: from_mapping checks it
+                action.required, action.help = False, f"{action.help or ''} Required.".strip()
             if any(o.startswith("--no_") for o in action.option_strings):  # the generated complement of a bool
                 action.help, action.default = f"Same as --{action.dest} false.", argparse.SUPPRESS
             elif action.help:  # argparse %-formats help: a literal "30%" must not crash --help

@@ -78,7 +78,8 @@ class RateArgs(Options):
     api_key: str | None = field(
         default=None,
         metadata={
-            "help": "API key (default: $OPENAI_API_KEY, which is preferred: flags show up in process lists). Never written."
+            "help": "API key (default: $OPENAI_API_KEY, which is preferred: flags show up in process lists). Never written.",
+            "fingerprint": False,
         },
     )
     threshold: int = field(
