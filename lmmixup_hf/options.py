@@ -163,6 +163,15 @@ class Options:
         check_fields(self)
 
 
+def resolve(cls: type, options: Any = None, changes: Mapping[str, Any] | None = None) -> Any:
+    """A core's options: ``options`` (an instance of ``cls`` or of a subclass, default the defaults)
+    with some of them ``changes``-d by keyword, checked; ``core(ds, max_size=5)`` reads well."""
+    if isinstance(options, cls) and type(options) is cls and not changes:
+        return options
+    base = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls) if f.init} if options else {}
+    return from_mapping(cls, {**base, **(changes or {})})
+
+
 # -- building from a mapping (a YAML section, parsed flags, keyword arguments) ---------------------
 Namer = Callable[[str], str]
 

@@ -243,8 +243,9 @@ def test_core_options_are_typed_and_name_the_option():
     import numpy as np
     from datasets import Dataset
 
+    from lmmixup_hf.options import resolve
     from lmmixup_hf.stages.cluster import ClusterOptions, cluster_rows
-    from lmmixup_hf.stages.distill import GenerationOptions, generation_options
+    from lmmixup_hf.stages.distill import GenerationOptions
 
     ds = Dataset.from_dict({"id": ["a", "b"], "source": ["s", "s"], "prompt": ["p", "q"], "completion": ["x", "y"]})
     x = np.eye(2, 4, dtype=np.float32)
@@ -253,7 +254,7 @@ def test_core_options_are_typed_and_name_the_option():
             cluster_rows(ds, x, **bad)
     with pytest.raises(ValueError, match=r"sim_floor 0.5: applies to sizes drawn only"):
         ClusterOptions(sim_floor=0.5)
-    assert generation_options(None, {"top_p": 0.5}) == GenerationOptions(top_p=0.5)
+    assert resolve(GenerationOptions, None, {"top_p": 0.5}) == GenerationOptions(top_p=0.5)
     with pytest.raises(ValueError, match=r"top_p 0: expected a value in \(0, 1\]"):
         GenerationOptions(top_p=0)
 
@@ -265,7 +266,20 @@ def test_defaults_are_written_once():
     from lmmixup_hf.stages import cluster
     from lmmixup_hf.stages.distill import GenerationOptions
 
-    assert issubclass(ClusterArgs, cluster.ClusterOptions) and issubclass(DistillArgs, GenerationOptions)
+    from lmmixup_hf.pipeline.longtail import LongtailArgs
+    from lmmixup_hf.pipeline.mix import MixArgs
+    from lmmixup_hf.stages.longtail import LongtailOptions
+    from lmmixup_hf.stages.mix import MixOptions
+
+    for args, core in [
+        (ClusterArgs, cluster.ClusterOptions),
+        (DistillArgs, GenerationOptions),
+        (LongtailArgs, LongtailOptions),
+        (MixArgs, MixOptions),
+    ]:
+        assert issubclass(args, core)
+        own = {f.name for f in dataclasses.fields(args)} - {f.name for f in dataclasses.fields(core)}
+        assert all(f.name in own or f in dataclasses.fields(core) for f in dataclasses.fields(args)), args
     assert not hasattr(cluster, "CLUSTER_DEFAULTS")
     source = (ROOT / "lmmixup_hf" / "pipeline" / "options.py").read_text()
     assert "BOUNDS" not in source

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 from datasets import Dataset
@@ -15,35 +14,23 @@ from datasets import Dataset
 from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
-from lmmixup_hf.options import Options
 from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.longtail import DEFAULT_K, LONG_TAIL_RAW, REFERENCE_SPLIT, longtail_rows
+from lmmixup_hf.stages.longtail import LONG_TAIL_RAW, REFERENCE_SPLIT, LongtailOptions, longtail_rows
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LongtailArgs(Options):
-    input: str = field(metadata={"help": "Rows to score (pool or stage folder), e.g. the distilled rows."})
-    out: str = field(metadata={"help": "Output folder: data/ (+ reference/ with --reference)."})
+class LongtailArgs(LongtailOptions):
+    """The long-tail options (:class:`~lmmixup_hf.stages.longtail.LongtailOptions`) and the stage's own."""
+
+    input: str = field(
+        kw_only=True, metadata={"help": "Rows to score (pool or stage folder), e.g. the distilled rows."}
+    )
+    out: str = field(kw_only=True, metadata={"help": "Output folder: data/ (+ reference/ with --reference)."})
     reference: str | None = field(
         default=None, metadata={"help": "Score the input against this set (e.g. the original high-quality rows)."}
-    )
-    k: int = field(
-        default=DEFAULT_K, metadata={"help": "Neighbours per row (the method uses 15).", "range": "[1, inf)"}
-    )
-    normalize: Literal["joint", "per_file"] = field(
-        default="joint",
-        metadata={"help": "`joint`: one min-max over input and reference; `per_file`: each set on its own."},
-    )
-    backend: Literal["exact", "partition", "ivf", "hnsw", "auto"] = field(
-        default="exact",
-        metadata={
-            "help": "kNN: exact; partition (k-means cells + neighbour descent, torch), ivf or hnsw (faiss): "
-            "effort tuned to reach 0.95 recall@k and 0.01 score error on sampled queries, both recorded in the "
-            "manifest; auto (partition only where it is faster than exact and meets both)."
-        },
     )
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
     device: str | None = field(

@@ -12,33 +12,21 @@ from datasets import Dataset
 from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.schema import LONG_TAIL, LmmixupError
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
-from lmmixup_hf.options import Options
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.mix import MESSAGES, mix_rows, to_messages
+from lmmixup_hf.stages.mix import MESSAGES, MixOptions, mix_rows, to_messages
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MixArgs(Options):
-    original: str = field(metadata={"help": "Original high-quality rows (pool or stage folder)."})
-    distilled: str = field(metadata={"help": "Distilled rows with a `long_tail` column (`lmmixup longtail`)."})
-    out: str = field(metadata={"help": "Output folder: data/ (prompt, completion) and messages/."})
-    total: int = field(default=10_000, metadata={"help": "Rows in the mix.", "range": "[1, inf)"})
-    ratio: float = field(
-        default=0.5, metadata={"help": "Share of distilled rows (0.5 = 5/5, 0.7 = mixup7_ori3).", "range": "[0, 1]"}
+class MixArgs(MixOptions):
+    """The mix options (:class:`~lmmixup_hf.stages.mix.MixOptions`) and the stage's own."""
+
+    original: str = field(kw_only=True, metadata={"help": "Original high-quality rows (pool or stage folder)."})
+    distilled: str = field(
+        kw_only=True, metadata={"help": "Distilled rows with a `long_tail` column (`lmmixup longtail`)."}
     )
-    dedup_threshold: float | None = field(
-        default=0.92,
-        metadata={
-            "help": "Drop rows with cosine >= this to a kept row (originals win); none = off.",
-            "range": "[0, 1]",
-        },
-    )
-    seed: int = field(default=42, metadata={"help": "Shuffle seed.", "range": "[0, inf)"})
-    allow_fewer: bool = field(
-        default=False, metadata={"help": "Write a smaller mix instead of failing when rows run out."}
-    )
+    out: str = field(kw_only=True, metadata={"help": "Output folder: data/ (prompt, completion) and messages/."})
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Model for dedup."})
     device: str | None = field(
         default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu).", "fingerprint": False}

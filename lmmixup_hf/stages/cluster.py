@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -44,7 +44,7 @@ from lmmixup_hf.data.schema import CLUSTER_ID, ID, SOURCE, LmmixupError
 from lmmixup_hf.embed.kmeans import coarse_cells, spherical_kmeans
 from lmmixup_hf.embed.kmeans import normalize_rows as _normalize
 from lmmixup_hf.embed.neighbors import knn, resolve_device
-from lmmixup_hf.options import OptionError, Options, check_order, from_mapping
+from lmmixup_hf.options import OptionError, Options, check_order, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -702,8 +702,7 @@ def cluster_rows(
     rewrites it alone) and is also listed in ``leftovers``; with drawn sizes and a ``sim_floor`` such
     rows get ``cluster_id = -1`` and are left out of ``rows``. ``map_sources`` clusters the sources
     (default :func:`cluster_sources`: here, one after the other)."""
-    base = {f.name: getattr(options, f.name) for f in fields(ClusterOptions)} if options is not None else {}
-    opts = from_mapping(ClusterOptions, {**base, **changes}) if changes or options is None else options
+    opts = resolve(ClusterOptions, options, changes)
     sources = np.asarray(list(ds[SOURCE]), dtype=object)
     labels = np.full(len(ds), LEFTOVER, np.int64)
     per_source: dict[str, dict[str, int]] = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,7 +42,7 @@ from lmmixup_hf.distiller.prompts import (
     linearize_cluster,
 )
 from lmmixup_hf.distiller.response_parsing import parse_response
-from lmmixup_hf.options import NON_DEFAULT, Options, from_mapping
+from lmmixup_hf.options import NON_DEFAULT, Options, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -133,14 +133,6 @@ class GenerationOptions(Options):
     repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off.", "range": "(0, inf)"})
 
 
-def generation_options(options: GenerationOptions | None, changes: dict[str, Any]) -> GenerationOptions:
-    """``options`` (default: the defaults) with some of them changed by keyword, checked."""
-    if options is not None and not changes:
-        return options
-    base = {f.name: getattr(options, f.name) for f in fields(GenerationOptions)} if options is not None else {}
-    return from_mapping(GenerationOptions, {**base, **changes})
-
-
 # -- the core: clusters in, one parsed record per cluster out (no files) ---------------------------
 def distill_chunk(
     members: Dataset,
@@ -152,7 +144,7 @@ def distill_chunk(
     """Fuse each cluster (``(cluster_id, row indices into members)``) with one batched generation.
     Every cluster gives one record: parsed (``parse_ok``) or with the reason it was not.
     ``options`` (:class:`GenerationOptions`) may be given, or changed, by keyword."""
-    o = generation_options(options, changes)
+    o = resolve(GenerationOptions, options, changes)
     task_type, max_prompt_tokens, prompt_style = o.task_type, o.max_prompt_tokens, o.prompt_style
     rows, convs, over_budget = [], [], []
     for cid, idx in clusters:
@@ -236,7 +228,7 @@ def distill_rows(
 
     >>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
     """
-    options = generation_options(options, changes)
+    options = resolve(GenerationOptions, options, changes)
     cluster_ids = np.asarray(clustered[CLUSTER_ID], dtype=np.int64)
     clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))
     columns = [c for c in (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE) if c in clustered.column_names]
