@@ -168,7 +168,7 @@ def resolve(cls: type, options: Any = None, changes: Mapping[str, Any] | None = 
     with some of them ``changes``-d by keyword, checked; ``core(ds, max_size=5)`` reads well."""
     if isinstance(options, cls) and type(options) is cls and not changes:
         return options
-    base = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls) if f.init} if options else {}
+    base = {f.name: getattr(options, f.name) for f in dataclasses.fields(cls) if f.init} if options is not None else {}
     return from_mapping(cls, {**base, **(changes or {})})
 
 

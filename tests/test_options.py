@@ -263,11 +263,10 @@ def test_defaults_are_written_once():
     """The stage commands extend the cores' options classes instead of repeating their defaults."""
     from lmmixup_hf.pipeline.cluster import ClusterArgs
     from lmmixup_hf.pipeline.distill import DistillArgs
-    from lmmixup_hf.stages import cluster
-    from lmmixup_hf.stages.distill import GenerationOptions
-
     from lmmixup_hf.pipeline.longtail import LongtailArgs
     from lmmixup_hf.pipeline.mix import MixArgs
+    from lmmixup_hf.stages import cluster
+    from lmmixup_hf.stages.distill import GenerationOptions
     from lmmixup_hf.stages.longtail import LongtailOptions
     from lmmixup_hf.stages.mix import MixOptions
 
