@@ -31,7 +31,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.data.schema import TASK_TYPES, LmmixupError, normalize_task_type
 
 RANGE = "range"
 FINGERPRINT = "fingerprint"
@@ -161,6 +161,18 @@ class Options:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+
+def check_task_type(obj: Any, key: str = "task_type") -> None:
+    """A task type option (aliases such as ``qa_mixup`` allowed) names one of :data:`TASK_TYPES`."""
+    value = getattr(obj, key)
+    if value is not None:
+        try:
+            normalize_task_type(value)
+        except ValueError:
+            raise OptionError(
+                key, f"expected one of {', '.join(TASK_TYPES)}{suggest(value, TASK_TYPES)}", value
+            ) from None
 
 
 def resolve(cls: type, options: Any = None, changes: Mapping[str, Any] | None = None) -> Any:

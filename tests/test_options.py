@@ -166,8 +166,12 @@ def other_value(cls: type, f: dataclasses.Field):
             return (lo + hi) / 2 if hi is not None else lo + 1.5
         return (default + hi) / 2 if hi is not None and default != hi else (lo + default) / 2 if hi else default + 1.5
     if tp in (str, str | None):
-        return f"other-{f.name}"
+        return TEXT_VALUES.get(f.name, f"other-{f.name}")
     return None
+
+
+# free-text options whose value is checked all the same
+TEXT_VALUES = {"task_type": "mcq"}
 
 
 def as_flags(values: dict) -> list[str]:
@@ -257,6 +261,9 @@ def test_core_options_are_typed_and_name_the_option():
     assert resolve(GenerationOptions, None, {"top_p": 0.5}) == GenerationOptions(top_p=0.5)
     with pytest.raises(ValueError, match=r"top_p 0: expected a value in \(0, 1\]"):
         GenerationOptions(top_p=0)
+    assert GenerationOptions(task_type="para_mixup").task_type == "para_mixup"  # aliases are task types
+    with pytest.raises(ValueError, match=r"task_type 'qaa': expected one of qa, .*\(did you mean 'qa'\?\)"):
+        GenerationOptions(task_type="qaa")
 
 
 def test_defaults_are_written_once():
@@ -309,27 +316,40 @@ def test_operational_options_never_rerun_a_stage_and_the_others_do(tmp_path, sta
         assert up_to_date == (f.name in ops), f"{stage.name}.{f.name} = {value!r}"
 
 
-def test_the_marks_keep_the_fingerprints_finished_runs_had():
+def test_the_marks_keep_the_fingerprints_finished_runs_had(tmp_path):
     """rate and distill left the same options out before the marks existed (a tuple, pops): the
-    hashed parameters are the same, so their finished runs stay up to date."""
+    fingerprint is the one the old code computed, so their finished runs stay up to date."""
+    from lmmixup_hf.distiller.prompts import PROMPT_VERSION
+    from lmmixup_hf.judge.judges import RUBRIC_VERSION
     from lmmixup_hf.pipeline.distill import DistillArgs
     from lmmixup_hf.pipeline.rate import RateArgs
 
-    assert set(operational(RateArgs)) == {
-        "api_key", "base_url", "max_concurrency", "rpm", "tpm", "max_retries", "timeout", "retry_base_delay", "cache_dir",
+    old_rate_operational = (
+        "base_url", "max_concurrency", "rpm", "tpm", "max_retries", "timeout", "retry_base_delay", "cache_dir",
         "prices", "batch_size", "progress", "mode", "batch_file_only", "batch_results", "batch_poll_interval",
         "estimate",
-    }  # fmt: skip
-    assert set(operational(DistillArgs)) >= {
-        "checkpoint_every",
-        "max_concurrency",
-        "cache_dir",
-        "device",
-        "batch_size",
-    }
-    d = DistillArgs(input="i", out="o", model="m")
-    assert "prompt_style" not in fingerprint_params(d)  # the default, as before the option existed
-    assert fingerprint_params(dataclasses.replace(d, prompt_style="reference"))["prompt_style"] == "reference"
+    )  # fmt: skip
+    rate = RateArgs(input="i", out="o", judge_model="j", temperature=0.5, api_key="sk-x", batch_size=3)
+    old = {k: v for k, v in dataclasses.asdict(rate).items() if k not in old_rate_operational}
+    new = StageRun("rate", tmp_path / "a", params=rate, tags={"rubric_version": RUBRIC_VERSION})
+    assert (
+        new.fingerprint
+        == StageRun("rate", tmp_path / "b", params={**old, "rubric_version": RUBRIC_VERSION}).fingerprint
+    )
+
+    for style in ("ours", "reference"):
+        d = DistillArgs(input="i", out="o", model="m", max_new_tokens=9, prompt_style=style, device="cpu")
+        old = dataclasses.asdict(d)
+        for k in ("out", "checkpoint_every", "max_concurrency", "cache_dir", "device", "batch_size"):
+            old.pop(k)
+        if old["prompt_style"] == "ours":
+            old.pop("prompt_style")
+        new = StageRun("distill", tmp_path / "c", params=d, tags={"prompt_version": PROMPT_VERSION})
+        assert (
+            new.fingerprint
+            == StageRun("distill", tmp_path / "d", params={**old, "prompt_version": PROMPT_VERSION}).fingerprint
+        )
+        assert new.params["device"] == "cpu" and "api_key" not in new.params  # recorded, secrets never
 
 
 def test_the_docs_list_the_operational_options():

@@ -20,7 +20,7 @@ import numpy as np
 from lmmixup_hf.data.schema import TASK_TYPES, LmmixupError, RowError, normalize_task_type
 from lmmixup_hf.embed.embeddings import get_embedder
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
-from lmmixup_hf.options import Options
+from lmmixup_hf.options import Options, check_task_type
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.rewards.library import DEFAULT_K_T, build_task_library, library_text, save_library
 
@@ -75,6 +75,10 @@ class LibraryArgs(Options):
     device: str | None = field(
         default=None, metadata={"help": "Embedding device (default: cuda if available).", "fingerprint": False}
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_task_type(self)
 
 
 def dotted(row: Mapping[str, Any], key: str) -> Any:

@@ -42,7 +42,7 @@ from lmmixup_hf.distiller.prompts import (
     linearize_cluster,
 )
 from lmmixup_hf.distiller.response_parsing import parse_response
-from lmmixup_hf.options import NON_DEFAULT, Options, resolve
+from lmmixup_hf.options import NON_DEFAULT, Options, check_task_type, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,10 @@ class GenerationOptions(Options):
         default=1.0, metadata={"help": "Nucleus sampling (only when temperature > 0).", "range": "(0, 1]"}
     )
     repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off.", "range": "(0, inf)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_task_type(self)
 
 
 # -- the core: clusters in, one parsed record per cluster out (no files) ---------------------------
