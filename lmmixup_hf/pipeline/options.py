@@ -35,7 +35,8 @@ class OptionsParser(HfArgumentParser):
             self.add_argument("--config", default=None, help="YAML file whose keys are this command's flags")
         for action in self._actions:
             if action.required:  # it may come from the YAML instead: from_mapping checks it
-                action.required, action.help = False, f"{action.help or ''} Required.".strip()
+                action.required, action.default = False, argparse.SUPPRESS
+                action.help = f"{action.help or ''} Required.".strip()
             if any(o.startswith("--no_") for o in action.option_strings):  # the generated complement of a bool
                 action.help, action.default = f"Same as --{action.dest} false.", argparse.SUPPRESS
             elif action.help:  # argparse %-formats help: a literal "30%" must not crash --help
@@ -53,8 +54,15 @@ class OptionsParser(HfArgumentParser):
             allowed = choices(f.type)
             self._parse_dataclass_field(self, f)
             if allowed is not None:
-                action = self._actions[-1]
-                action.choices, action.metavar = None, "{" + ",".join(map(str, allowed)) + "}"
+                action, listed = self._actions[-1], ",".join(map(str, allowed))
+                action.choices = None
+                if len(listed) <= 40:
+                    action.metavar = "{" + listed + "}"
+                else:  # a long list once in the help, not in every spelling of the flag
+                    action.metavar, action.help = (
+                        f.name.upper(),
+                        f"{action.help or ''} One of: {listed.replace(',', ', ')}.".strip(),
+                    )
 
     def error(self, message: str) -> NoReturn:
         """A usage error as one line (exit 2), with the closest flag for an unknown one."""
