@@ -17,11 +17,9 @@ Exit statuses (also in the README):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -70,57 +68,10 @@ COMMANDS: dict[str, Command] = {
 
 
 def parse_dataclass(cls: type, argv: list[str], prog: str, description: str) -> Any:
-    """Parse ``argv`` into ``cls``; ``--config file.yaml`` supplies defaults that flags override."""
-    from transformers import HfArgumentParser
+    """Parse ``argv`` into ``cls``; ``--config file.yaml`` supplies values that flags override."""
+    from lmmixup_hf.pipeline.options import OptionsParser
 
-    parser = HfArgumentParser(cls, prog=prog, description=description)
-    own_config = "config" in {f.name for f in dataclasses.fields(cls)}
-    pre = None
-    if not own_config:  # a command whose own option is `config` (``lmmixup run``) reads it itself
-        parser.add_argument("--config", default=None, help="YAML file whose keys are this command's flags")
-        pre_parser = argparse.ArgumentParser(add_help=False)
-        pre_parser.add_argument("--config", default=None)
-        pre = pre_parser.parse_known_args(argv)[0]
-    for action in parser._actions:
-        if any(o.startswith("--no_") for o in action.option_strings):  # the generated complement of a bool
-            action.help, action.default = f"Same as --{action.dest} false.", argparse.SUPPRESS
-        elif action.help:  # argparse %-formats help: a literal "30%" must not crash --help
-            action.help = re.sub(r"%(?!\()", "%%", action.help)
-    if pre is not None and pre.config:
-        values = read_yaml_config(pre.config)
-        if not isinstance(values, dict):
-            raise LmmixupError(f"{pre.config}: expected a mapping of option names to values")
-        actions = {a.dest: a for a in parser._actions}
-        unknown = sorted(set(values) - set(actions))
-        if unknown:
-            raise LmmixupError(f"{pre.config}: unknown option(s) {', '.join(unknown)} for `{prog}`")
-        for dest in values:
-            actions[dest].required = False  # the YAML supplies it; a flag may still override
-        parser.set_defaults(**values)
-    ns = parser.parse_args(argv)  # HfArgumentParser accepts --judge-model as well as --judge_model
-    fields = {k: v for k, v in vars(ns).items() if own_config or k != "config"}
-    from lmmixup_hf.pipeline.options import check_options
-
-    return check_options(cls(**fields))
-
-
-def read_yaml_config(path: str) -> Any:
-    """A YAML file's content, or one clear error saying why it cannot be read."""
-    import yaml
-
-    p = Path(path)
-    if not p.exists():
-        raise LmmixupError(f"--config {path}: no such file")
-    if p.is_dir():
-        raise LmmixupError(f"--config {path}: is a folder, not a YAML file")
-    try:
-        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise LmmixupError(f"--config {path}: cannot read it ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise LmmixupError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
-    except yaml.YAMLError as e:
-        raise LmmixupError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    return OptionsParser(cls, prog=prog, description=description).parse_flags(argv)
 
 
 def _usage() -> str:

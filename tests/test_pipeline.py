@@ -71,9 +71,12 @@ def test_tulu300k_is_the_paper_recipe():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"clusterr": {}}, r"unknown key\(s\) clusterr"),
+        ({"clusterr": {}}, r"clusterr: unknown key \(did you mean 'cluster'\?\)"),
         ({"cluster": {"min_size": "two"}}, r"cluster\.min_size: expected int, got str 'two'"),
-        ({"cluster": {"max_sise": 5}}, r"cluster\.max_sise: unknown option .*known options: .*max_size"),
+        (
+            {"cluster": {"max_sise": 5}},
+            r"cluster\.max_sise: unknown option .*did you mean 'max_size'.*known options: .*max_size",
+        ),
         ({"rate": {"input": "x.jsonl"}}, r"rate\.input: set by the pipeline"),
         ({"input": "data/nope.jsonl"}, r"input: data/nope\.jsonl: no such file"),
         ({"mix": {"ratio": "half"}}, r"mix\.ratio: expected float"),

@@ -84,7 +84,7 @@ def test_cli_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("input: x\nout: y\nbogus: 1\n")
     r = _cli("ingest", "--config", str(bad))
-    assert r.returncode == 2 and "unknown option(s) bogus" in r.stderr
+    assert r.returncode == 2 and "bad.yaml: bogus: unknown option for `lmmixup ingest`" in r.stderr
     assert _cli("nope").returncode == 2
     assert "ingest" in _cli("--help").stdout
     assert "--max_chars" in _cli("ingest", "--help").stdout

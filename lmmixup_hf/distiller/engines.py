@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.models.registry import resolve_model
@@ -23,7 +23,8 @@ from lmmixup_hf.models.registry import resolve_model
 logger = logging.getLogger(__name__)
 
 STOP = ("</answer>",)
-ENGINES = ("transformers", "vllm", "openai")
+EngineName = Literal["transformers", "vllm", "openai"]
+ENGINES: tuple[str, ...] = get_args(EngineName)
 Messages = list[dict[str, str]]
 
 

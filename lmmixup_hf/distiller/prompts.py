@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 from lmmixup_hf.data.schema import TASK_TYPES, normalize_task_type
 
 logger = logging.getLogger(__name__)
 
 PROMPT_VERSION = "1"
-PROMPT_STYLES = ("ours", "reference")
+PromptStyle = Literal["ours", "reference"]
+PROMPT_STYLES: tuple[str, ...] = get_args(PromptStyle)
 
 SYSTEM_PROMPT = (
     "You are an expert at data mix-up: you fuse several related, noisy or partial samples into one "

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.evaluation.metrics import openllm_average
+from lmmixup_hf.options import Options
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ AVG = "Avg"
 
 
 @dataclass
-class EvalReportArgs:
+class EvalReportArgs(Options):
     results: list[str] = field(
         metadata={"help": "lm-eval results_*.json files, or folders searched recursively for them", "nargs": "+"}
     )

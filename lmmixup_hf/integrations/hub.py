@@ -13,10 +13,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, HfApi, ModelCard, ModelCardData
 
 from lmmixup_hf.data.schema import LmmixupError, ServiceError
+from lmmixup_hf.options import Options
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +276,7 @@ def dataset_card(
 
 # -- push / pull ------------------------------------------------------------------------------
 @dataclass
-class PushArgs:
+class PushArgs(Options):
     repo_id: str = field(metadata={"help": "Target repo, e.g. org/lm-mixup-distiller."})
     model_dir: str | None = field(default=None, metadata={"help": "A saved model/pipeline folder to push."})
     dataset_dir: str | None = field(default=None, metadata={"help": "A stage output folder (data/*.parquet) to push."})
@@ -284,10 +286,10 @@ class PushArgs:
 
 
 @dataclass
-class PullArgs:
+class PullArgs(Options):
     repo_id: str = field(metadata={"help": "Repo to download."})
     out: str = field(metadata={"help": "Local folder."})
-    repo_type: str = field(default="model", metadata={"help": "model or dataset.", "choices": ["model", "dataset"]})
+    repo_type: Literal["model", "dataset"] = field(default="model", metadata={"help": "model or dataset."})
     revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit."})
 
 

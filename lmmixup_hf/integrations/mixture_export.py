@@ -19,6 +19,7 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from lmmixup_hf.data.schema import TASK_TYPES, LmmixupError
 from lmmixup_hf.integrations.mixture import (
@@ -30,6 +31,7 @@ from lmmixup_hf.integrations.mixture import (
     Mixture,
     config_name,
 )
+from lmmixup_hf.options import Options
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +40,9 @@ DEFAULT_DATASET_ID = "your-org/mixture"
 
 
 @dataclass
-class MixtureExportArgs:
+class MixtureExportArgs(Options):
     out: str = field(metadata={"help": "Folder to write: README.md + data/<config>/<split>-*.parquet."})
-    to: str = field(default="parquet", metadata={"help": "Output format.", "choices": ["parquet"]})
+    to: Literal["parquet"] = field(default="parquet", metadata={"help": "Output format."})
     data_dir: str | None = field(
         default=None, metadata={"help": f"Local MIXTURE mirror (default: the Hub repo {HUB_REPO})."}
     )
@@ -49,14 +51,14 @@ class MixtureExportArgs:
     dataset_id: str = field(default=DEFAULT_DATASET_ID, metadata={"help": "Hub id the card's examples load."})
     repo_id: str = field(default=HUB_REPO, metadata={"help": "Hub repo to read when --data_dir is not given."})
     revision: str = field(default="main", metadata={"help": "Revision of --repo_id."})
-    seed: int = field(default=SPLIT_SEED, metadata={"help": "Seed of the GRPO shuffle."})
-    max_shard_rows: int = field(default=100_000, metadata={"help": "Rows per parquet file."})
+    seed: int = field(default=SPLIT_SEED, metadata={"help": "Seed of the GRPO shuffle.", "range": "[0, inf)"})
+    max_shard_rows: int = field(default=100_000, metadata={"help": "Rows per parquet file.", "range": "[1, inf)"})
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache (default: the HF cache)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace README.md and data/ in a non-empty --out."})
 
 
 @dataclass
-class MixtureCardArgs:
+class MixtureCardArgs(Options):
     out: str = field(metadata={"help": "Where to write the card (e.g. dataset_scripts/mixture/README.md)."})
     dataset_id: str = field(default=DEFAULT_DATASET_ID, metadata={"help": "Hub id the card's examples load."})
 

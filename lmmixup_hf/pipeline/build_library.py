@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 from lmmixup_hf.data.schema import TASK_TYPES, LmmixupError, RowError, normalize_task_type
 from lmmixup_hf.embed.embeddings import get_embedder
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
+from lmmixup_hf.options import Options, check_task_type
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.rewards.library import DEFAULT_K_T, build_task_library, library_text, save_library
 
@@ -36,7 +37,7 @@ _FIELDS = {
 
 
 @dataclass
-class LibraryArgs:
+class LibraryArgs(Options):
     out: str = field(metadata={"help": "Output folder: <out>/<task>/{library.safetensors,meta.json} + manifest.json."})
     input: list[str] = field(
         default_factory=list,
@@ -63,10 +64,21 @@ class LibraryArgs:
     )
     k_t: int = field(
         default=DEFAULT_K_T,
-        metadata={"help": "Neighbours per item when estimating T (reference: 3; examples used 2)."},
+        metadata={
+            "help": "Neighbours per item when estimating T (reference: 3; examples used 2).",
+            "range": "[1, inf)",
+        },
     )
-    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
-    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda if available)."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Embedding batch size.", "range": "[1, inf)", "fingerprint": False}
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "Embedding device (default: cuda if available).", "fingerprint": False}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_task_type(self)
 
 
 def dotted(row: Mapping[str, Any], key: str) -> Any:
@@ -189,7 +201,7 @@ def build_quality_library(args: LibraryArgs) -> dict:
     sources += [(getattr(args, t), t) for t in TASK_TYPES if getattr(args, t)]
     if not sources:
         raise LmmixupError("give --input and/or per-task files (--qa, --mcq, --tfq, --cs, --para)")
-    run = StageRun("build-quality-library", args.out, inputs=[p for p, _ in sources], params=asdict(args))
+    run = StageRun("build-quality-library", args.out, inputs=[p for p, _ in sources], params=args)
     if run.is_complete():
         logger.info("build-quality-library: up to date, skipping (%s)", args.out)
         return run.manifest()

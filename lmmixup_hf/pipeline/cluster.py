@@ -8,8 +8,9 @@ core (:func:`lmmixup_hf.stages.cluster.cluster_rows`) and writes ``data/`` (rows
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from datasets import Dataset
@@ -21,7 +22,7 @@ from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
 from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.plotting import figure
-from lmmixup_hf.stages.cluster import CLUSTER_DEFAULTS, CLUSTER_OPTIONS, cluster_rows
+from lmmixup_hf.stages.cluster import ClusterOptions, cluster_rows
 
 logger = logging.getLogger(__name__)
 
@@ -31,67 +32,26 @@ HISTOGRAM = "cluster_sizes.png"
 
 # -- the stage ------------------------------------------------------------------------------------
 @dataclass
-class ClusterArgs:
-    input: str = field(metadata={"help": "Rated pool or stage folder (any input `lmmixup ingest` reads)."})
-    out: str = field(metadata={"help": "Output folder: data/, clusters/, leftovers/, cluster_sizes.png."})
-    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
-    device: str | None = field(
-        default=None,
-        metadata={
-            "help": "Device for the embedding model (default: cuda > mps > cpu) and for k-means / kNN (cuda > cpu)."
-        },
+class ClusterArgs(ClusterOptions):
+    """The clustering options (:class:`~lmmixup_hf.stages.cluster.ClusterOptions`) and the stage's own."""
+
+    input: str = field(
+        kw_only=True, metadata={"help": "Rated pool or stage folder (any input `lmmixup ingest` reads)."}
     )
-    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
-    quality: str = field(
+    out: str = field(
+        kw_only=True, metadata={"help": "Output folder: data/, clusters/, leftovers/, cluster_sizes.png."}
+    )
+    embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Embedding batch size.", "range": "[1, inf)", "fingerprint": False}
+    )
+    quality: Literal["low", "all"] = field(
         default="low",
         metadata={"help": "Rows to cluster: `low` (score under --threshold; unrated rows are skipped) or `all`."},
     )
     threshold: int = field(
-        default=HIGH_QUALITY_THRESHOLD, metadata={"help": "High quality means score (0-5) >= this (as in rate/split)."}
-    )
-    sizes: str = field(
-        default=CLUSTER_DEFAULTS["sizes"],
-        metadata={
-            "help": "`data`: sizes follow the data (merge while the mean pairwise cosine stays >= min_cohesion; "
-            "rows with no close neighbours are distilled alone); `drawn`: the method's sizes drawn from "
-            "Normal(mean_cap, std_cap), every row placed."
-        },
-    )
-    min_size: int = field(default=CLUSTER_DEFAULTS["min_size"], metadata={"help": "Smallest cluster."})
-    max_size: int = field(default=CLUSTER_DEFAULTS["max_size"], metadata={"help": "Largest cluster."})
-    mean_cap: float = field(
-        default=CLUSTER_DEFAULTS["mean_cap"],
-        metadata={"help": "Mean cluster size: the drawn sizes' Normal, or the data sizes' prior."},
-    )
-    std_cap: float = field(
-        default=CLUSTER_DEFAULTS["std_cap"], metadata={"help": "Std of the drawn sizes / of the data sizes' prior."}
-    )
-    min_cohesion: float = field(
-        default=CLUSTER_DEFAULTS["min_cohesion"],
-        metadata={"help": "data: every cluster's mean pairwise cosine is at least this."},
-    )
-    size_prior: float = field(
-        default=CLUSTER_DEFAULTS["size_prior"],
-        metadata={"help": "data: extra mean cosine a cluster needs per std_cap above mean_cap (0 = no prior)."},
-    )
-    seed: int = field(default=CLUSTER_DEFAULTS["seed"], metadata={"help": "Seed for sizes and k-means."})
-    sim_floor: float | None = field(
-        default=CLUSTER_DEFAULTS["sim_floor"],
-        metadata={"help": "drawn: minimum cosine to a cluster centre; points below go to leftovers/."},
-    )
-    n_candidates: int = field(
-        default=CLUSTER_DEFAULTS["n_candidates"], metadata={"help": "drawn: candidate centres per point (top-m)."}
-    )
-    cell_size: int = field(default=CLUSTER_DEFAULTS["cell_size"], metadata={"help": "Points per coarse k-means cell."})
-    kmeans_iters: int = field(
-        default=CLUSTER_DEFAULTS["kmeans_iters"], metadata={"help": "k-means iterations per level."}
-    )
-    balance_iters: int = field(
-        default=CLUSTER_DEFAULTS["balance_iters"],
-        metadata={"help": "drawn: balanced k-means steps (centres := member means, reassign; 0 = off)."},
-    )
-    refine_rounds: int = field(
-        default=CLUSTER_DEFAULTS["refine_rounds"], metadata={"help": "drawn: size-preserving swap rounds (0 = off)."}
+        default=HIGH_QUALITY_THRESHOLD,
+        metadata={"help": "High quality means score (0-5) >= this (as in rate/split).", "range": "[0, 5]"},
     )
 
 
@@ -110,7 +70,7 @@ def cluster(args: ClusterArgs, executor: Executor | None = None) -> Dataset:
     runs the embedding and each source's clustering (default: here)."""
     from lmmixup_hf.embed.embeddings import row_embeddings
 
-    run = StageRun("cluster", args.out, inputs=[args.input], params=asdict(args))
+    run = StageRun("cluster", args.out, inputs=[args.input], params=args)
     if run.is_complete():
         logger.info("cluster: up to date, skipping (%s)", args.out)
         return run.load()
@@ -121,8 +81,8 @@ def cluster(args: ClusterArgs, executor: Executor | None = None) -> Dataset:
     executor = executor or Executor()
     embed = dict(device=args.device, batch_size=args.batch_size)
     emb = row_embeddings(ds, args.embedding_model, **embed, embedder=executor.embedder(args.embedding_model, **embed))
-    options = {k: getattr(args, k) for k in CLUSTER_OPTIONS}
-    out = cluster_rows(ds, emb, map_sources=executor.map_sources, **options)
+    options = ClusterOptions(**{f.name: getattr(args, f.name) for f in fields(ClusterOptions)})
+    out = cluster_rows(ds, emb, options, map_sources=executor.map_sources)
     st = out.stats
     run.out_dir.mkdir(parents=True, exist_ok=True)
     n_clusters = st["multi_row_clusters"]
@@ -166,8 +126,6 @@ def select_rows(ds: Dataset, quality: str, threshold: int = HIGH_QUALITY_THRESHO
     are skipped and counted. ``all``: every row."""
     if quality == "all":
         return ds, {}
-    if quality != "low":
-        raise LmmixupError(f"--quality must be `low` or `all`, got {quality!r}")
     if RATING not in ds.column_names:
         logger.info("cluster: no ratings, clustering every row")
         return ds, {}

@@ -11,10 +11,10 @@ import json
 import logging
 import os
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -32,51 +32,51 @@ from lmmixup_hf.data.schema import (
     TASK_TYPE,
     LmmixupError,
 )
-from lmmixup_hf.distiller.engines import ENGINES, Engine, make_engine
-from lmmixup_hf.distiller.prompts import (
-    PROMPT_STYLES,
-    PROMPT_VERSION,
-)
+from lmmixup_hf.distiller.engines import Engine, EngineName, make_engine
+from lmmixup_hf.distiller.prompts import PROMPT_VERSION
 from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.distill import SCHEMA, group_clusters
+from lmmixup_hf.stages.distill import SCHEMA, GenerationOptions, group_clusters
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class DistillArgs:
+class DistillArgs(GenerationOptions):
+    """The generation options (:class:`~lmmixup_hf.stages.distill.GenerationOptions`), the engine's
+    and the stage's own. Operational ones (``"fingerprint": False``) never invalidate finished work."""
+
     input: str = field(
-        metadata={"help": "Clusters: an `lmmixup cluster` output folder, or parquet/jsonl with cluster_id."}
+        kw_only=True,
+        metadata={"help": "Clusters: an `lmmixup cluster` output folder, or parquet/jsonl with cluster_id."},
     )
-    out: str = field(metadata={"help": "Output folder (data/, unparsed/, rejected.jsonl, manifest.json)."})
-    model: str = field(metadata={"help": "Distiller: Hub id, local folder, alias, or the served model name (openai)."})
-    engine: str = field(default="transformers", metadata={"help": "Inference engine.", "choices": list(ENGINES)})
-    max_prompt_tokens: int = field(
-        default=2400, metadata={"help": "Prompt budget; whole members are dropped beyond it."}
+    out: str = field(
+        kw_only=True, metadata={"help": "Output folder (data/, unparsed/, rejected.jsonl, manifest.json)."}
     )
-    max_new_tokens: int = field(default=1024, metadata={"help": "Generation budget per cluster."})
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (only when temperature > 0)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off."})
-    seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    checkpoint_every: int = field(default=64, metadata={"help": "Clusters per checkpointed chunk."})
-    limit: int | None = field(default=None, metadata={"help": "Distill only the first N clusters (smoke runs)."})
-    task_type: str | None = field(default=None, metadata={"help": "Override every cluster's task type."})
-    prompt_style: str = field(
-        default="ours",
-        metadata={
-            "help": "ours, or reference: the paper's prompt, for a distiller trained by its code.",
-            "choices": list(PROMPT_STYLES),
-        },
+    model: str = field(
+        kw_only=True,
+        metadata={"help": "Distiller: Hub id, local folder, alias, or the served model name (openai)."},
+    )
+    engine: EngineName = field(default="transformers", metadata={"help": "Inference engine."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed.", "range": "[0, inf)"})
+    checkpoint_every: int = field(
+        default=64, metadata={"help": "Clusters per checkpointed chunk.", "range": "[1, inf)", "fingerprint": False}
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "Distill only the first N clusters (smoke runs).", "range": "[1, inf)"}
     )
     # transformers
-    batch_size: int = field(default=8, metadata={"help": "transformers: prompts per generate() call."})
-    device: str | None = field(default=None, metadata={"help": "transformers: cpu, cuda, cuda:1 (default: auto)."})
-    dtype: str = field(
+    batch_size: int = field(
+        default=8,
+        metadata={"help": "transformers: prompts per generate() call.", "range": "[1, inf)", "fingerprint": False},
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "transformers: cpu, cuda, cuda:1 (default: auto).", "fingerprint": False}
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata={"help": "auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."}
     )
-    attn_implementation: str = field(
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
         default="sdpa", metadata={"help": "transformers: sdpa, eager or flash_attention_2."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
@@ -87,23 +87,35 @@ class DistillArgs:
             "tags and the model fills them (for untrained models)."
         },
     )
-    think_tokens: int = field(default=48, metadata={"help": "transformers, with --scaffold: reasoning budget."})
+    think_tokens: int = field(
+        default=48, metadata={"help": "transformers, with --scaffold: reasoning budget.", "range": "[0, inf)"}
+    )
     answer_prefix: str = field(
         default="", metadata={"help": "transformers, with --scaffold: text that opens the answer, e.g. 'Q:' for qa."}
     )
     # vllm
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vllm: GPUs per model replica."})
-    data_parallel_size: int = field(default=1, metadata={"help": "vllm: model replicas."})
-    gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm: fraction of GPU memory."})
-    max_model_len: int | None = field(default=None, metadata={"help": "vllm: context length cap."})
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "vllm: GPUs per model replica.", "range": "[1, inf)"}
+    )
+    data_parallel_size: int = field(default=1, metadata={"help": "vllm: model replicas.", "range": "[1, inf)"})
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "vllm: fraction of GPU memory.", "range": "(0, 1]"}
+    )
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "vllm: context length cap.", "range": "[1, inf)"}
+    )
     # openai
     base_url: str | None = field(default=None, metadata={"help": "openai: server URL (default $OPENAI_BASE_URL)."})
     api_key: str | None = field(
-        default=None, metadata={"help": "openai: key (default $OPENAI_API_KEY; never written)."}
+        default=None, metadata={"help": "openai: key (default $OPENAI_API_KEY; never written).", "fingerprint": False}
     )
-    max_concurrency: int = field(default=16, metadata={"help": "openai: requests in flight."})
+    max_concurrency: int = field(
+        default=16, metadata={"help": "openai: requests in flight.", "range": "[1, inf)", "fingerprint": False}
+    )
     tokenizer: str | None = field(default=None, metadata={"help": "openai: tokenizer for the prompt budget."})
-    cache_dir: str | None = field(default=None, metadata={"help": "openai: response cache folder."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "openai: response cache folder.", "fingerprint": False}
+    )
 
 
 def _load_clusters(path: str) -> Dataset:
@@ -129,17 +141,7 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
     already holds a loaded model reuse it; ``executor`` runs the chunks (default: here)."""
     from tqdm.auto import tqdm
 
-    if args.engine not in ENGINES:
-        raise LmmixupError(f"unknown engine {args.engine!r}; choose one of {', '.join(ENGINES)}")
-    params = asdict(args)
-    for k in ("out", "checkpoint_every", "max_concurrency", "cache_dir", "device", "batch_size"):
-        params.pop(k, None)  # they do not change the result, so they must not invalidate finished work
-    if args.prompt_style not in PROMPT_STYLES:
-        raise LmmixupError(f"unknown prompt_style {args.prompt_style!r}; choose one of {', '.join(PROMPT_STYLES)}")
-    if params.get("prompt_style") == "ours":
-        params.pop("prompt_style")  # the default: runs made before the option keep their fingerprint
-    params["prompt_version"] = PROMPT_VERSION
-    run = StageRun("distill", args.out, inputs=[args.input], params=params)
+    run = StageRun("distill", args.out, inputs=[args.input], params=args, tags={"prompt_version": PROMPT_VERSION})
     if run.is_complete():
         logger.info("distill: up to date, skipping (%s)", args.out)
         return run.load()
@@ -156,22 +158,14 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
     columns = [c for c in (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE) if c in ds.column_names]
     members_table = ds.select_columns(columns)
 
-    step = max(1, args.checkpoint_every)
+    step = args.checkpoint_every
     chunks = [clusters[i : i + step] for i in range(0, len(clusters), step)]
     work = run.work_dir
     todo = [k for k in range(len(chunks)) if not (work / f"part-{k:06d}.parquet").exists()]
     if len(todo) < len(chunks):
         logger.info("distill: resuming, %d of %d chunks already done", len(chunks) - len(todo), len(chunks))
 
-    generation = {
-        "task_type": args.task_type,
-        "max_prompt_tokens": args.max_prompt_tokens,
-        "prompt_style": args.prompt_style,
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "repetition_penalty": args.repetition_penalty,
-    }
+    generation = {f.name: getattr(args, f.name) for f in fields(GenerationOptions)}
     bar = tqdm(total=len(clusters), desc="distill", unit="cluster", dynamic_ncols=True)
     bar.update(sum(len(chunks[k]) for k in range(len(chunks)) if k not in set(todo)))
 

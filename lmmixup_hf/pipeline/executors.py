@@ -16,7 +16,6 @@ after a kill picks up where they stopped. The results are the same rows either w
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 from datasets import Dataset
 
 from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.options import Options, from_mapping
 
 EXECUTORS = ("local", "ray")
 
@@ -40,71 +40,45 @@ OnChunk = Callable[[int, list[dict[str, Any]], float], None]  # (chunk, records,
 
 
 @dataclass
-class RayPoolOptions:
+class RayPoolOptions(Options):
     """One part's actor pool: how many actors, what each asks of the cluster, rows per call."""
 
-    actors: int = 2
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    batch_size: int | None = None  # default: DEFAULT_BATCH for the part
+    actors: int = field(default=2, metadata={"range": "[1, inf)"})
+    num_cpus: float = field(default=1.0, metadata={"range": "[0, inf)"})
+    num_gpus: float = field(default=0.0, metadata={"range": "[0, inf)"})
+    batch_size: int | None = field(default=None, metadata={"range": "[1, inf)"})  # default: DEFAULT_BATCH[part]
+
+
+def _pool() -> Any:
+    return field(default_factory=RayPoolOptions)
 
 
 @dataclass
-class RayOptions:
-    """The ``ray:`` section of a pipeline config."""
+class RayOptions(Options):
+    """The ``ray:`` section of a pipeline config: the cluster, then one pool per part (RAY_PARTS)."""
 
     address: str | None = None  # a running cluster ("auto", "ray://head:10001"); None: start a private one
-    num_cpus: int | None = None  # private cluster only: CPUs it may use (default: all)
-    num_gpus: int | None = None  # private cluster only
-    max_retries: int = 3  # restarts of a dead actor (and retries of its batch) before the stage fails
-    parts: dict[str, RayPoolOptions] = field(default_factory=dict)
+    num_cpus: int | None = field(default=None, metadata={"range": "[0, inf)"})  # private cluster only (default: all)
+    num_gpus: int | None = field(default=None, metadata={"range": "[0, inf)"})  # private cluster only
+    # restarts of a dead actor (and retries of its batch) before the stage fails
+    max_retries: int = field(default=3, metadata={"range": "[0, inf)"})
+    rate: RayPoolOptions = _pool()
+    rerate: RayPoolOptions = _pool()
+    distill: RayPoolOptions = _pool()
+    embed: RayPoolOptions = _pool()  # the embedding done by cluster, longtail and mix
+    cluster: RayPoolOptions = _pool()
+    longtail: RayPoolOptions = _pool()
 
     def pool(self, part: str) -> RayPoolOptions:
-        return self.parts.get(part) or RayPoolOptions()
+        return getattr(self, part) if part in RAY_PARTS else RayPoolOptions()
 
     def batch_size(self, part: str) -> int:
         return self.pool(part).batch_size or DEFAULT_BATCH.get(part, 64)
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any] | None, where: str = "ray") -> RayOptions:
-        """Validate a ``ray:`` mapping; every problem names the key and what is wrong."""
-        raw = dict(raw or {})
-        top = {
-            "address": (str, type(None)),
-            "num_cpus": (int, type(None)),
-            "num_gpus": (int, type(None)),
-            "max_retries": (int,),
-        }
-        unknown = sorted(set(raw) - set(top) - set(RAY_PARTS))
-        if unknown:
-            raise LmmixupError(
-                f"{where}: unknown key(s) {', '.join(unknown)}; keys are {', '.join(top)} and the parts "
-                f"{', '.join(RAY_PARTS)}"
-            )
-        for key, types in top.items():
-            if key in raw and (not isinstance(raw[key], types) or isinstance(raw[key], bool)):
-                raise LmmixupError(f"{where}.{key}: expected {types[0].__name__}, got {raw[key]!r}")
-            if key in ("num_cpus", "num_gpus", "max_retries") and isinstance(raw.get(key), int) and raw[key] < 0:
-                raise LmmixupError(f"{where}.{key}: must be >= 0, got {raw[key]}")
-        parts = {}
-        names = [f.name for f in dataclasses.fields(RayPoolOptions)]
-        for part in RAY_PARTS:
-            section = raw.get(part)
-            if section is None:
-                continue
-            if not isinstance(section, Mapping):
-                raise LmmixupError(f"{where}.{part}: expected a mapping of {', '.join(names)}")
-            bad = sorted(set(section) - set(names))
-            if bad:
-                raise LmmixupError(f"{where}.{part}: unknown key(s) {', '.join(bad)}; keys are {', '.join(names)}")
-            for key, value in section.items():
-                number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                low = 1 if key in ("actors", "batch_size") else 0
-                if not (number and value >= low) or (key in ("actors", "batch_size") and not isinstance(value, int)):
-                    kind = "an integer" if key in ("actors", "batch_size") else "a number"
-                    raise LmmixupError(f"{where}.{part}.{key}: expected {kind} >= {low}, got {value!r}")
-            parts[part] = RayPoolOptions(**section)
-        return cls(**{k: raw[k] for k in top if k in raw}, parts=parts)
+        """A ``ray:`` mapping, checked like every options section (errors name ``where.key``)."""
+        return from_mapping(cls, dict(raw or {}), f"{where}.")
 
 
 class Executor:

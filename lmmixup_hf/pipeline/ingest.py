@@ -3,27 +3,30 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from datasets import Dataset
 
 from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.schema import DEFAULT_MAX_CHARS
+from lmmixup_hf.options import Options
 from lmmixup_hf.pipeline.workflow import StageRun
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class IngestArgs:
+class IngestArgs(Options):
     input: str = field(metadata={"help": "Pool: .jsonl, .json, .parquet, a saved dataset folder or a Hub id."})
     out: str = field(metadata={"help": "Output folder (data/*.parquet, rejected.jsonl, manifest.json)."})
-    max_chars: int = field(default=DEFAULT_MAX_CHARS, metadata={"help": "Reject rows longer than this."})
+    max_chars: int = field(
+        default=DEFAULT_MAX_CHARS, metadata={"help": "Reject rows longer than this.", "range": "[1, inf)"}
+    )
     source: str | None = field(default=None, metadata={"help": "Default `source` (default: the file name)."})
 
 
 def ingest(args: IngestArgs) -> Dataset:
-    run = StageRun("ingest", args.out, inputs=[args.input], params=asdict(args))
+    run = StageRun("ingest", args.out, inputs=[args.input], params=args)
     if run.is_complete():
         logger.info("ingest: up to date, skipping (%s)", args.out)
         return run.load()

@@ -6,7 +6,7 @@ ANN backends, its measured recall."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from datasets import Dataset
@@ -16,37 +16,33 @@ from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
 from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.longtail import DEFAULT_K, LONG_TAIL_RAW, REFERENCE_SPLIT, longtail_rows
+from lmmixup_hf.stages.longtail import LONG_TAIL_RAW, REFERENCE_SPLIT, LongtailOptions, longtail_rows
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LongtailArgs:
-    input: str = field(metadata={"help": "Rows to score (pool or stage folder), e.g. the distilled rows."})
-    out: str = field(metadata={"help": "Output folder: data/ (+ reference/ with --reference)."})
+class LongtailArgs(LongtailOptions):
+    """The long-tail options (:class:`~lmmixup_hf.stages.longtail.LongtailOptions`) and the stage's own."""
+
+    input: str = field(
+        kw_only=True, metadata={"help": "Rows to score (pool or stage folder), e.g. the distilled rows."}
+    )
+    out: str = field(kw_only=True, metadata={"help": "Output folder: data/ (+ reference/ with --reference)."})
     reference: str | None = field(
         default=None, metadata={"help": "Score the input against this set (e.g. the original high-quality rows)."}
-    )
-    k: int = field(default=DEFAULT_K, metadata={"help": "Neighbours per row (the method uses 15)."})
-    normalize: str = field(
-        default="joint",
-        metadata={"help": "`joint`: one min-max over input and reference; `per_file`: each set on its own."},
-    )
-    backend: str = field(
-        default="exact",
-        metadata={
-            "help": "kNN: exact; partition (k-means cells + neighbour descent, torch), ivf or hnsw (faiss): "
-            "effort tuned to reach 0.95 recall@k and 0.01 score error on sampled queries, both recorded in the "
-            "manifest; auto (partition only where it is faster than exact and meets both)."
-        },
     )
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
     device: str | None = field(
         default=None,
-        metadata={"help": "Device for the embedding model (default: cuda > mps > cpu) and exact kNN (cuda > cpu)."},
+        metadata={
+            "help": "Device for the embedding model (default: cuda > mps > cpu) and exact kNN (cuda > cpu).",
+            "fingerprint": False,
+        },
     )
-    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
+    batch_size: int = field(
+        default=64, metadata={"help": "Embedding batch size.", "range": "[1, inf)", "fingerprint": False}
+    )
 
 
 def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
@@ -56,7 +52,7 @@ def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
     from lmmixup_hf.embed.embeddings import row_embeddings, with_embeddings
 
     inputs = [args.input] + ([args.reference] if args.reference else [])
-    run = StageRun("longtail", args.out, inputs=inputs, params=asdict(args))
+    run = StageRun("longtail", args.out, inputs=inputs, params=args)
     if run.is_complete():
         logger.info("longtail: up to date, skipping (%s)", args.out)
         return run.load()

@@ -4,7 +4,7 @@ and write the mix as TRL prompt-completion (``data/``) and as conversational ``m
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from datasets import Dataset
@@ -13,35 +13,34 @@ from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.schema import LONG_TAIL, LmmixupError
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.mix import MESSAGES, mix_rows, to_messages
+from lmmixup_hf.stages.mix import MESSAGES, MixOptions, mix_rows, to_messages
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class MixArgs:
-    original: str = field(metadata={"help": "Original high-quality rows (pool or stage folder)."})
-    distilled: str = field(metadata={"help": "Distilled rows with a `long_tail` column (`lmmixup longtail`)."})
-    out: str = field(metadata={"help": "Output folder: data/ (prompt, completion) and messages/."})
-    total: int = field(default=10_000, metadata={"help": "Rows in the mix."})
-    ratio: float = field(default=0.5, metadata={"help": "Share of distilled rows (0.5 = 5/5, 0.7 = mixup7_ori3)."})
-    dedup_threshold: float | None = field(
-        default=0.92, metadata={"help": "Drop rows with cosine >= this to a kept row (originals win); none = off."}
+class MixArgs(MixOptions):
+    """The mix options (:class:`~lmmixup_hf.stages.mix.MixOptions`) and the stage's own."""
+
+    original: str = field(kw_only=True, metadata={"help": "Original high-quality rows (pool or stage folder)."})
+    distilled: str = field(
+        kw_only=True, metadata={"help": "Distilled rows with a `long_tail` column (`lmmixup longtail`)."}
     )
-    seed: int = field(default=42, metadata={"help": "Shuffle seed."})
-    allow_fewer: bool = field(
-        default=False, metadata={"help": "Write a smaller mix instead of failing when rows run out."}
-    )
+    out: str = field(kw_only=True, metadata={"help": "Output folder: data/ (prompt, completion) and messages/."})
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Model for dedup."})
-    device: str | None = field(default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu)."})
-    batch_size: int = field(default=64, metadata={"help": "Embedding batch size."})
+    device: str | None = field(
+        default=None, metadata={"help": "Embedding device (default: cuda > mps > cpu).", "fingerprint": False}
+    )
+    batch_size: int = field(
+        default=64, metadata={"help": "Embedding batch size.", "range": "[1, inf)", "fingerprint": False}
+    )
 
 
 def mix(args: MixArgs) -> Dataset:
     """``lmmixup mix``: read both inputs, run :func:`mix_rows`, write ``data/`` and ``messages/``."""
     from lmmixup_hf.embed.embeddings import get_embedder
 
-    run = StageRun("mix", args.out, inputs=[args.original, args.distilled], params=asdict(args))
+    run = StageRun("mix", args.out, inputs=[args.original, args.distilled], params=args)
     if run.is_complete():
         logger.info("mix: up to date, skipping (%s)", args.out)
         return run.load()

@@ -1,110 +1,122 @@
-"""Value ranges of the stages' options, checked before any work starts.
+"""One parser for every command's options, from flags, a ``--config`` YAML or a run config section.
 
-A ``mix.ratio: 7`` or ``--limit -3`` should fail in the first second, not hours into a run. Options
-mean the same thing in every stage that has them, so one table keyed by option name covers all of
-the arguments dataclasses (CLI flags and ``lmmixup run`` config sections alike).
+:class:`OptionsParser` is an ``HfArgumentParser`` (as TRL's ``TrlParser``): the flags come from the
+options dataclass, ``Literal`` fields show their choices. Whatever the source, the values end in
+:func:`lmmixup_hf.options.from_mapping`, so equal input builds equal objects and a bad value is
+refused the same way, naming what the user wrote (``--mode``, ``x.yaml: rate.mode``) and what is
+allowed. The checks themselves are declared on the fields (:mod:`lmmixup_hf.options`).
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
-import math
-from typing import Any, NamedTuple
+import re
+import types
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+from transformers import HfArgumentParser
 
 from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.options import OWN_METADATA, Namer, OptionError, choices, from_mapping, hints, suggest
 
 
-class Bound(NamedTuple):
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False  # the low end itself is not allowed
+class OptionsParser(HfArgumentParser):
+    """Flags and YAML into one options dataclass (``cls``), checked the same way."""
 
-    def holds(self, v: float) -> bool:
-        if self.low is not None and (v < self.low or (self.low_open and v == self.low)):
-            return False
-        return self.high is None or v <= self.high
+    def __init__(self, cls: type, prog: str | None = None, description: str | None = None):
+        self.cls = cls
+        self.own_config = "config" in {f.name for f in dataclasses.fields(cls)}
+        super().__init__(cls, prog=prog, description=description)
+        if not self.own_config:  # a command whose own option is `config` (``lmmixup run``) reads it itself
+            self.add_argument("--config", default=None, help="YAML file whose keys are this command's flags")
+        for action in self._actions:
+            if action.required:  # it may come from the YAML instead: from_mapping checks it
+                action.required, action.default = False, argparse.SUPPRESS
+                action.help = f"{action.help or ''} Required.".strip()
+            if any(o.startswith("--no_") for o in action.option_strings):  # the generated complement of a bool
+                action.help, action.default = f"Same as --{action.dest} false.", argparse.SUPPRESS
+            elif action.help:  # argparse %-formats help: a literal "30%" must not crash --help
+                action.help = re.sub(r"%(?!\()", "%%", action.help)
 
-    def describe(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+    def _add_dataclass_arguments(self, dtype: type) -> None:
+        """HfArgumentParser's, on copies of the fields: required options first in ``--help``, our own
+        metadata kept from argparse, and choices checked by the class (so every source gets the same
+        message, with a suggestion) while ``--help`` still lists them."""
+        fields = [f for f in dataclasses.fields(dtype) if f.init]
+        for f in sorted(fields, key=lambda f: not (f.default is f.default_factory is dataclasses.MISSING)):
+            f = copy.copy(f)
+            f.type = hints(dtype)[f.name]
+            f.metadata = types.MappingProxyType({k: v for k, v in f.metadata.items() if k not in OWN_METADATA})
+            allowed = choices(f.type)
+            self._parse_dataclass_field(self, f)
+            if allowed is not None:
+                action, listed = self._actions[-1], ",".join(map(str, allowed))
+                action.choices = None
+                if len(listed) <= 40:
+                    action.metavar = "{" + listed + "}"
+                else:  # a long list once in the help, not in every spelling of the flag
+                    action.metavar, action.help = (
+                        f.name.upper(),
+                        f"{action.help or ''} One of: {listed.replace(',', ', ')}.".strip(),
+                    )
 
+    def error(self, message: str) -> NoReturn:
+        """A usage error as one line (exit 2), with the closest flag for an unknown one."""
+        unknown = re.match(r"unrecognized arguments: (--?[\w-]+)", message)
+        if unknown:
+            flags = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            message += suggest(unknown[1], flags)
+        raise LmmixupError(f"{message} (see {self.prog} --help)")
 
-_POSITIVE = Bound(1)
-_NON_NEGATIVE = Bound(0)
-_SHARE = Bound(0, 1)
-_GT_ZERO = Bound(0, None, low_open=True)
+    def parse_flags(self, argv: list[str]) -> Any:
+        """Flags, over the ``--config`` YAML's keys (the same names), over the defaults."""
+        unset = object()  # a namespace that already holds every option keeps argparse's defaults out
+        ns = argparse.Namespace(**{a.dest: unset for a in self._actions if a.dest != "help"})
+        given = {k: v for k, v in vars(self.parse_args(argv, namespace=ns)).items() if v is not unset}
+        config = None if self.own_config else given.pop("config", None)
+        values = dict(read_config(config)) if config else {}
+        from_yaml = set(values)
+        values.update(given)
+        from_yaml -= set(given)
+        return from_mapping(
+            self.cls, values, lambda key: f"{config}: {key}" if key in from_yaml else f"--{key}", what=f"`{self.prog}`"
+        )
 
-BOUNDS: dict[str, Bound] = {
-    **dict.fromkeys(
-        (
-            "batch_size",
-            "cell_size",
-            "checkpoint_every",
-            "data_parallel_size",
-            "tensor_parallel_size",
-            "k",
-            "k_t",
-            "limit",
-            "max_chars",
-            "max_concurrency",
-            "max_model_len",
-            "max_new_tokens",
-            "max_prompt_tokens",
-            "max_size",
-            "max_tokens",
-            "min_size",
-            "n_candidates",
-            "total",
-        ),
-        _POSITIVE,
-    ),
-    **dict.fromkeys(
-        (
-            "balance_iters",
-            "kmeans_iters",
-            "refine_rounds",
-            "max_retries",
-            "retry_base_delay",
-            "seed",
-            "examples",
-            "think_tokens",
-            "std_cap",
-            "temperature",
-        ),
-        _NON_NEGATIVE,
-    ),
-    **dict.fromkeys(("ratio", "top_share", "dedup_threshold"), _SHARE),
-    **dict.fromkeys(("rpm", "tpm", "timeout", "repetition_penalty", "mean_cap"), _GT_ZERO),
-    "gpu_memory_utilization": Bound(0, 1, low_open=True),
-    "top_p": Bound(0, 1, low_open=True),
-    "sim_floor": Bound(-1, 1),
-    "threshold": Bound(0, 5),
-    "min_score": Bound(0, 5),
-}
-
-# (smaller, larger): the first may not exceed the second
-ORDERED: tuple[tuple[str, str], ...] = (("min_size", "max_size"),)
+    def parse_dict(self, values: Mapping[str, Any], where: Namer | str = "", what: str = "") -> Any:  # type: ignore[override]
+        """A mapping (a YAML section) into the dataclass; errors name the key as ``where`` says (a
+        prefix such as ``"x.yaml: rate."`` or a function of the key)."""
+        return from_mapping(self.cls, values, where, what=what)
 
 
-def check_options(args: Any, where: str | None = None) -> Any:
-    """Raise one clear error for the first option out of its range; return ``args``.
+def read_config(path: str) -> dict[str, Any]:
+    """A command's ``--config`` YAML: a mapping of option names to values."""
+    values = read_yaml_config(path)
+    if not isinstance(values, dict):
+        raise LmmixupError(f"{path}: expected a mapping of option names to values")
+    return values
 
-    ``where`` prefixes config keys (``"demo.yaml: mix"`` gives ``demo.yaml: mix.ratio: ...``);
-    without it the error names the flag (``--ratio``)."""
 
-    def name(key: str) -> str:
-        return f"{where}.{key}" if where else f"--{key}"
+def read_yaml_config(path: str) -> Any:
+    """A YAML file's content, or one clear error saying why it cannot be read."""
+    import yaml
 
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
-    for key, value in values.items():
-        bound = BOUNDS.get(key)
-        if bound is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if math.isnan(value) or not bound.holds(value):
-            raise LmmixupError(f"{name(key)} {value!r}: expected a value {bound.describe()}")
-    for small, large in ORDERED:
-        a, b = values.get(small), values.get(large)
-        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a > b:
-            raise LmmixupError(f"{name(small)} {a!r} is larger than {name(large)} {b!r}")
-    return args
+    p = Path(path)
+    if not p.exists():
+        raise LmmixupError(f"--config {path}: no such file")
+    if p.is_dir():
+        raise LmmixupError(f"--config {path}: is a folder, not a YAML file")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise LmmixupError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise LmmixupError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise LmmixupError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+
+
+__all__ = ["OptionError", "OptionsParser", "read_config", "read_yaml_config"]

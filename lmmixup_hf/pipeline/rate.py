@@ -18,10 +18,10 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from datasets import Dataset
@@ -39,6 +39,7 @@ from lmmixup_hf.data.schema import (
 )
 from lmmixup_hf.judge.judges import KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
 from lmmixup_hf.models.llm_client import request_key
+from lmmixup_hf.options import OptionError, Options
 from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.plotting import figure
@@ -51,57 +52,40 @@ CHECKPOINT = "ratings.jsonl"
 
 FAILED = "failed.jsonl"
 
-# options that change how fast the stage runs, not what it produces: they stay out of the fingerprint
-_OPERATIONAL = (
-    "base_url",
-    "max_concurrency",
-    "rpm",
-    "tpm",
-    "max_retries",
-    "timeout",
-    "retry_base_delay",
-    "cache_dir",
-    "prices",
-    "batch_size",
-    "progress",
-    "mode",
-    "batch_file_only",
-    "batch_results",
-    "batch_poll_interval",
-    "estimate",
-)
-
 # a rubric reply, {"rarity": 7, "complexity": 6, "informativeness": 7, "overall": 8}, is about 30 tokens
 REPLY_TOKENS = 32
 
 
+Rubric = Literal[(*KINDS, "auto", "reference")]  # type: ignore[valid-type]
+
+# Operational options ("fingerprint": False) change how fast or where the stage runs, or how it
+# reaches the judge, not what it produces: they never invalidate a finished stage.
+
+
 @dataclass
-class RateArgs:
+class RateArgs(Options):
     input: str = field(metadata={"help": "Pool (.jsonl/.json/.parquet, a stage folder or a Hub id)."})
     out: str = field(metadata={"help": "Output folder."})
     judge_model: str = field(
         default="gpt-4o-mini", metadata={"help": "Judge model id (or a local model for --engine local)."}
     )
-    engine: str = field(
-        default="openai",
-        metadata={
-            "help": "openai: any OpenAI-compatible endpoint; local: transformers.",
-            "choices": ["openai", "local"],
-        },
+    engine: Literal["openai", "local"] = field(
+        default="openai", metadata={"help": "openai: any OpenAI-compatible endpoint; local: transformers."}
     )
     base_url: str | None = field(
-        default=None, metadata={"help": "Endpoint URL (default: $OPENAI_BASE_URL, else OpenAI)."}
+        default=None, metadata={"help": "Endpoint URL (default: $OPENAI_BASE_URL, else OpenAI).", "fingerprint": False}
     )
     api_key: str | None = field(
         default=None,
         metadata={
-            "help": "API key (default: $OPENAI_API_KEY, which is preferred: flags show up in process lists). Never written."
+            "help": "API key (default: $OPENAI_API_KEY, which is preferred: flags show up in process lists). Never written.",
+            "fingerprint": False,
         },
     )
     threshold: int = field(
-        default=HIGH_QUALITY_THRESHOLD, metadata={"help": "High quality means score (0-5) >= this."}
+        default=HIGH_QUALITY_THRESHOLD, metadata={"help": "High quality means score (0-5) >= this.", "range": "[0, 5]"}
     )
-    rubric: str = field(
+    rubric: Rubric = field(
         default="general",
         metadata={
             "help": "general (instruction-response), a task type (qa/mcq/tfq/cs/para), auto (each row's task_type), "
@@ -117,51 +101,110 @@ class RateArgs:
     reference_field: str | None = field(
         default=None, metadata={"help": "Column with a reference answer (reference-aware mode)."}
     )
-    limit: int | None = field(default=None, metadata={"help": "Rate only the first N rows."})
-    max_concurrency: int = field(default=64, metadata={"help": "Requests in flight."})
-    rpm: float | None = field(default=None, metadata={"help": "Client-side limit, requests per minute."})
-    tpm: float | None = field(default=None, metadata={"help": "Client-side limit, tokens per minute (estimated)."})
+    limit: int | None = field(default=None, metadata={"help": "Rate only the first N rows.", "range": "[1, inf)"})
+    max_concurrency: int = field(
+        default=64, metadata={"help": "Requests in flight.", "range": "[1, inf)", "fingerprint": False}
+    )
+    rpm: float | None = field(
+        default=None,
+        metadata={"help": "Client-side limit, requests per minute.", "range": "(0, inf)", "fingerprint": False},
+    )
+    tpm: float | None = field(
+        default=None,
+        metadata={
+            "help": "Client-side limit, tokens per minute (estimated).",
+            "range": "(0, inf)",
+            "fingerprint": False,
+        },
+    )
     json_mode: bool = field(
         default=True, metadata={"help": "Ask for a JSON object (dropped if the server rejects it)."}
     )
     logprobs: bool = field(default=True, metadata={"help": "Ask for logprobs to record the expected score."})
-    temperature: float = 0.0
-    max_tokens: int = 128
-    max_retries: int = field(default=6, metadata={"help": "Retries on 429/5xx/timeouts/bad replies."})
-    timeout: float = field(default=60.0, metadata={"help": "Seconds per request."})
-    retry_base_delay: float = field(default=1.0, metadata={"help": "First backoff in seconds (doubles, with jitter)."})
+    temperature: float = field(default=0.0, metadata={"range": "[0, inf)"})
+    max_tokens: int = field(default=128, metadata={"range": "[1, inf)"})
+    max_retries: int = field(
+        default=6,
+        metadata={"help": "Retries on 429/5xx/timeouts/bad replies.", "range": "[0, inf)", "fingerprint": False},
+    )
+    timeout: float = field(
+        default=60.0, metadata={"help": "Seconds per request.", "range": "(0, inf)", "fingerprint": False}
+    )
+    retry_base_delay: float = field(
+        default=1.0,
+        metadata={
+            "help": "First backoff in seconds (doubles, with jitter).",
+            "range": "[0, inf)",
+            "fingerprint": False,
+        },
+    )
     cache_dir: str | None = field(
-        default=None, metadata={"help": "Response cache folder (default: $LMMIXUP_CACHE/llm); 'none' disables it."}
+        default=None,
+        metadata={
+            "help": "Response cache folder (default: $LMMIXUP_CACHE/llm); 'none' disables it.",
+            "fingerprint": False,
+        },
     )
     prices: str | None = field(
         default=None,
-        metadata={"help": "JSON file {model: [usd_in_per_1M, usd_out_per_1M]} extending the built-in price table."},
+        metadata={
+            "help": "JSON file {model: [usd_in_per_1M, usd_out_per_1M]} extending the built-in price table.",
+            "fingerprint": False,
+        },
     )
-    batch_size: int = field(default=8, metadata={"help": "Batch size of the local judge."})
-    progress: bool = field(default=True, metadata={"help": "Show the progress bar."})
-    mode: str = field(
+    batch_size: int = field(
+        default=8, metadata={"help": "Batch size of the local judge.", "range": "[1, inf)", "fingerprint": False}
+    )
+    progress: bool = field(default=True, metadata={"help": "Show the progress bar.", "fingerprint": False})
+    mode: Literal["sync", "batch"] = field(
         default="sync",
         metadata={
             "help": "sync: one request per row, answered at once; batch: the provider's Batch API (about half "
-            "the price, answered within 24 h; rerun the command to re-attach after an interruption).",
-            "choices": ["sync", "batch"],
+            "the price, answered within 24 h; rerun the command to re-attach after an interruption; "
+            "--engine openai only).",
+            "fingerprint": False,
         },
     )
     batch_file_only: bool = field(
         default=False,
-        metadata={"help": "Batch mode: only write <out>/batch_input.jsonl (e.g. for `vllm run-batch`) and stop."},
+        metadata={
+            "help": "Batch mode: only write <out>/batch_input.jsonl (e.g. for `vllm run-batch`) and stop.",
+            "fingerprint": False,
+        },
     )
     batch_results: str | None = field(
         default=None,
         metadata={
-            "help": "Batch mode: read replies from these batch output files (comma-separated) instead of an API."
+            "help": "Batch mode: read replies from these batch output files (comma-separated) instead of an API.",
+            "fingerprint": False,
         },
     )
-    batch_poll_interval: float = field(default=30.0, metadata={"help": "Batch mode: seconds between status polls."})
+    batch_poll_interval: float = field(
+        default=30.0,
+        metadata={"help": "Batch mode: seconds between status polls.", "range": "(0, inf)", "fingerprint": False},
+    )
     estimate: bool = field(
         default=False,
-        metadata={"help": "Only print the rows to rate, estimated tokens and cost (sync and batch), then stop."},
+        metadata={
+            "help": "Only print the rows to rate, estimated tokens and cost (sync and batch), then stop.",
+            "fingerprint": False,
+        },
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not [f for f in self.fields.split(",") if f.strip()]:
+            raise OptionError("fields", "name at least one column", self.fields)
+        if self.rubric == "reference" and self.reference_field:
+            raise OptionError(
+                "reference_field",
+                "not with rubric reference, which shows the item only (as the paper's script)",
+                self.reference_field,
+            )
+        for key in ("mode", "batch_file_only", "batch_results"):  # batch APIs are OpenAI-compatible only
+            value = getattr(self, key)
+            if (value == "batch" if key == "mode" else value) and self.engine != "openai":
+                raise OptionError(key, f"needs engine openai (engine is {self.engine!r})", value)
 
 
 def _safe_name(source: str) -> str:
@@ -224,18 +267,11 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
     """Run the stage (or return its output when it is up to date). ``executor`` runs the judging
     (default: here; see :mod:`lmmixup_hf.pipeline.executors`)."""
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
-    if not fields:
-        raise LmmixupError("--fields: name at least one column")
-    if args.rubric not in ("auto", "reference") and args.rubric not in KINDS:
-        raise LmmixupError(f"--rubric {args.rubric!r}: expected auto, reference or one of {', '.join(KINDS)}")
-    if args.rubric == "reference" and args.reference_field:
-        raise LmmixupError("--rubric reference shows the item only (as the paper's script); drop --reference_field")
     if args.engine == "openai" and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
         if not (args.api_key or os.environ.get("OPENAI_API_KEY")):  # fail now, not once per row
             raise LmmixupError("the OpenAI API needs a key: set OPENAI_API_KEY (or --base_url for a local server)")
-    params = {k: v for k, v in asdict(args).items() if k not in _OPERATIONAL}
-    params["rubric_version"] = "reference" if args.rubric == "reference" else RUBRIC_VERSION
-    run = StageRun("rate", args.out, inputs=[args.input], params=params)
+    version = "reference" if args.rubric == "reference" else RUBRIC_VERSION
+    run = StageRun("rate", args.out, inputs=[args.input], params=args, tags={"rubric_version": version})
     if run.is_complete():
         logger.info("rate: up to date, skipping (%s)", args.out)
         return run.load()
@@ -381,8 +417,6 @@ def _rate_batch(
     from lmmixup_hf.judge.judges import OpenAIJudge, build_judge_messages
     from lmmixup_hf.models.llm_client import ChatResult
 
-    if args.engine != "openai":
-        raise LmmixupError(f"--mode batch: needs --engine openai (got {args.engine!r})")
     judge = OpenAIJudge(
         args.judge_model,
         json_mode=args.json_mode,

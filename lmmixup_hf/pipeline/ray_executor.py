@@ -196,14 +196,13 @@ class KnnActor:
         return {"row": rows, "sims": sims[keep].reshape(len(rows), k)}
 
 
-def cluster_group(batch: dict[str, np.ndarray], options: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """One source's rows (all of them: a ``map_groups`` group), clustered in their input order."""
-    from types import SimpleNamespace
-
+def cluster_group(batch: dict[str, np.ndarray], options: Any) -> dict[str, np.ndarray]:
+    """One source's rows (all of them: a ``map_groups`` group), clustered in their input order
+    (``options``: a :class:`~lmmixup_hf.stages.cluster.ClusterOptions`)."""
     from lmmixup_hf.stages.cluster import cluster_subset
 
     order = np.argsort(batch["row"])
-    res = cluster_subset(np.asarray(batch["embedding"], np.float32)[order], SimpleNamespace(**options))
+    res = cluster_subset(np.asarray(batch["embedding"], np.float32)[order], options)
     n = len(order)
     return {
         "row": batch["row"][order],
@@ -360,8 +359,8 @@ class RayExecutor(Executor):
 
     # -- cluster ----------------------------------------------------------------------------------
     @property
-    def map_sources(self) -> Callable[[np.ndarray, np.ndarray, dict[str, Any]], dict[str, Any]]:
-        def run(sources: np.ndarray, x: np.ndarray, options: dict[str, Any]) -> dict[str, Any]:
+    def map_sources(self) -> Callable[[np.ndarray, np.ndarray, Any], dict[str, Any]]:
+        def run(sources: np.ndarray, x: np.ndarray, options: Any) -> dict[str, Any]:
             from lmmixup_hf.stages.cluster import ClusterResult
 
             ray = self.start()

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmmixup_hf.data.schema import CLUSTER_ID, COMPLETION, ID, LONG_TAIL, PROMPT, RATING, LmmixupError
+from lmmixup_hf.options import Options
 from lmmixup_hf.pipeline.registry import STAGE_NAMES
 from lmmixup_hf.pipeline.workflow import MANIFEST, REJECTED, input_status
 from lmmixup_hf.plotting import figure
@@ -34,9 +35,11 @@ PLOTS = "report"
 
 
 @dataclass
-class ReportArgs:
+class ReportArgs(Options):
     run_dir: str = field(metadata={"help": "A run folder (runs/<name>) with one sub-folder per stage."})
-    examples: int = field(default=4, metadata={"help": "How many clusters to show next to their distillation."})
+    examples: int = field(
+        default=4, metadata={"help": "How many clusters to show next to their distillation.", "range": "[0, inf)"}
+    )
     title: str | None = field(default=None, metadata={"help": "Report title (default: the run folder name)."})
 
 

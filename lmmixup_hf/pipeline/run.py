@@ -26,18 +26,18 @@ import importlib
 import inspect
 import logging
 import time
-import types
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from datasets import Dataset
 
 from lmmixup_hf.data.io import read_stage_data, write_json
 from lmmixup_hf.data.schema import EXIT_OK, EXIT_PARTIAL, LmmixupError
+from lmmixup_hf.options import Options, from_mapping, suggest
+from lmmixup_hf.pipeline.executors import RayOptions
 from lmmixup_hf.pipeline.registry import STAGE_NAMES, STAGES, Stage
 from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, input_status
 
@@ -74,7 +74,7 @@ SHARED_KEYS = ("embedding_model", "seed", "device", "batch_size", "num_proc")
 
 # -- config ---------------------------------------------------------------------------------------
 @dataclass
-class RunConfig:
+class RunConfig(Options):
     """Top-level keys of a pipeline config; everything else is a stage section."""
 
     input: str
@@ -86,10 +86,10 @@ class RunConfig:
     batch_size: int | None = None
     num_proc: int | None = None
     allow_partial: bool = False  # go on to the next stage when rows were left failed (e.g. by the judge)
-    executor: str = "local"  # where the stages' parallel work runs: local or ray
-    ray: dict[str, Any] | None = None  # the Ray executor's options (RayOptions)
+    executor: Literal["local", "ray"] = "local"  # where the stages' parallel work runs
+    ray: RayOptions = field(default_factory=RayOptions)  # the Ray executor's options
     description: str | None = None
-    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict, init=False)
 
     @property
     def run_dir(self) -> Path:
@@ -97,22 +97,25 @@ class RunConfig:
 
 
 @dataclass
-class RunArgs:
+class RunArgs(Options):
     config: str = field(default="configs/demo.yaml", metadata={"help": "Pipeline YAML."})
     name: str | None = field(default=None, metadata={"help": "Override the run name (output under runs/<name>)."})
     out_dir: str | None = field(default=None, metadata={"help": "Override the run folder."})
     input: str | None = field(default=None, metadata={"help": "Override the input pool."})
-    from_stage: str | None = field(
-        default=None, metadata={"aliases": ["--from"], "help": f"First stage to run ({', '.join(STAGE_NAMES)})."}
+    from_stage: Literal[STAGE_NAMES] | None = field(  # type: ignore[valid-type]
+        default=None, metadata={"aliases": ["--from"], "help": "First stage to run."}
     )
-    to_stage: str | None = field(default=None, metadata={"aliases": ["--to"], "help": "Last stage to run."})
-    only: str | None = field(default=None, metadata={"help": "Run just this stage (its inputs must exist)."})
-    executor: str | None = field(
+    to_stage: Literal[STAGE_NAMES] | None = field(  # type: ignore[valid-type]
+        default=None, metadata={"aliases": ["--to"], "help": "Last stage to run."}
+    )
+    only: Literal[STAGE_NAMES] | None = field(  # type: ignore[valid-type]
+        default=None, metadata={"help": "Run just this stage (its inputs must exist)."}
+    )
+    executor: Literal["local", "ray"] | None = field(
         default=None,
         metadata={
             "help": "Where the stages' parallel work runs: local (this process) or ray (a Ray cluster; "
-            "see the config's `ray:` section). Default: the config's `executor`, else local.",
-            "choices": ["local", "ray"],
+            "see the config's `ray:` section). Default: the config's `executor`, else local."
         },
     )
     allow_partial: bool | None = field(
@@ -125,7 +128,8 @@ class RunArgs:
 
 
 def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read and validate a pipeline YAML; every problem names the file, the key and what is wrong."""
+    """Read and check a pipeline YAML's top-level keys (the stage sections are checked by
+    :func:`stage_args`); every problem names the file, the key and what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise LmmixupError(f"{path}: no such config file")
@@ -137,32 +141,23 @@ def load_config(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
         raise LmmixupError(f"{path}: expected a mapping of keys to values, got {type(raw).__name__}")
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
 
-    top = {f.name for f in dataclasses.fields(RunConfig)} - {"sections"}
+    top = {f.name for f in dataclasses.fields(RunConfig) if f.init}
     unknown = sorted(set(raw) - top - set(STAGE_NAMES))
     if unknown:
         raise LmmixupError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; top-level keys are {', '.join(sorted(top))} "
-            f"and the stage sections {', '.join(STAGE_NAMES)}"
+            f"{path}: {unknown[0]}: unknown key{suggest(unknown[0], [*top, *STAGE_NAMES])}; top-level keys are "
+            f"{', '.join(sorted(top))} and the stage sections {', '.join(STAGE_NAMES)}"
         )
-    hints = typing.get_type_hints(RunConfig)
-    for key in top & set(raw):
-        _check_type(raw[key], hints[key], f"{path}: {key}")
     if "input" not in raw:
         raise LmmixupError(f"{path}: missing required key `input` (the pool to run on)")
-    sections = {}
+    cfg = from_mapping(RunConfig, {k: v for k, v in raw.items() if k in top}, f"{path}: ")
     for name in STAGE_NAMES:
         section = raw.get(name) or {}
         if not isinstance(section, dict):
             raise LmmixupError(f"{path}: {name}: expected a mapping of {name} options, got {type(section).__name__}")
-        sections[name] = section
-    cfg = RunConfig(**{k: v for k, v in raw.items() if k in top}, sections=sections)
+        cfg.sections[name] = section
     cfg.name = cfg.name or path.stem
     _check_input(cfg.input, path)
-    from lmmixup_hf.pipeline.executors import EXECUTORS, RayOptions
-
-    if cfg.executor not in EXECUTORS:
-        raise LmmixupError(f"{path}: executor: expected one of {', '.join(EXECUTORS)}, got {cfg.executor!r}")
-    RayOptions.from_config(cfg.ray, f"{path}: ray")  # a typo fails now, not after an hour of rating
     return cfg
 
 
@@ -173,73 +168,40 @@ def _check_input(source: str, config_path: Path) -> None:
         raise LmmixupError(f"{config_path}: input: {source}: no such file or folder")
 
 
+def command_of(stage: Stage) -> str:
+    """The ``lmmixup`` command that runs a stage on its own (rerate is ``lmmixup rate``)."""
+    return "rate" if stage.name == "rerate" else stage.name
+
+
 def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config") -> Any:
-    """Build one stage's arguments: shared defaults < its config section < the pipeline's wiring."""
+    """Build one stage's arguments: shared defaults < its config section < the pipeline's wiring,
+    through the same parser as the stage's own command (so the same checks, the same objects)."""
+    from lmmixup_hf.pipeline.options import OptionsParser
+
     cls = getattr(_import(stage), stage.args)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
     section = dict(cfg.sections.get(stage.name, {}))
     if stage.name == "rerate":  # the same judge as `rate` unless told otherwise
         section = {**cfg.sections.get("rate", {}), **section}
     wired = wiring(stage.name, cfg.run_dir, cfg.input)
-    missing = sorted(set(wired) - set(fields))
+    missing = sorted(set(wired) - fields)
     if missing:
         raise LmmixupError(f"stage {stage.name}: {stage.module}.{stage.args} has no option(s) {', '.join(missing)}")
-    values: dict[str, Any] = {}
-    for key in SHARED_KEYS:
-        if getattr(cfg, key) is not None and key in fields:
-            values[key] = getattr(cfg, key)
-    values.update({k: v for k, v in STAGE_DEFAULTS.get(stage.name, {}).items() if k in fields})
-    for key, value in section.items():
-        where = f"{config_path}: {stage.name}.{key}"
+    for key in section:
         if key in wired:
-            raise LmmixupError(f"{where}: set by the pipeline (each stage reads the previous stage's output)")
-        if key not in fields:
-            options = ", ".join(sorted(set(fields) - set(wired)))
-            raise LmmixupError(f"{where}: unknown option for `lmmixup {stage.func}`; known options: {options}")
-        _check_type(value, hints[key], where)
-        values[key] = value
-    values.update(wired)
-    required = [n for n, f in fields.items() if _required(f) and n not in values]
-    if required:
-        raise LmmixupError(f"{config_path}: {stage.name}: missing required option(s) {', '.join(required)}")
-    from lmmixup_hf.pipeline.options import check_options
+            raise LmmixupError(
+                f"{config_path}: {stage.name}.{key}: set by the pipeline (each stage reads the previous stage's output)"
+            )
+    shared = {key: getattr(cfg, key) for key in SHARED_KEYS if getattr(cfg, key) is not None and key in fields}
+    defaults = {k: v for k, v in STAGE_DEFAULTS.get(stage.name, {}).items() if k in fields}
+    values = {**shared, **defaults, **section, **wired}
 
-    return check_options(cls(**values), f"{config_path}: {stage.name}")
+    def name(key: str) -> str:  # what the user wrote: a top-level shared key or the stage's section key
+        shared_only = key in shared and key not in section and key not in defaults
+        return f"{config_path}: {key}" if shared_only else f"{config_path}: {stage.name}.{key}"
 
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
-def _check_type(value: Any, annotation: Any, where: str) -> None:
-    if not _matches(value, annotation):
-        shown = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-        raise LmmixupError(f"{where}: expected {shown}, got {type(value).__name__} {value!r}")
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    if tp is Any:
-        return True
-    origin = typing.get_origin(tp)
-    if origin is typing.Union or origin is types.UnionType:
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if origin is typing.Literal:
-        return value in typing.get_args(tp)
-    if tp is type(None):
-        return value is None
-    if origin in (list, tuple, typing.Sequence):
-        args = typing.get_args(tp)
-        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
-    if origin in (dict, typing.Mapping):
-        return isinstance(value, dict)
-    if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(tp, type):
-        return isinstance(value, tp)
-    return True  # an annotation we do not model: let the stage validate it
+    command = command_of(stage)
+    return OptionsParser(cls, prog=f"lmmixup {command}").parse_dict(values, name, what=f"`lmmixup {command}`")
 
 
 class _MissingStage(LmmixupError):
@@ -255,6 +217,7 @@ def _import(stage: Stage) -> Any:
 
 # -- running --------------------------------------------------------------------------------------
 def select_stages(from_stage: str | None, to_stage: str | None, only: str | None) -> list[Stage]:
+    """The stages to run, in order (the names are checked here too, for callers in Python)."""
     for flag, value in (("--from", from_stage), ("--to", to_stage), ("--only", only)):
         if value is not None and value not in STAGE_NAMES:
             raise LmmixupError(f"{flag} {value}: unknown stage; stages are {', '.join(STAGE_NAMES)}")
@@ -365,7 +328,7 @@ def _skip_empty(stage: Stage, args: Any) -> bool:
 
     from lmmixup_hf.data.io import read_pool
 
-    run = StageRun("longtail", args.out, inputs=[args.input, args.reference], params=asdict(args))
+    run = StageRun("longtail", args.out, inputs=[args.input, args.reference], params=args)
     if run.is_complete():
         logger.info("longtail: up to date, skipping (%s)", args.out)
         return True

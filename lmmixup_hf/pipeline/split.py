@@ -5,7 +5,7 @@ quarantined with a reason, never counted as low or scored 0."""
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from datasets import Dataset
 from lmmixup_hf.data.io import read_stage_data, write_json, write_stage_data
 from lmmixup_hf.data.quality import split_by_quality
 from lmmixup_hf.data.schema import HIGH_QUALITY_THRESHOLD, RATING
+from lmmixup_hf.options import Options
 from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, content_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -21,17 +22,19 @@ logger = logging.getLogger(__name__)
 
 # -- split and filter: two small stages with no module of their own ------------------------------
 @dataclass
-class SplitArgs:
+class SplitArgs(Options):
     input: str = field(metadata={"help": "A rated stage folder (rows with a `rating` struct)."})
     out: str = field(metadata={"help": "Output folder: high/ and low/, each a readable stage folder."})
     threshold: int = field(
-        default=HIGH_QUALITY_THRESHOLD, metadata={"help": "High quality means compressed score (0-5) >= this."}
+        default=HIGH_QUALITY_THRESHOLD,
+        metadata={"help": "High quality means compressed score (0-5) >= this.", "range": "[0, 5]"},
     )
     top_share: float | None = field(
         default=None,
         metadata={
             "help": "Instead of the threshold: the best-rated share of rows is high (0.3 = top 30 percent), ranked by "
-            "score, then the judge's expected score. For weak judges whose scores bunch together (the demo)."
+            "score, then the judge's expected score. For weak judges whose scores bunch together (the demo).",
+            "range": "[0, 1]",
         },
     )
 
@@ -40,7 +43,7 @@ def split_rated(args: SplitArgs) -> Dataset:
     """Split rated rows into ``high/`` and ``low/`` (:func:`~lmmixup_hf.data.quality.split_by_quality`).
     Each half is a stage folder of its own (data/ + manifest), so later stages read it like any
     other. Unscored rows (the judge failed) are quarantined, never counted as low."""
-    run = StageRun("split", args.out, inputs=[args.input], params=asdict(args))
+    run = StageRun("split", args.out, inputs=[args.input], params=args)
     if run.is_complete():
         logger.info("split: up to date, skipping (%s)", args.out)
         return read_stage_data(Path(args.out) / "high")
@@ -75,18 +78,19 @@ def _quarantine_unscored(run: StageRun, path: str, ds: Dataset, unscored: Any) -
 
 
 @dataclass
-class FilterArgs:
+class FilterArgs(Options):
     input: str = field(metadata={"help": "A rated stage folder (rows with a `rating` struct)."})
     out: str = field(metadata={"help": "Output folder: data/ (kept) and below/ (under the threshold)."})
     min_score: int = field(
-        default=HIGH_QUALITY_THRESHOLD, metadata={"help": "Keep rows whose compressed score (0-5) is >= this."}
+        default=HIGH_QUALITY_THRESHOLD,
+        metadata={"help": "Keep rows whose compressed score (0-5) is >= this.", "range": "[0, 5]"},
     )
 
 
 def filter_rated(args: FilterArgs) -> Dataset:
     """Keep rows scored >= ``min_score`` (the same rule as the split). Rows under it go to
     ``below/``; rows with no score (the judge failed) are quarantined with a reason, never a 0."""
-    run = StageRun("filter", args.out, inputs=[args.input], params=asdict(args))
+    run = StageRun("filter", args.out, inputs=[args.input], params=args)
     if run.is_complete():
         logger.info("filter: up to date, skipping (%s)", args.out)
         return run.load()

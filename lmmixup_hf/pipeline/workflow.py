@@ -4,6 +4,11 @@ Every stage writes ``<out>/data/*.parquet``, ``<out>/rejected.jsonl`` and, last 
 ``<out>/manifest.json``. A stage whose manifest fingerprint matches its inputs and parameters is
 skipped; an interrupted stage finds its partial work under ``<out>/.work/`` and resumes from it.
 
+What a stage is fingerprinted by is declared on its options: fields marked
+``metadata={"fingerprint": False}`` (devices, batch sizes, concurrency, caches, ...) say how the
+stage runs, not what it produces, so changing them leaves a finished stage up to date
+(:func:`lmmixup_hf.options.fingerprint_params`); the manifest still records them.
+
 Fingerprints are of content, never of places: an input is fingerprinted by what it holds (a file's
 bytes, or a stage folder's *output* fingerprint, a hash of the parquet it wrote), and the path
 options (``input``, ``out``, ...) stay out of the parameter hash. So a stage whose input changed in
@@ -22,7 +27,7 @@ import platform
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +37,7 @@ from datasets import Dataset
 
 from lmmixup_hf import __version__
 from lmmixup_hf.data.io import MANIFEST_NAME, Quarantine, read_stage_data, write_json, write_stage_data
+from lmmixup_hf.options import fingerprint_params
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +147,7 @@ def package_versions() -> dict[str, str]:
 class StageRun:
     """One execution of a stage into ``out_dir``.
 
-    >>> run = StageRun("rate", out, inputs=[pool], params=asdict(args))
+    >>> run = StageRun("rate", out, inputs=[pool], params=args, tags={"rubric_version": "v3"})
     >>> if run.is_complete(): return run.load()
     >>> ... work, checkpointing under run.work_dir ...
     >>> run.finish(rated, counts={"rated": n})
@@ -150,18 +156,27 @@ class StageRun:
     name: str
     out_dir: Path
     inputs: Sequence[str | Path] = ()
-    params: Mapping[str, Any] = field(default_factory=dict)
+    # the stage's options dataclass (its fingerprint marks apply) or a plain mapping (all hashed)
+    params: Any = field(default_factory=dict)
+    # what changes the result without being an option (a prompt or rubric version): hashed and recorded
+    tags: Mapping[str, Any] = field(default_factory=dict)
     quarantine: Quarantine = field(default_factory=Quarantine)
 
     def __post_init__(self) -> None:
         self.out_dir = check_out_dir(self.out_dir)
-        self.params = redact(self.params)
+        options = self.params
+        if is_dataclass(options):
+            self.params, hashed = asdict(options), fingerprint_params(options)
+        else:
+            self.params, hashed = dict(options), dict(options)
+        self.params = redact({**self.params, **self.tags})
+        hashed = redact({**hashed, **self.tags})
         self.started = time.time()
         self.input_fingerprints = {str(p): fingerprint_path(p) for p in self.inputs}
         self.partial_inputs = {str(p): why for p in self.inputs if (why := input_status(p))}
         for p, why in self.partial_inputs.items():
             logger.warning("%s: input %s is incomplete (%s); this stage's output will be partial", self.name, p, why)
-        hashed = {k: v for k, v in self.params.items() if k not in LOCATION_KEYS}
+        hashed = {k: v for k, v in hashed.items() if k not in LOCATION_KEYS}
         payload = json.dumps(
             {"stage": self.name, "inputs": sorted(self.input_fingerprints.values()), "params": hashed},
             sort_keys=True,

@@ -33,9 +33,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +44,7 @@ from lmmixup_hf.data.schema import CLUSTER_ID, ID, SOURCE, LmmixupError
 from lmmixup_hf.embed.kmeans import coarse_cells, spherical_kmeans
 from lmmixup_hf.embed.kmeans import normalize_rows as _normalize
 from lmmixup_hf.embed.neighbors import knn, resolve_device
+from lmmixup_hf.options import OptionError, Options, check_order, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -600,62 +600,114 @@ class ClusteredRows(NamedTuple):
     stats: dict[str, Any]  # counts, per-source figures, mean cohesion, size histogram
 
 
-# the clustering options and their defaults (``lmmixup cluster`` takes the same ones as flags)
-CLUSTER_DEFAULTS: dict[str, Any] = {
-    "sizes": "data",
-    "min_size": 2,
-    "max_size": 25,
-    "mean_cap": 10.0,
-    "std_cap": 3.0,
-    "min_cohesion": 0.6,
-    "size_prior": 0.02,
-    "seed": 42,
-    "sim_floor": None,
-    "n_candidates": 8,
-    "cell_size": 512,
-    "kmeans_iters": 5,
-    "balance_iters": 2,
-    "refine_rounds": 2,
-    "device": None,
-}
-CLUSTER_OPTIONS = tuple(CLUSTER_DEFAULTS)
+@dataclass
+class ClusterOptions(Options):
+    """The clustering options (``lmmixup cluster`` takes the same ones as flags; its arguments
+    dataclass extends this one, so each default is written here only)."""
+
+    sizes: Literal["data", "drawn"] = field(
+        default="data",
+        metadata={
+            "help": "`data`: sizes follow the data (merge while the mean pairwise cosine stays >= min_cohesion; "
+            "rows with no close neighbours are distilled alone); `drawn`: the method's sizes drawn from "
+            "Normal(mean_cap, std_cap), every row placed."
+        },
+    )
+    min_size: int = field(default=2, metadata={"help": "Smallest cluster.", "range": "[1, inf)"})
+    max_size: int = field(default=25, metadata={"help": "Largest cluster.", "range": "[1, inf)"})
+    mean_cap: float = field(
+        default=10.0,
+        metadata={
+            "help": "Mean cluster size: the drawn sizes' Normal, or the data sizes' prior.",
+            "range": "(0, inf)",
+        },
+    )
+    std_cap: float = field(
+        default=3.0, metadata={"help": "Std of the drawn sizes / of the data sizes' prior.", "range": "[0, inf)"}
+    )
+    min_cohesion: float = field(
+        default=0.6,
+        metadata={"help": "data: every cluster's mean pairwise cosine is at least this.", "range": "[-1, 1]"},
+    )
+    size_prior: float = field(
+        default=0.02,
+        metadata={
+            "help": "data: extra mean cosine a cluster needs per std_cap above mean_cap (0 = no prior).",
+            "range": "[0, inf)",
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for sizes and k-means.", "range": "[0, inf)"})
+    sim_floor: float | None = field(
+        default=None,
+        metadata={
+            "help": "drawn: minimum cosine to a cluster centre; points below go to leftovers/.",
+            "range": "[-1, 1]",
+        },
+    )
+    n_candidates: int = field(
+        default=8, metadata={"help": "drawn: candidate centres per point (top-m).", "range": "[1, inf)"}
+    )
+    cell_size: int = field(default=512, metadata={"help": "Points per coarse k-means cell.", "range": "[1, inf)"})
+    kmeans_iters: int = field(default=5, metadata={"help": "k-means iterations per level.", "range": "[0, inf)"})
+    balance_iters: int = field(
+        default=2,
+        metadata={
+            "help": "drawn: balanced k-means steps (centres := member means, reassign; 0 = off).",
+            "range": "[0, inf)",
+        },
+    )
+    refine_rounds: int = field(
+        default=2, metadata={"help": "drawn: size-preserving swap rounds (0 = off).", "range": "[0, inf)"}
+    )
+    device: str | None = field(
+        default=None,
+        metadata={
+            "help": "Device for k-means and kNN (default: cuda > cpu); `lmmixup cluster` embeds on it too "
+            "(default: cuda > mps > cpu).",
+            "fingerprint": False,
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_order(self, "min_size", "max_size")
+        if self.sizes == "data" and self.sim_floor is not None:
+            raise OptionError("sim_floor", "applies to sizes drawn only; data sizes use min_cohesion", self.sim_floor)
 
 
-SourceMapper = Callable[[np.ndarray, np.ndarray, dict[str, Any]], dict[str, ClusterResult]]
+SourceMapper = Callable[[np.ndarray, np.ndarray, ClusterOptions], dict[str, ClusterResult]]
 
 
-def cluster_sources(sources: np.ndarray, embeddings: np.ndarray, options: dict[str, Any]) -> dict[str, ClusterResult]:
+def cluster_sources(sources: np.ndarray, embeddings: np.ndarray, options: ClusterOptions) -> dict[str, ClusterResult]:
     """Each source's rows clustered on their own, one after the other (an executor may run them
     elsewhere, e.g. a Ray ``groupby("source")``)."""
-    opts = SimpleNamespace(**{**CLUSTER_DEFAULTS, **options})
-    return {src: cluster_subset(embeddings[sources == src], opts) for src in sorted(set(sources.tolist()))}
+    return {src: cluster_subset(embeddings[sources == src], options) for src in sorted(set(sources.tolist()))}
 
 
 def cluster_rows(
-    ds: Dataset, embeddings: np.ndarray, *, map_sources: SourceMapper | None = None, **options: Any
+    ds: Dataset,
+    embeddings: np.ndarray,
+    options: ClusterOptions | None = None,
+    *,
+    map_sources: SourceMapper | None = None,
+    **changes: Any,
 ) -> ClusteredRows:
     """The cluster core: each source's rows clustered on their (unit) embeddings; no files.
 
     >>> out = cluster_rows(low_rows, row_embeddings(low_rows, "BAAI/bge-m3"), sizes="data", max_size=5)
 
-    ``options`` are the clustering options of ``lmmixup cluster`` (:data:`CLUSTER_OPTIONS`). With
+    ``options`` are the clustering options of ``lmmixup cluster`` (:class:`ClusterOptions`, default
+    its defaults); keyword arguments change some of them (a bad one raises ``OptionError``). With
     data sizes a row with no close neighbours becomes a one-row cluster of its own (the distiller
     rewrites it alone) and is also listed in ``leftovers``; with drawn sizes and a ``sim_floor`` such
     rows get ``cluster_id = -1`` and are left out of ``rows``. ``map_sources`` clusters the sources
     (default :func:`cluster_sources`: here, one after the other)."""
-    opts = SimpleNamespace(**{**CLUSTER_DEFAULTS, **options})
-    unknown = set(options) - set(CLUSTER_OPTIONS)
-    if unknown:
-        raise LmmixupError(f"unknown clustering option(s) {', '.join(sorted(unknown))}")
-    if opts.sizes not in ("data", "drawn"):
-        raise LmmixupError(f"--sizes must be `data` or `drawn`, got {opts.sizes!r}")
-    if opts.sizes == "data" and opts.sim_floor is not None:
-        raise LmmixupError("--sim_floor applies to --sizes drawn; data sizes use --min_cohesion")
+    opts = resolve(ClusterOptions, options, changes)
     sources = np.asarray(list(ds[SOURCE]), dtype=object)
     labels = np.full(len(ds), LEFTOVER, np.int64)
     per_source: dict[str, dict[str, int]] = {}
     next_id = 0
-    results = (map_sources or cluster_sources)(sources, embeddings, {**CLUSTER_DEFAULTS, **options})
+    results = (map_sources or cluster_sources)(sources, embeddings, opts)
     for src in sorted(results):
         idx = np.flatnonzero(sources == src)
         res = results[src]
@@ -703,7 +755,7 @@ def cluster_rows(
     return ClusteredRows(rows, table, ds.select(alone), stats)
 
 
-def cluster_subset(x: np.ndarray, args: Any) -> ClusterResult:
+def cluster_subset(x: np.ndarray, args: ClusterOptions) -> ClusterResult:
     """One source's rows, clustered with the chosen size mode."""
     sizes = dict(min_size=args.min_size, max_size=args.max_size, mean_cap=args.mean_cap, std_cap=args.std_cap)
     if args.sizes == "data":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,11 +36,13 @@ from lmmixup_hf.data.schema import (
 )
 from lmmixup_hf.distiller.engines import Engine
 from lmmixup_hf.distiller.prompts import (
+    PromptStyle,
     fit_messages,
     instruction_for,
     linearize_cluster,
 )
 from lmmixup_hf.distiller.response_parsing import parse_response
+from lmmixup_hf.options import NON_DEFAULT, Options, check_task_type, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -105,22 +108,48 @@ def _record(cluster: dict[str, Any], **fields: Any) -> dict[str, Any]:
     return row
 
 
+@dataclass
+class GenerationOptions(Options):
+    """How each cluster becomes a prompt and a reply (``lmmixup distill`` takes the same options as
+    flags; its arguments dataclass extends this one, so each default is written here only)."""
+
+    task_type: str | None = field(default=None, metadata={"help": "Override every cluster's task type."})
+    max_prompt_tokens: int = field(
+        default=2400, metadata={"help": "Prompt budget; whole members are dropped beyond it.", "range": "[1, inf)"}
+    )
+    prompt_style: PromptStyle = field(
+        default="ours",
+        # hashed only when not the default: runs made before the option keep their fingerprint
+        metadata={
+            "help": "ours, or reference: the paper's prompt, for a distiller trained by its code.",
+            "fingerprint": NON_DEFAULT,
+        },
+    )
+    max_new_tokens: int = field(default=1024, metadata={"help": "Generation budget per cluster.", "range": "[1, inf)"})
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy.", "range": "[0, inf)"})
+    top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling (only when temperature > 0).", "range": "(0, 1]"}
+    )
+    repetition_penalty: float = field(default=1.0, metadata={"help": "1.0 = off.", "range": "(0, inf)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_task_type(self)
+
+
 # -- the core: clusters in, one parsed record per cluster out (no files) ---------------------------
 def distill_chunk(
     members: Dataset,
     clusters: Sequence[tuple[int, np.ndarray]],
     engine: Engine,
-    *,
-    task_type: str | None = None,
-    max_prompt_tokens: int = 2400,
-    prompt_style: str = "ours",
-    max_new_tokens: int = 1024,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
+    options: GenerationOptions | None = None,
+    **changes: Any,
 ) -> list[dict[str, Any]]:
     """Fuse each cluster (``(cluster_id, row indices into members)``) with one batched generation.
-    Every cluster gives one record: parsed (``parse_ok``) or with the reason it was not."""
+    Every cluster gives one record: parsed (``parse_ok``) or with the reason it was not.
+    ``options`` (:class:`GenerationOptions`) may be given, or changed, by keyword."""
+    o = resolve(GenerationOptions, options, changes)
+    task_type, max_prompt_tokens, prompt_style = o.task_type, o.max_prompt_tokens, o.prompt_style
     rows, convs, over_budget = [], [], []
     for cid, idx in clusters:
         c = _cluster_row(cid, members[idx.tolist()], task_type)
@@ -142,10 +171,10 @@ def distill_chunk(
     gens = (
         engine.generate(
             convs,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
+            max_new_tokens=o.max_new_tokens,
+            temperature=o.temperature,
+            top_p=o.top_p,
+            repetition_penalty=o.repetition_penalty,
         )
         if convs
         else []
@@ -191,11 +220,19 @@ def distill_chunk(
     return out_rows
 
 
-def distill_rows(clustered: Dataset, engine: Engine, *, batch: int = 64, **generation: Any) -> tuple[Dataset, Dataset]:
+def distill_rows(
+    clustered: Dataset,
+    engine: Engine,
+    options: GenerationOptions | None = None,
+    *,
+    batch: int = 64,
+    **changes: Any,
+) -> tuple[Dataset, Dataset]:
     """Distil every cluster of a clustered Dataset in memory: ``(distilled, unparsed)``.
 
     >>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
     """
+    options = resolve(GenerationOptions, options, changes)
     cluster_ids = np.asarray(clustered[CLUSTER_ID], dtype=np.int64)
     clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))
     columns = [c for c in (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE) if c in clustered.column_names]
@@ -203,7 +240,7 @@ def distill_rows(clustered: Dataset, engine: Engine, *, batch: int = 64, **gener
     records = [
         r
         for i in range(0, len(clusters), batch)
-        for r in distill_chunk(members, clusters[i : i + batch], engine, **generation)
+        for r in distill_chunk(members, clusters[i : i + batch], engine, options)
     ]
     result = Dataset(InMemoryTable(pa.Table.from_pylist(records, schema=SCHEMA)))
     ok = np.asarray(result["parse_ok"], dtype=bool)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from datasets import Dataset
 
 from lmmixup_hf.data.schema import LONG_TAIL, LmmixupError
 from lmmixup_hf.embed.neighbors import AnnCheck, checked_knn, knn, resolve_device
+from lmmixup_hf.options import Options, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -154,23 +156,46 @@ def score_sets(
     return (raw, min_max(raw, lo, hi)), (ref_raw, min_max(ref_raw, lo, hi))
 
 
+@dataclass
+class LongtailOptions(Options):
+    """The long-tail options (``lmmixup longtail`` takes the same ones as flags; its arguments
+    dataclass extends this one, so each default is written here only)."""
+
+    k: int = field(
+        default=DEFAULT_K, metadata={"help": "Neighbours per row (the method uses 15).", "range": "[1, inf)"}
+    )
+    normalize: Literal["joint", "per_file"] = field(
+        default="joint",
+        metadata={"help": "`joint`: one min-max over input and reference; `per_file`: each set on its own."},
+    )
+    backend: Literal["exact", "partition", "ivf", "hnsw", "auto"] = field(
+        default="exact",
+        metadata={
+            "help": "kNN: exact; partition (k-means cells + neighbour descent, torch), ivf or hnsw (faiss): "
+            "effort tuned to reach 0.95 recall@k and 0.01 score error on sampled queries, both recorded in the "
+            "manifest; auto (partition only where it is faster than exact and meets both)."
+        },
+    )
+
+
 def longtail_rows(
     ds: Dataset,
     embeddings: np.ndarray,
     reference: Dataset | None = None,
     reference_embeddings: np.ndarray | None = None,
+    options: LongtailOptions | None = None,
     *,
-    k: int = DEFAULT_K,
-    normalize: Literal["joint", "per_file"] = "joint",
-    backend: str = "exact",
     device: str | None = None,
     search: Search | None = None,
+    **changes: Any,
 ) -> tuple[Dataset, Dataset | None, dict[str, dict]]:
     """The longtail core: ``long_tail_raw`` and ``long_tail`` columns on ``ds`` (and on
     ``reference``, on the same scale when ``normalize="joint"``), plus what each kNN search did.
-    ``search`` replaces the exact kNN search (the one min-max over its results stays here).
+    ``options`` (:class:`LongtailOptions`) may be changed by keyword (``k=10``); ``search`` replaces
+    the exact kNN search (the one min-max over its results stays here).
 
     >>> scored, reference_scored, checks = longtail_rows(distilled, x, original_high, y)"""
+    o = resolve(LongtailOptions, options, changes)
     if (
         reference is not None
         and reference_embeddings is not None
@@ -183,9 +208,9 @@ def longtail_rows(
     (raw, norm), ref_scores = score_sets(
         embeddings,
         reference_embeddings if reference is not None else None,
-        k=k,
-        normalize=normalize,
-        backend=backend,
+        k=o.k,
+        normalize=o.normalize,
+        backend=o.backend,
         checks=checks,
         device=device,
         search=search,

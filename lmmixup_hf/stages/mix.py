@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from datasets import Dataset, Features, Value, concatenate_datasets
 
 from lmmixup_hf.data.schema import COMPLETION, ID, LONG_TAIL, PROMPT, RATING, SOURCE, LmmixupError, text_of
 from lmmixup_hf.embed.embeddings import precomputed_embeddings
+from lmmixup_hf.options import Options, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -96,26 +98,45 @@ def _project(ds: Dataset, order: np.ndarray, origin: str) -> Dataset:
     return Dataset.from_dict({**cols, LONG_TAIL: lt, ORIGIN: [origin] * len(ds)}, features=MIX_FEATURES)
 
 
+@dataclass
+class MixOptions(Options):
+    """The mix options (``lmmixup mix`` takes the same ones as flags; its arguments dataclass
+    extends this one, so each default is written here only)."""
+
+    total: int = field(default=10_000, metadata={"help": "Rows in the mix.", "range": "[1, inf)"})
+    ratio: float = field(
+        default=0.5,
+        metadata={"help": "Share of distilled rows (0.5 = 5/5, 0.7 = mixup7_ori3).", "range": "[0, 1]"},
+    )
+    dedup_threshold: float | None = field(
+        default=0.92,
+        metadata={
+            "help": "Drop rows with cosine >= this to a kept row (originals win); none = off.",
+            "range": "[0, 1]",
+        },
+    )
+    seed: int = field(default=42, metadata={"help": "Shuffle seed.", "range": "[0, inf)"})
+    allow_fewer: bool = field(
+        default=False, metadata={"help": "Write a smaller mix instead of failing when rows run out."}
+    )
+
+
 def mix_rows(
     original: Dataset,
     distilled: Dataset,
+    options: MixOptions | None = None,
     *,
-    total: int,
-    ratio: float,
-    dedup_threshold: float | None = 0.92,
-    seed: int = 42,
-    allow_fewer: bool = False,
     embed: Callable[[list[str]], np.ndarray] | None = None,
+    **changes: Any,
 ) -> tuple[Dataset, dict[str, Any]]:
     """The mix as a core: ``total`` rows, ``round(total * ratio)`` of them distilled, near-duplicates
-    removed (originals win), shuffled with ``seed``. Returns the rows and the counts.
+    removed (originals win), shuffled with ``seed`` (:class:`MixOptions`, or changed by keyword:
+    ``mix_rows(orig, dist, total=100, ratio=0.5)``). Returns the rows and the counts.
 
     Dedup needs vectors: an ``embedding`` column when both inputs have one, else ``embed(texts)``.
     Raises :class:`LmmixupError` when rows run out, unless ``allow_fewer``."""
-    if not 0.0 <= ratio <= 1.0:
-        raise LmmixupError(f"ratio must be in [0, 1], got {ratio}")
-    if total <= 0:
-        raise LmmixupError(f"total must be positive, got {total}")
+    o = resolve(MixOptions, options, changes)
+    total, ratio, dedup_threshold, seed, allow_fewer = o.total, o.ratio, o.dedup_threshold, o.seed, o.allow_fewer
     n_dist = round(total * ratio)
     n_orig = total - n_dist
     o_rank, d_rank = rank_original(original), rank_distilled(distilled)
