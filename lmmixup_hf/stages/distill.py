@@ -4,7 +4,10 @@ A cluster's members, in id order, become one prompt through
 :func:`~lmmixup_hf.distiller.prompts.fit_messages` (whole members are dropped when over the prompt
 budget, and counted). The engine's responses are parsed into ``think``/``output`` and a
 ``prompt``/``completion`` pair; a response that cannot be parsed keeps the reason in
-``parse_error``. Leftover rows (``cluster_id < 0``) are skipped.
+``parse_error``. A generation that failed for a reason outside the reply (transport, 429, 5xx,
+timeout) is marked ``finish_reason="error"`` (:func:`failed_mask`): it is no verdict on the cluster,
+so ``lmmixup distill`` retries it on the next run instead of quarantining it. Leftover rows
+(``cluster_id < 0``) are skipped.
 
 >>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
 
@@ -20,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset
 from datasets.table import InMemoryTable
 
@@ -43,6 +47,9 @@ from lmmixup_hf.distiller.response_parsing import parse_response
 
 logger = logging.getLogger(__name__)
 
+# the finish reason of a generation that failed before any reply arrived (retried, never final)
+FAILED_REASON = "error"
+
 SCHEMA = pa.schema(
     [
         (ID, pa.string()),
@@ -65,6 +72,13 @@ SCHEMA = pa.schema(
         ("parse_error", pa.string()),
     ]
 )
+
+
+def failed_mask(table: pa.Table) -> np.ndarray:
+    """Which records failed for a reason outside the reply (to retry), as opposed to replies that
+    arrived and could not be parsed (final)."""
+    failed = pc.equal(table.column("finish_reason"), FAILED_REASON)
+    return np.asarray(pc.fill_null(failed, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def group_clusters(cluster_ids: np.ndarray, ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -154,8 +168,9 @@ def distill_chunk(
     for c, g in zip(rows, gens):
         parsed = parse_response(g.text, c[TASK_TYPE])
         error = parsed.error
+        finish_reason = g.finish_reason
         if g.error:
-            error = f"generation failed: {g.error}"
+            error, finish_reason = f"generation failed: {g.error}", FAILED_REASON
         elif error and g.finish_reason == "length":
             error = f"truncated at max_new_tokens ({error})"
         elif g.finish_reason == "length" and g.text.rstrip().endswith(parsed.completion or ""):
@@ -171,7 +186,7 @@ def distill_chunk(
                 prompt=parsed.prompt,
                 completion=parsed.completion,
                 raw_response=g.text,
-                finish_reason=g.finish_reason,
+                finish_reason=finish_reason,
                 prompt_tokens=g.prompt_tokens,
                 completion_tokens=g.completion_tokens,
                 n_dropped_members=c["n_dropped_members"],
