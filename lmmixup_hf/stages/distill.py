@@ -206,13 +206,17 @@ def distill_chunk(
     return out_rows
 
 
-def distill_rows(clustered: Dataset, engine: Engine, *, batch: int = 64, **generation: Any) -> tuple[Dataset, Dataset]:
-    """Distil every cluster of a clustered Dataset in memory: ``(distilled, unparsed)``.
+def distill_rows(
+    clustered: Dataset, engine: Engine, *, batch: int = 64, limit: int | None = None, **generation: Any
+) -> tuple[Dataset, Dataset]:
+    """Distil every cluster (or the first ``limit``, as ``lmmixup distill --limit``) of a clustered
+    Dataset in memory: ``(distilled, unparsed)``. Generations that failed (``finish_reason="error"``)
+    come back in ``unparsed`` with their error; ``lmmixup distill`` retries them instead.
 
     >>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
     """
     cluster_ids = np.asarray(clustered[CLUSTER_ID], dtype=np.int64)
-    clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))
+    clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))[:limit]
     columns = [c for c in (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE) if c in clustered.column_names]
     members = clustered.select_columns(columns)
     records = [
