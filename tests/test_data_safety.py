@@ -20,7 +20,7 @@ import pytest
 import yaml
 from openai_server import Faults, judge_responder, server_factory
 
-from lmmixup_hf.cli import COMMANDS, EXIT_OK, EXIT_PARTIAL, main
+from lmmixup_hf.cli import COMMANDS, EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, main
 
 _openai_server = pytest.fixture(server_factory, name="openai_server")
 
@@ -204,3 +204,25 @@ def test_bad_invocations_fail_in_one_line(bad_inputs, argv, status, message):
     r = lmmixup(*(a.format(d=bad_inputs) for a in argv), env=env)
     assert r.returncode == status, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and message in r.stderr, r.stderr[-2000:]
+
+
+# -- a full disk names the folder it could not write ----------------------------------------------
+def test_a_full_disk_names_the_folder(tmp_path, monkeypatch, capsys):
+    import lmmixup_hf.pipeline.workflow as workflow
+
+    def full_disk(data, out_dir, name="data"):  # what pyarrow raises on a full disk: errno 28, no file name
+        raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(workflow, "write_stage_data", full_disk)
+    pool = write_pool(tmp_path / "pool.jsonl", 8)
+    out = tmp_path / "ingest"
+    assert main(["ingest", "--input", str(pool), "--out", str(out)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.rstrip().endswith(f": {out}"), err
+
+    cfg = yaml.safe_load(DEMO.read_text())
+    cfg.update(input=str(pool), out_dir=str(tmp_path / "run"), name="full")
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(tmp_path / "full.yaml"), "--to", "ingest"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.rstrip().endswith(f": {tmp_path / 'run' / 'ingest'}"), err
