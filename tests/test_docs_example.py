@@ -9,6 +9,7 @@ is the documented text.
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,7 @@ def test_python_api_example_runs_as_written(served_models, monkeypatch, capsys):
     assert len(namespace["distilled"]) > 0 and len(namespace["mixed"]) > 0
     out = namespace["out"]
     assert out.is_file() and ROOT not in out.parents  # written to a temporary folder
+    shutil.rmtree(out.parent)
     assert sorted(p.name for p in ROOT.iterdir()) == before  # nothing new in the checkout
     assert f"{len(namespace['mixed'])} rows in {out}" in capsys.readouterr().out
     assert server.n_ok > 281
