@@ -226,3 +226,22 @@ def test_a_full_disk_names_the_folder(tmp_path, monkeypatch, capsys):
     assert main(["run", "--config", str(tmp_path / "full.yaml"), "--to", "ingest"]) == EXIT_FAILED
     err = capsys.readouterr().err
     assert "No space left on device" in err and err.rstrip().endswith(f": {tmp_path / 'run' / 'ingest'}"), err
+
+
+# -- scratch folders do not outlive their process -------------------------------------------------
+def test_scratch_folders_do_not_outlive_their_process(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {"TMPDIR": str(scratch), "PYTHONPATH": str(ROOT)}
+    pool = str(write_pool(tmp_path / "pool.jsonl", 8))
+    r = lmmixup("ingest", "--input", pool, "--out", str(tmp_path / "a"), env=env)
+    assert r.returncode == 0 and not list(scratch.iterdir()), r.stderr[-2000:]  # a finished run leaves nothing
+
+    # a process that dies before its exit handler runs (as under SIGKILL) leaves its folder ...
+    died = "import os, sys\nfrom lmmixup_hf.data.io import read_pool\nread_pool(sys.argv[1])\nos._exit(0)"
+    subprocess.run([sys.executable, "-c", died, pool], env={**os.environ, **env}, check=True, timeout=120)
+    (left,) = scratch.iterdir()
+    assert left.name.startswith("lmmixup-") and list(left.glob("pool-*.arrow"))
+    # ... and the next one removes it
+    r = lmmixup("ingest", "--input", pool, "--out", str(tmp_path / "b"), env=env)
+    assert r.returncode == 0 and not list(scratch.iterdir()), r.stderr[-2000:]
