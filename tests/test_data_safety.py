@@ -120,6 +120,16 @@ def test_run_stops_on_a_partial_stage_unless_allowed(openai_server, tmp_path, mo
     assert "PARTIAL: rate:" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_the_partial_line_says_rerun_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    pool = write_pool(tmp_path / "pool.jsonl", 2)
+    argv = ["rate", "--input", str(pool), "--out", str(tmp_path / "rate"), "--base_url", "http://127.0.0.1:9/v1"]
+    assert main([*argv, "--max_retries", "0", "--cache_dir", "none", "--progress", "false"]) == EXIT_PARTIAL
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "partial:" in x]
+    assert "2 of 2 rows failed (see failed.jsonl)" in line, line
+    assert line.replace(str(tmp_path / "rate"), "").count("rerun") == 1, line
+
+
 # -- fingerprints follow content, not places ------------------------------------------------------
 def test_moving_a_stage_folder_does_not_rerun_it(tmp_path):
     pool = write_pool(tmp_path / "a" / "pool.jsonl")

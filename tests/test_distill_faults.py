@@ -99,7 +99,7 @@ def data_rows(folder: Path, name: str = "data") -> list[dict]:
     return pq.read_table(folder / name).to_pylist()
 
 
-def test_distill_reruns_only_the_failed_clusters_until_complete(openai_server, tmp_path, monkeypatch):
+def test_distill_reruns_only_the_failed_clusters_until_complete(openai_server, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     clusters = write_clusters(tmp_path / "clusters")
     faults = Faults(rate_429=0.25, rate_500=0.2, rate_malformed=0.1, seed=7)
@@ -110,6 +110,9 @@ def test_distill_reruns_only_the_failed_clusters_until_complete(openai_server, t
     assert main(argv) == EXIT_PARTIAL
     m = manifest(out)
     assert not m["complete"] and "clusters failed" in m["incomplete"]
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "partial:" in x]
+    assert line.replace(str(out), "").count("rerun") == 1, line
+    assert f"{m['counts']['failed']} of {N_CLUSTERS} clusters failed" in line
     assert set(server.faults_sent) >= {"429", "500"}
     failed = jsonl(out / "failed.jsonl")
     assert len(failed) == m["counts"]["failed"] >= N_CLUSTERS // 4
