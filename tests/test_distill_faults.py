@@ -203,3 +203,40 @@ def test_run_under_faults_stops_at_each_partial_stage_and_completes(openai_serve
     assert d["counts"]["distilled"] + d["counts"]["unparsed"] == manifest(run_dir / "cluster")["counts"]["clusters"]
     assert manifest(run_dir / "rerate")["counts"]["rated"] == d["counts"]["distilled"]
     assert max(server.ok_by_key.values()) == 1  # an answered request was never asked again
+
+
+@pytest.mark.slow
+def test_distill_on_ray_reruns_only_the_failed_clusters(openai_server, tmp_path, monkeypatch):
+    """The same on Ray actors: a chunk travels with only its failed clusters, and the rows end as
+    those of the local run."""
+    pytest.importorskip("ray")
+    from lmmixup_hf.pipeline.distill import DistillArgs, distill
+    from lmmixup_hf.pipeline.executors import make_executor
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    clusters = write_clusters(tmp_path / "clusters")
+    server = openai_server(responder, faults=Faults(rate_429=0.3, rate_500=0.3, seed=5))
+    args = DistillArgs(input=str(clusters), out=str(tmp_path / "ray"), model="stub-distiller", engine="openai")
+    args.base_url, args.max_new_tokens, args.checkpoint_every = server.base_url, 64, 4
+    args.max_retries, args.retry_base_delay = 0, 0.01
+    executor = make_executor("ray", {"num_cpus": 2, "distill": {"actors": 2}})
+    try:
+        for _ in range(20):
+            left = (
+                {f["cluster_id"] for f in jsonl(tmp_path / "ray" / "failed.jsonl")}
+                if (tmp_path / "ray").exists()
+                else None
+            )
+            asked_before = len(server.bodies)
+            distill(args, executor=executor)
+            if left is not None:
+                assert sorted(cluster_of(b) for b in server.bodies[asked_before:]) == sorted(left)
+            if manifest(tmp_path / "ray")["complete"]:
+                break
+    finally:
+        executor.close()
+    assert manifest(tmp_path / "ray")["counts"]["failed"] == 0
+    clean = openai_server(responder)
+    assert main(distill_argv(clusters, tmp_path / "local", clean.base_url)) == EXIT_OK
+    key = lambda r: (r["id"], r["prompt"], r["completion"], r["member_ids"])  # noqa: E731
+    assert [key(r) for r in data_rows(tmp_path / "ray")] == [key(r) for r in data_rows(tmp_path / "local")]
