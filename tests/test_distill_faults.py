@@ -152,8 +152,18 @@ def test_distill_reruns_only_the_failed_clusters_until_complete(openai_server, t
     key = lambda r: (r["id"], r["cluster_id"], r["prompt"], r["completion"], r["member_ids"])  # noqa: E731
     assert [key(r) for r in data_rows(out)] == [key(r) for r in data_rows(tmp_path / "clean")]
 
-    n = len(server.bodies)  # complete: a rerun asks nothing
+    n = len(server.bodies)  # complete: a rerun asks nothing, also with other retry settings
     assert main(argv) == EXIT_OK and len(server.bodies) == n
+    assert main([*argv, "--max_retries", "3", "--retry_base_delay", "0.5"]) == EXIT_OK and len(server.bodies) == n
+
+
+def test_retry_options_reach_the_openai_client():
+    from lmmixup_hf.distiller.engines import make_engine
+
+    engine = make_engine(
+        "openai", "stub-distiller", base_url="http://127.0.0.1:9/v1", max_retries=2, retry_base_delay=0.25
+    )
+    assert (engine.client.max_retries, engine.client.base_delay) == (2, 0.25)
 
 
 def chain_responder(body: dict) -> str:
