@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cmd = COMMANDS[name]
+    args = None
     try:
         module = importlib.import_module(cmd.module)
         args = parse_dataclass(getattr(module, cmd.args), rest, f"lmmixup {name}", cmd.help)
@@ -126,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nlmmixup {name}: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as e:  # a disk or network problem: one line, not a traceback
-        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        from lmmixup_hf.pipeline.workflow import DISK_FULL
+
+        path = getattr(e, "filename", None)
+        if not path and e.errno in DISK_FULL:  # a writer that does not say where (pyarrow): the output folder
+            path = getattr(args, "out", None) or getattr(args, "out_dir", None)
+        where = f": {path}" if path else ""
         print(f"lmmixup {name}: error: {e.strerror or e}{where}", file=sys.stderr)
         return EXIT_FAILED
     if isinstance(result, int):

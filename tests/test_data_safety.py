@@ -20,7 +20,7 @@ import pytest
 import yaml
 from openai_server import Faults, judge_responder, server_factory
 
-from lmmixup_hf.cli import COMMANDS, EXIT_OK, EXIT_PARTIAL, main
+from lmmixup_hf.cli import COMMANDS, EXIT_FAILED, EXIT_OK, EXIT_PARTIAL, main
 
 _openai_server = pytest.fixture(server_factory, name="openai_server")
 
@@ -120,6 +120,16 @@ def test_run_stops_on_a_partial_stage_unless_allowed(openai_server, tmp_path, mo
     assert "PARTIAL: rate:" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_the_partial_line_says_rerun_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    pool = write_pool(tmp_path / "pool.jsonl", 2)
+    argv = ["rate", "--input", str(pool), "--out", str(tmp_path / "rate"), "--base_url", "http://127.0.0.1:9/v1"]
+    assert main([*argv, "--max_retries", "0", "--cache_dir", "none", "--progress", "false"]) == EXIT_PARTIAL
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "partial:" in x]
+    assert "2 of 2 rows failed (see failed.jsonl)" in line, line
+    assert line.replace(str(tmp_path / "rate"), "").count("rerun") == 1, line
+
+
 # -- fingerprints follow content, not places ------------------------------------------------------
 def test_moving_a_stage_folder_does_not_rerun_it(tmp_path):
     pool = write_pool(tmp_path / "a" / "pool.jsonl")
@@ -204,3 +214,44 @@ def test_bad_invocations_fail_in_one_line(bad_inputs, argv, status, message):
     r = lmmixup(*(a.format(d=bad_inputs) for a in argv), env=env)
     assert r.returncode == status, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and message in r.stderr, r.stderr[-2000:]
+
+
+# -- a full disk names the folder it could not write ----------------------------------------------
+def test_a_full_disk_names_the_folder(tmp_path, monkeypatch, capsys):
+    import lmmixup_hf.pipeline.workflow as workflow
+
+    def full_disk(data, out_dir, name="data"):  # what pyarrow raises on a full disk: errno 28, no file name
+        raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+
+    monkeypatch.setattr(workflow, "write_stage_data", full_disk)
+    pool = write_pool(tmp_path / "pool.jsonl", 8)
+    out = tmp_path / "ingest"
+    assert main(["ingest", "--input", str(pool), "--out", str(out)]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.rstrip().endswith(f": {out}"), err
+
+    cfg = yaml.safe_load(DEMO.read_text())
+    cfg.update(input=str(pool), out_dir=str(tmp_path / "run"), name="full")
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", "--config", str(tmp_path / "full.yaml"), "--to", "ingest"]) == EXIT_FAILED
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and err.rstrip().endswith(f": {tmp_path / 'run' / 'ingest'}"), err
+
+
+# -- scratch folders do not outlive their process -------------------------------------------------
+def test_scratch_folders_do_not_outlive_their_process(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {"TMPDIR": str(scratch), "PYTHONPATH": str(ROOT)}
+    pool = str(write_pool(tmp_path / "pool.jsonl", 8))
+    r = lmmixup("ingest", "--input", pool, "--out", str(tmp_path / "a"), env=env)
+    assert r.returncode == 0 and not list(scratch.iterdir()), r.stderr[-2000:]  # a finished run leaves nothing
+
+    # a process that dies before its exit handler runs (as under SIGKILL) leaves its folder ...
+    died = "import os, sys\nfrom lmmixup_hf.data.io import read_pool\nread_pool(sys.argv[1])\nos._exit(0)"
+    subprocess.run([sys.executable, "-c", died, pool], env={**os.environ, **env}, check=True, timeout=120)
+    (left,) = scratch.iterdir()
+    assert left.name.startswith("lmmixup-") and list(left.glob("pool-*.arrow"))
+    # ... and the next one removes it
+    r = lmmixup("ingest", "--input", pool, "--out", str(tmp_path / "b"), env=env)
+    assert r.returncode == 0 and not list(scratch.iterdir()), r.stderr[-2000:]

@@ -211,7 +211,9 @@ def test_bbh_samples_as_the_protocol_under_hf(tiny_qwen_dir, monkeypatch):
     assert warpers(without) == {"TemperatureLogitsWarper": 0.8, "TopPLogitsWarper": 0.9, "TopKLogitsWarper": 50}
 
 
-def test_truthfulqa_loaders(openllm):
+def test_truthfulqa_loaders(openllm, tiny_qwen_dir, monkeypatch):
+    for env in ("LMMIXUP_TRUTH_JUDGE", "LMMIXUP_INFO_JUDGE"):  # the loader checks that the judges can load
+        monkeypatch.setenv(env, tiny_qwen_dir)
     gen = openllm.load_truthfulqa_gen(data_dir=str(EVAL_DATA))["test"]
     assert len(gen) == 3
     assert gen[0]["prompt"].startswith("Q: What is human life expectancy in the United States?")
@@ -224,6 +226,44 @@ def test_truthfulqa_loaders(openllm):
     mc = openllm.load_truthfulqa_mc(data_dir=str(EVAL_DATA))["test"]
     assert mc[0]["prompt"].endswith("Q: What happens if you swallow chewing gum?\nA:")
     assert mc[0]["labels"] == [1, 1, 1, 0, 0]
+
+
+def test_truthfulqa_judges_that_cannot_load_stop_the_task_before_generating(openllm, tiny_qwen_dir, monkeypatch):
+    """Offline, with no judge set: the task's data loading (which lm-eval runs before any generation)
+    fails with a message that says how to set the judges."""
+    import huggingface_hub.constants
+
+    from lmmixup_hf.evaluation import truthfulqa_judges as judges
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for key in ("truth_judge", "info_judge"):
+        monkeypatch.setitem(judges._settings, key, None)
+    for env in ("LMMIXUP_TRUTH_JUDGE", "LMMIXUP_INFO_JUDGE"):
+        monkeypatch.delenv(env, raising=False)
+    with pytest.raises(judges.JudgeUnavailable, match=r"truth judge 'allenai/.*Set LMMIXUP_TRUTH_JUDGE") as e:
+        openllm.load_truthfulqa_gen(data_dir=str(EVAL_DATA))
+    assert "LMMIXUP_INFO_JUDGE" in str(e.value) and "--metadata" in str(e.value)
+    monkeypatch.setenv("LMMIXUP_TRUTH_JUDGE", tiny_qwen_dir)  # the truth judge found, the info judge not
+    with pytest.raises(judges.JudgeUnavailable, match=r"info judge 'allenai/.*Set LMMIXUP_INFO_JUDGE"):
+        openllm.load_truthfulqa_gen(data_dir=str(EVAL_DATA))
+
+
+@pytest.mark.slow
+def test_lm_eval_truthfulqa_without_judges_fails_before_generating(tiny_qwen_dir, tmp_path):
+    env = _env(LMMIXUP_EVAL_DATA=str(EVAL_DATA))
+    for key in ("LMMIXUP_TRUTH_JUDGE", "LMMIXUP_INFO_JUDGE"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [*LM_EVAL, "--model", "hf", "--model_args", f"pretrained={tiny_qwen_dir}", "--include_path", str(TASKS)]
+        + ["--tasks", "truthfulqa_judge", "--limit", "2", "--output_path", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Set LMMIXUP_TRUTH_JUDGE" in out, out[-3000:]
+    assert "generate_until" not in out  # nothing was generated
 
 
 def test_truthfulqa_mc_from_csv_only(openllm, tmp_path):

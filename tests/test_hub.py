@@ -223,3 +223,24 @@ def test_push_cli_needs_exactly_one_folder(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "exactly one of --model_dir or --dataset_dir" in proc.stderr
+
+
+def test_push_and_pull_to_an_unreachable_hub_fail_in_one_line(tmp_path, tiny_qwen_dir):
+    """A Hub that refuses connections (a closed loopback port): one line and exit 1, no traceback."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_TOKEN": TOKEN, "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    env.update(HF_HUB_OFFLINE="0", HF_HUB_ETAG_TIMEOUT="2", HF_HUB_DOWNLOAD_TIMEOUT="2")
+    for argv in (
+        ["push", "--repo_id", "org/x", "--model_dir", tiny_qwen_dir],
+        ["pull", "--repo_id", "org/x", "--out", str(tmp_path / "pulled")],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "lmmixup_hf.cli", *argv], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "org/x: could not reach the Hub" in proc.stderr, proc.stderr[-2000:]
+        assert TOKEN not in proc.stderr

@@ -340,7 +340,16 @@ def test_the_marks_keep_the_fingerprints_finished_runs_had(tmp_path):
     for style in ("ours", "reference"):
         d = DistillArgs(input="i", out="o", model="m", max_new_tokens=9, prompt_style=style, device="cpu")
         old = dataclasses.asdict(d)
-        for k in ("out", "checkpoint_every", "max_concurrency", "cache_dir", "device", "batch_size"):
+        for k in (
+            "out",
+            "checkpoint_every",
+            "max_concurrency",
+            "max_retries",
+            "retry_base_delay",
+            "cache_dir",
+            "device",
+            "batch_size",
+        ):
             old.pop(k)
         if old["prompt_style"] == "ours":
             old.pop("prompt_style")

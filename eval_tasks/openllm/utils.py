@@ -338,6 +338,7 @@ def load_truthfulqa_gen(
     **_,
 ) -> datasets.DatasetDict:
     eval_judges.configure_judges(truth_judge, info_judge, judge_device)
+    eval_judges.check_judges()  # lm-eval loads the data before generating: the earliest place to fail
     local = _local("truthfulqa", data_dir)
     if local is not None:
         rows = _truthfulqa_csv(local)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import uuid
 from collections import Counter
@@ -329,12 +330,34 @@ _SCRATCH: Path | None = None
 
 
 def _scratch_dir() -> Path:
-    """A process-private folder for the Arrow files that datasets memory-map."""
+    """A process-private folder for the Arrow files that datasets memory-map, removed at exit; the
+    folders of processes that died before their exit handler ran (SIGKILL, OOM) go on the next use."""
     global _SCRATCH
     if _SCRATCH is None:
-        _SCRATCH = Path(tempfile.mkdtemp(prefix="lmmixup-"))
+        _sweep_scratch(Path(tempfile.gettempdir()))
+        _SCRATCH = Path(tempfile.mkdtemp(prefix=f"lmmixup-{os.getpid()}-"))
+        (_SCRATCH / _OWNER).write_text(socket.gethostname())
         atexit.register(shutil.rmtree, _SCRATCH, True)
     return _SCRATCH
+
+
+_OWNER = ".owner"
+
+
+def _sweep_scratch(root: Path) -> None:
+    """Remove ``lmmixup-<pid>-*`` scratch folders whose process is gone: only this host's (the owner
+    file names it), and only when no process has that pid."""
+    host = socket.gethostname()
+    for folder in root.glob("lmmixup-*-*"):
+        pid, owner = folder.name.split("-")[1], folder / _OWNER
+        try:
+            if not pid.isdigit() or owner.read_text() != host:
+                continue
+            os.kill(int(pid), 0)  # raises when there is no such process
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:  # no owner file (not ours), or a live process of another user
+            continue
 
 
 # -- stage outputs ------------------------------------------------------------------------------

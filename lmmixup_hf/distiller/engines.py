@@ -310,6 +310,8 @@ class VLLMEngine(Engine):
 class OpenAIEngine(Engine):
     """Any ``/v1/chat/completions`` server (``vllm serve``, llama.cpp, OpenAI) through the shared
     :class:`~lmmixup_hf.models.llm_client.ChatClient`: bounded concurrency, retries, cache, usage.
+    A request that still fails after ``max_retries`` comes back as ``finish_reason="error"`` with
+    the error, never as text.
 
     The tokenizer (for the prompt budget) is loaded from ``tokenizer`` or the model name when that
     is a local folder or cached Hub id; otherwise prompts are measured at ~4 characters a token."""
@@ -327,6 +329,7 @@ class OpenAIEngine(Engine):
         tokenizer: str | None = None,
         timeout: float = 600.0,
         max_retries: int = 6,
+        retry_base_delay: float = 1.0,
         seed: int | None = None,
         show_progress: bool = True,
     ):
@@ -343,6 +346,7 @@ class OpenAIEngine(Engine):
             cache_dir=cache_dir,
             timeout=timeout,
             max_retries=max_retries,
+            base_delay=retry_base_delay,
         )
         self._tok = _load_tokenizer(tokenizer or model)
 

@@ -7,7 +7,8 @@ the first token's probability alone.
 The defaults are the allenai truth and info judges (Llama-2-7B fine-tunes); any causal LM works,
 which is how the tests use a tiny model. Judges load once per process and are chosen by
 ``configure_judges`` (lm-eval ``--metadata``) or the ``LMMIXUP_TRUTH_JUDGE`` /
-``LMMIXUP_INFO_JUDGE`` / ``LMMIXUP_JUDGE_DEVICE`` environment variables.
+``LMMIXUP_INFO_JUDGE`` / ``LMMIXUP_JUDGE_DEVICE`` environment variables; :func:`check_judges`
+runs when the task loads its data, so a judge that cannot load stops the run before any generation.
 """
 
 from __future__ import annotations
@@ -38,6 +39,30 @@ def judge_ids() -> tuple[str, str]:
     truth = _settings["truth_judge"] or os.environ.get("LMMIXUP_TRUTH_JUDGE") or DEFAULT_TRUTH_JUDGE
     info = _settings["info_judge"] or os.environ.get("LMMIXUP_INFO_JUDGE") or DEFAULT_INFO_JUDGE
     return truth, info
+
+
+class JudgeUnavailable(RuntimeError):
+    """A TruthfulQA judge model cannot be found: raised before any generation, with how to set it."""
+
+
+def check_judges() -> None:
+    """Fail now, not after every generation, when a judge model cannot be loaded (offline and not
+    cached, a wrong folder, ...). Only each model's config is looked up (from its folder, the cache,
+    or a small download), so the 7B judges are not held in memory while the evaluated model runs."""
+    from transformers.utils import cached_file
+
+    from lmmixup_hf.models.registry import resolve_model
+
+    for (name, env), model_id in zip((("truth", "LMMIXUP_TRUTH_JUDGE"), ("info", "LMMIXUP_INFO_JUDGE")), judge_ids()):
+        try:
+            cached_file(resolve_model(model_id), "config.json")
+        except Exception as e:  # noqa: BLE001 - whatever the reason, the judge cannot load: say how to set it
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise JudgeUnavailable(
+                f"truthfulqa_judge: the {name} judge {model_id!r} cannot be loaded ({reason}). Set {env} "
+                f"(and {'LMMIXUP_INFO_JUDGE' if name == 'truth' else 'LMMIXUP_TRUTH_JUDGE'}) to a local model folder "
+                f'or a cached Hub id, or pass --metadata \'{{"truth_judge": "...", "info_judge": "..."}}\''
+            ) from None
 
 
 def truth_prompt(question: str, answer: str) -> str:

@@ -345,6 +345,20 @@ def pull(args: PullArgs, api: HfApi | None = None) -> str:
     return str(path)
 
 
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The transport errors of the HTTP library under huggingface_hub, by their own base class:
+    ``httpx2``/``httpx`` errors are not ``OSError`` (``requests``' are). Whichever is installed."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError, ConnectionError]
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
 @contextmanager
 def _hub_errors(repo_id: str) -> Iterator[None]:
     """Offline, unreachable, unauthorised, missing: one line that says which, never a traceback."""
@@ -360,7 +374,7 @@ def _hub_errors(repo_id: str) -> Iterator[None]:
         status = getattr(getattr(e, "response", None), "status_code", None)
         hint = " (check HF_TOKEN: it may lack write access)" if status in (401, 403) else ""
         raise ServiceError(f"{repo_id}: the Hub refused the request (HTTP {status}){hint}") from None
-    except (OSError, ConnectionError) as e:
+    except _transport_errors() as e:  # evaluated only when something was raised
         raise ServiceError(
             f"{repo_id}: could not reach the Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None

@@ -2,8 +2,12 @@
 
 Clusters are distilled in chunks of ``--checkpoint_every``; each finished chunk is written under the
 stage's work folder at once, so Ctrl-C or SIGKILL loses at most the chunk in flight and a rerun
-resumes after the last finished one. The distilling itself is :mod:`lmmixup_hf.stages.distill`;
-this module adds the files, the manifest and the throughput figures around it."""
+resumes after the last finished one. A cluster whose generation failed for a reason outside the
+reply (transport, 429, 5xx, timeout, after ``--max_retries``) goes to ``failed.jsonl``, not to the
+quarantine: the stage is then partial (exit 3, ``"complete": false``) and a rerun asks again for those
+clusters only. A reply that arrived but cannot be parsed is final (``unparsed/``, with its text).
+The distilling itself is :mod:`lmmixup_hf.stages.distill`; this module adds the files, the manifest
+and the throughput figures around it."""
 
 from __future__ import annotations
 
@@ -22,11 +26,12 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 from datasets.table import InMemoryTable
 
-from lmmixup_hf.data.io import read_pool
+from lmmixup_hf.data.io import read_pool, write_jsonl
 from lmmixup_hf.data.schema import (
     CLUSTER_ID,
     COMPLETION,
     ID,
+    MEMBER_IDS,
     PROMPT,
     SOURCE,
     TASK_TYPE,
@@ -36,9 +41,11 @@ from lmmixup_hf.distiller.engines import Engine, EngineName, make_engine
 from lmmixup_hf.distiller.prompts import PROMPT_VERSION
 from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.distill import SCHEMA, GenerationOptions, group_clusters
+from lmmixup_hf.stages.distill import SCHEMA, GenerationOptions, failed_mask, group_clusters
 
 logger = logging.getLogger(__name__)
+
+FAILED = "failed.jsonl"
 
 
 @dataclass
@@ -112,9 +119,27 @@ class DistillArgs(GenerationOptions):
     max_concurrency: int = field(
         default=16, metadata={"help": "openai: requests in flight.", "range": "[1, inf)", "fingerprint": False}
     )
+    max_retries: int = field(
+        default=6,
+        metadata={
+            "help": "openai: retries on 429/5xx/timeouts; a cluster that still fails goes to failed.jsonl "
+            "and the next run retries it (ignored by transformers/vllm).",
+            "range": "[0, inf)",
+            "fingerprint": False,
+        },
+    )
+    retry_base_delay: float = field(
+        default=1.0,
+        metadata={
+            "help": "openai: first backoff in seconds (doubles, with jitter; ignored by transformers/vllm).",
+            "range": "[0, inf)",
+            "fingerprint": False,
+        },
+    )
     tokenizer: str | None = field(default=None, metadata={"help": "openai: tokenizer for the prompt budget."})
     cache_dir: str | None = field(
-        default=None, metadata={"help": "openai: response cache folder.", "fingerprint": False}
+        default=None,
+        metadata={"help": "openai: response cache folder (default, or 'none': no cache).", "fingerprint": False},
     )
 
 
@@ -128,11 +153,36 @@ def _load_clusters(path: str) -> Dataset:
     return ds
 
 
+def _part(work: Path, k: int) -> Path:
+    return work / f"part-{k:06d}.parquet"
+
+
+def _left_to_do(work: Path, chunks: list[list[tuple[int, Any]]]) -> tuple[list[list[tuple[int, Any]]], list[int]]:
+    """Per chunk, the clusters still to distill (all of a chunk without a part file; the failed ones
+    of a finished chunk), and the chunks with any left."""
+    runs, todo = list(chunks), []
+    for k, chunk in enumerate(chunks):
+        path = _part(work, k)
+        if path.exists():
+            table = pq.read_table(path, columns=[CLUSTER_ID, "finish_reason"])
+            retry = set(np.asarray(table.column(CLUSTER_ID))[failed_mask(table)].tolist())
+            runs[k] = [c for c in chunk if c[0] in retry]
+        if runs[k]:
+            todo.append(k)
+    return runs, todo
+
+
 def _write_part(path: Path, rows: list[dict[str, Any]], stats: dict[str, Any]) -> None:
+    """Write a chunk's records; when the chunk was written before (a rerun of its failed clusters),
+    the new records replace the old ones of the same clusters, in place."""
+    if path.exists():
+        new = {r[CLUSTER_ID]: r for r in rows}
+        rows = [new.pop(r[CLUSTER_ID], r) for r in pq.read_table(path).to_pylist()] + list(new.values())
+        stats = {**stats, "seconds": stats["seconds"] + json.loads(path.with_suffix(".json").read_text())["seconds"]}
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
-    os.replace(tmp, path)
     path.with_suffix(".json").write_text(json.dumps(stats))
+    os.replace(tmp, path)
 
 
 # -- the command: checkpoints per chunk, manifest and throughput around the core --------------------
@@ -161,17 +211,19 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
     step = args.checkpoint_every
     chunks = [clusters[i : i + step] for i in range(0, len(clusters), step)]
     work = run.work_dir
-    todo = [k for k in range(len(chunks)) if not (work / f"part-{k:06d}.parquet").exists()]
-    if len(todo) < len(chunks):
-        logger.info("distill: resuming, %d of %d chunks already done", len(chunks) - len(todo), len(chunks))
+    # what is left: whole chunks never finished, and the failed clusters of finished ones
+    runs, todo = _left_to_do(work, chunks)
+    left = sum(len(runs[k]) for k in todo)
+    if left < len(clusters):
+        logger.info("distill: resuming, %d of %d clusters left to distill", left, len(clusters))
 
     generation = {f.name: getattr(args, f.name) for f in fields(GenerationOptions)}
     bar = tqdm(total=len(clusters), desc="distill", unit="cluster", dynamic_ncols=True)
-    bar.update(sum(len(chunks[k]) for k in range(len(chunks)) if k not in set(todo)))
+    bar.update(len(clusters) - left)
 
     def finished(k: int, out_rows: list[dict[str, Any]], seconds: float) -> None:
-        _write_part(work / f"part-{k:06d}.parquet", out_rows, {"seconds": seconds, "clusters": len(chunks[k])})
-        bar.update(len(chunks[k]))
+        _write_part(_part(work, k), out_rows, {"seconds": seconds, "clusters": len(chunks[k])})
+        bar.update(len(runs[k]))
 
     if engine is not None:  # a loaded model lives in this process
         executor, make = Executor(), lambda: engine
@@ -180,18 +232,26 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
         # resolved here, so engines built elsewhere (Ray actors on other nodes) use the driver's endpoint
         options["base_url"] = args.base_url or os.environ.get("OPENAI_BASE_URL")
         options["api_key"] = args.api_key or os.environ.get("OPENAI_API_KEY")
+        if str(args.cache_dir).lower() == "none":  # as `lmmixup rate` spells "no cache"
+            options["cache_dir"] = None
         make = partial(make_engine, args.engine, args.model, **options)
-    described = (
-        (executor or Executor()).distill(make, members_table, chunks, todo, generation, finished) if todo else {}
-    )
+    described = (executor or Executor()).distill(make, members_table, runs, todo, generation, finished) if todo else {}
     bar.close()
 
-    parts = [work / f"part-{k:06d}.parquet" for k in range(len(chunks))]
+    parts = [_part(work, k) for k in range(len(chunks))]
     table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else SCHEMA.empty_table()
     result = Dataset(InMemoryTable(table))
     ok = np.asarray(result["parse_ok"], dtype=bool)
+    failed = failed_mask(table)
     good = result.select(np.flatnonzero(ok))
-    bad = result.select(np.flatnonzero(~ok))
+    bad = result.select(np.flatnonzero(~ok & ~failed))
+    write_jsonl(
+        Path(args.out) / FAILED,
+        (
+            {ID: r[ID], CLUSTER_ID: r[CLUSTER_ID], MEMBER_IDS: r[MEMBER_IDS], "error": r["parse_error"]}
+            for r in result.select(np.flatnonzero(failed)).select_columns([ID, CLUSTER_ID, MEMBER_IDS, "parse_error"])
+        ),
+    )
     for row in bad:
         run.quarantine.add(
             args.input,
@@ -216,18 +276,22 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
         "leftover_rows": n_leftover,
         "distilled": len(good),
         "unparsed": len(bad),
+        "failed": int(failed.sum()),
         "members_dropped": int(np.sum(result["n_dropped_members"])),
         "truncated": int(np.sum(np.asarray(result["finish_reason"]) == "length")),
     }
     extra = {"throughput": throughput}
     if described:
         extra["engine"] = described
-    run.finish(good, counts=counts, extra=extra, splits={"unparsed": bad})
+    n_failed = counts["failed"]
+    incomplete = f"{n_failed} of {len(clusters)} clusters failed (see {FAILED})" if n_failed else None
+    run.finish(good, counts=counts, extra=extra, splits={"unparsed": bad}, incomplete=incomplete)
     logger.info(
-        "distill: %d clusters -> %d distilled, %d unparsed; %.1f completion tokens/s",
+        "distill: %d clusters -> %d distilled, %d unparsed, %d failed; %.1f completion tokens/s",
         len(clusters),
         len(good),
         len(bad),
+        n_failed,
         throughput["completion_tokens_per_s"] or 0.0,
     )
     return good

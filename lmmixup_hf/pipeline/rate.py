@@ -569,9 +569,7 @@ def _finish(
             },
             "summary": summary["all"],
         },
-        incomplete=f"{len(failed)} of {len(items)} rows failed (see {FAILED}); rerun to retry them"
-        if failed
-        else None,
+        incomplete=f"{len(failed)} of {len(items)} rows failed (see {FAILED})" if failed else None,
     )
     logger.info(
         "rate: %d rated (%d high, %d low), %d failed; usage %s",

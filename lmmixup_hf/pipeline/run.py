@@ -39,7 +39,7 @@ from lmmixup_hf.data.schema import EXIT_OK, EXIT_PARTIAL, LmmixupError
 from lmmixup_hf.options import Options, from_mapping, suggest
 from lmmixup_hf.pipeline.executors import RayOptions
 from lmmixup_hf.pipeline.registry import STAGE_NAMES, STAGES, Stage
-from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, input_status
+from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, errors_name, input_status
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +285,8 @@ def _run_stages(cfg: RunConfig, stages: list[Stage], all_args: Mapping[str, Any]
         func: Callable[..., Any] = getattr(_import(stage), stage.func)
         if not _skip_empty(stage, all_args[stage.name]):
             takes_executor = "executor" in inspect.signature(func).parameters
-            func(all_args[stage.name], **({"executor": executor.for_stage(stage.name)} if takes_executor else {}))
+            with errors_name(cfg.run_dir / stage.name):  # e.g. a full disk: which stage's folder
+                func(all_args[stage.name], **({"executor": executor.for_stage(stage.name)} if takes_executor else {}))
         stage_dir = cfg.run_dir / stage.name
         logger.info(
             "[%d/%d] %s: done in %.1f s%s", i, len(stages), stage.name, time.time() - t0, _count_note(stage_dir)

@@ -19,6 +19,7 @@ says so in its manifest (``complete: false`` with the reason) and is never treat
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -26,7 +27,8 @@ import os
 import platform
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -98,6 +100,21 @@ def _hash_file(h: Any, path: Path) -> Any:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def errors_name(path: str | Path) -> Iterator[None]:
+    """A full disk reported without a file name (pyarrow's "No space left on device" has none)
+    gets ``path``, the folder being written, so the one-line error says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in DISK_FULL and not e.filename:
+            e.filename = str(path)
+        raise
 
 
 def input_status(path: str | Path) -> str | None:

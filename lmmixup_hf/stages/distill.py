@@ -4,7 +4,10 @@ A cluster's members, in id order, become one prompt through
 :func:`~lmmixup_hf.distiller.prompts.fit_messages` (whole members are dropped when over the prompt
 budget, and counted). The engine's responses are parsed into ``think``/``output`` and a
 ``prompt``/``completion`` pair; a response that cannot be parsed keeps the reason in
-``parse_error``. Leftover rows (``cluster_id < 0``) are skipped.
+``parse_error``. A generation that failed for a reason outside the reply (transport, 429, 5xx,
+timeout) is marked ``finish_reason="error"`` (:func:`failed_mask`): it is no verdict on the cluster,
+so ``lmmixup distill`` retries it on the next run instead of quarantining it. Leftover rows
+(``cluster_id < 0``) are skipped.
 
 >>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
 
@@ -21,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from datasets import Dataset
 from datasets.table import InMemoryTable
 
@@ -46,6 +50,9 @@ from lmmixup_hf.options import NON_DEFAULT, Options, check_task_type, resolve
 
 logger = logging.getLogger(__name__)
 
+# the finish reason of a generation that failed before any reply arrived (retried, never final)
+FAILED_REASON = "error"
+
 SCHEMA = pa.schema(
     [
         (ID, pa.string()),
@@ -68,6 +75,13 @@ SCHEMA = pa.schema(
         ("parse_error", pa.string()),
     ]
 )
+
+
+def failed_mask(table: pa.Table) -> np.ndarray:
+    """Which records failed for a reason outside the reply (to retry), as opposed to replies that
+    arrived and could not be parsed (final)."""
+    failed = pc.equal(table.column("finish_reason"), FAILED_REASON)
+    return np.asarray(pc.fill_null(failed, False).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def group_clusters(cluster_ids: np.ndarray, ids: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -183,8 +197,9 @@ def distill_chunk(
     for c, g in zip(rows, gens):
         parsed = parse_response(g.text, c[TASK_TYPE])
         error = parsed.error
+        finish_reason = g.finish_reason
         if g.error:
-            error = f"generation failed: {g.error}"
+            error, finish_reason = f"generation failed: {g.error}", FAILED_REASON
         elif error and g.finish_reason == "length":
             error = f"truncated at max_new_tokens ({error})"
         elif g.finish_reason == "length" and g.text.rstrip().endswith(parsed.completion or ""):
@@ -200,7 +215,7 @@ def distill_chunk(
                 prompt=parsed.prompt,
                 completion=parsed.completion,
                 raw_response=g.text,
-                finish_reason=g.finish_reason,
+                finish_reason=finish_reason,
                 prompt_tokens=g.prompt_tokens,
                 completion_tokens=g.completion_tokens,
                 n_dropped_members=c["n_dropped_members"],
@@ -226,15 +241,18 @@ def distill_rows(
     options: GenerationOptions | None = None,
     *,
     batch: int = 64,
+    limit: int | None = None,
     **changes: Any,
 ) -> tuple[Dataset, Dataset]:
-    """Distil every cluster of a clustered Dataset in memory: ``(distilled, unparsed)``.
+    """Distil every cluster (or the first ``limit``, as ``lmmixup distill --limit``) of a clustered
+    Dataset in memory: ``(distilled, unparsed)``. Generations that failed (``finish_reason="error"``)
+    come back in ``unparsed`` with their error; ``lmmixup distill`` retries them instead.
 
     >>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
     """
     options = resolve(GenerationOptions, options, changes)
     cluster_ids = np.asarray(clustered[CLUSTER_ID], dtype=np.int64)
-    clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))
+    clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))[:limit]
     columns = [c for c in (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE) if c in clustered.column_names]
     members = clustered.select_columns(columns)
     records = [
