@@ -13,10 +13,11 @@ from datasets import Dataset
 
 from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.execution.base import Executor, LocalExecutor
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
-from lmmixup_hf.pipeline.executors import Executor
+from lmmixup_hf.pipeline.registry import stage
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.longtail import LONG_TAIL_RAW, REFERENCE_SPLIT, LongtailOptions, longtail_rows
+from lmmixup_hf.stages.longtail import LONG_TAIL_RAW, REFERENCE_SPLIT, LongtailOptions, knn_on, longtail_rows
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
     """``lmmixup longtail``: read both sets, embed them once (or reuse ``embedding`` columns), run
     :func:`~lmmixup_hf.stages.longtail.longtail_rows`, write ``data/`` and ``reference/``.
     ``executor`` runs the embedding and the exact kNN searches (default: here)."""
-    from lmmixup_hf.embed.embeddings import row_embeddings, with_embeddings
+    from lmmixup_hf.embed.embeddings import embedder_on, row_embeddings, with_embeddings
 
     inputs = [args.input] + ([args.reference] if args.reference else [])
     run = StageRun("longtail", args.out, inputs=inputs, params=args)
@@ -58,9 +59,11 @@ def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
         return run.load()
     ds = read_pool(args.input, quarantine=run.quarantine)
     ref = read_pool(args.reference, quarantine=run.quarantine) if args.reference else None
-    executor = executor or Executor()
+    executor, declared = executor or LocalExecutor(), stage("longtail")
     embed = dict(model_id=args.embedding_model, device=args.device, batch_size=args.batch_size)
-    embed["embedder"] = executor.embedder(args.embedding_model, device=args.device, batch_size=args.batch_size)
+    embed["embedder"] = embedder_on(
+        executor, declared.part("embed"), args.embedding_model, device=args.device, batch_size=args.batch_size
+    )
     x = row_embeddings(ds, **embed)
     y = row_embeddings(ref, **embed) if ref is not None else None
     if y is not None and y.shape[1] != x.shape[1]:
@@ -74,7 +77,7 @@ def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
         normalize=args.normalize,
         backend=args.backend,
         device=args.device,
-        search=executor.knn_search,
+        search=knn_on(executor, declared.part("longtail")),
     )
     # the vectors travel with the rows, so the mix (and anyone after) never encodes these texts again
     out = with_embeddings(out, x)

@@ -37,13 +37,13 @@ from lmmixup_hf.data.schema import (
     SOURCE,
     LmmixupError,
 )
+from lmmixup_hf.execution.base import Executor, LocalExecutor
 from lmmixup_hf.judge.judges import KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
 from lmmixup_hf.models.llm_client import request_key
 from lmmixup_hf.options import OptionError, Options
-from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.plotting import figure
-from lmmixup_hf.stages.rate import judge_items, with_ratings
+from lmmixup_hf.stages.rate import JudgeBatch, add_usage, items_table, judge_items, ratings_of, with_ratings
 
 logger = logging.getLogger(__name__)
 
@@ -338,16 +338,33 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
     usage: dict[str, Any] = {}
     try:
         if todo:
-            usage = (executor or Executor()).rate(
-                make,
-                [items[i] for i in todo],
-                on_result=lambda k, r: ckpt.add(todo[k], ids[todo[k]], r),
-                show_progress=args.progress,
-            )
-            usage = {**usage, "mode": "sync"}
+            usage = _judge(executor or LocalExecutor(), make, [items[i] for i in todo], todo, ids, ckpt, args.progress)
     finally:
         ckpt.close()
     return _finish(run, args, ds, items, ckpt.done, {**usage, "estimate": estimate["numbers"]})
+
+
+def _judge(executor: Executor, make: Any, items: list, todo: list, ids: Any, ckpt: Checkpoint, progress: bool) -> dict:
+    """Judge ``items`` (the rows ``todo``) with :class:`JudgeBatch` on the executor, each finished
+    batch into the checkpoint; the judges' summed usage."""
+    from tqdm.auto import tqdm
+
+    from lmmixup_hf.pipeline.registry import stage
+
+    part = stage(executor.stage or "rate").parts[0]  # rate's, or rerate's when the pipeline runs it
+    usage: dict[str, Any] = {}
+    table = items_table(items, todo)
+    with tqdm(total=len(items), desc=f"rate ({executor.name})", unit="row", disable=not progress) as bar:
+        for out in executor.map_batches(partial(JudgeBatch, make), table, part):
+            for i, r, used in ratings_of(out):
+                if r is None:
+                    add_usage(usage, used)
+                    continue
+                ckpt.add(i, ids[i], r)
+                bar.update(1)
+    if "cost_usd" in usage:
+        usage["cost_usd"] = round(usage["cost_usd"], 6)
+    return {**usage, "executor": executor.name, "mode": "sync"}
 
 
 def estimate_cost(args: RateArgs, todo: Sequence[JudgeItem]) -> dict[str, Any]:

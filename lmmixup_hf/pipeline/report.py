@@ -23,14 +23,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmmixup_hf.data.schema import CLUSTER_ID, COMPLETION, ID, LONG_TAIL, PROMPT, RATING, LmmixupError
+from lmmixup_hf.execution.base import Executor
 from lmmixup_hf.options import Options
-from lmmixup_hf.pipeline.registry import STAGE_NAMES
+from lmmixup_hf.pipeline.registry import FOLDER_STAGES
 from lmmixup_hf.pipeline.workflow import MANIFEST, REJECTED, input_status
 from lmmixup_hf.plotting import figure
 
 logger = logging.getLogger(__name__)
 
-STAGES = tuple(s for s in STAGE_NAMES if s != "report")  # the stages that write a folder
+STAGES = FOLDER_STAGES  # the stages that write a folder, as declared
 PLOTS = "report"
 
 
@@ -442,7 +443,7 @@ grid-template-columns:1fr 1fr;gap:1em}.m{background:#f8f8f8;border-left:3px soli
 margin:4px 0;font-size:13px}pre{white-space:pre-wrap;font-size:12px}"""
 
 
-def report(args: ReportArgs) -> dict[str, Any]:
+def report(args: ReportArgs, executor: Executor | None = None) -> dict[str, Any]:
     """Write ``report.html`` and ``report.md`` into the run folder; return the numbers shown."""
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -39,34 +38,17 @@ from lmmixup_hf.data.schema import EXIT_OK, EXIT_PARTIAL, LmmixupError
 from lmmixup_hf.options import Options, from_mapping, suggest
 from lmmixup_hf.pipeline.executors import RayOptions
 from lmmixup_hf.pipeline.registry import STAGE_NAMES, STAGES, Stage
+from lmmixup_hf.pipeline.registry import stage as stage_named
 from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, errors_name, input_status
 
 logger = logging.getLogger(__name__)
 
 
 def wiring(name: str, run_dir: Path, input_path: str) -> dict[str, Any]:
-    """The options the pipeline sets itself: where each stage reads and writes."""
-    d = {s: str(run_dir / s) for s in STAGE_NAMES}
-    return {
-        "ingest": {"input": input_path, "out": d["ingest"]},
-        "rate": {"input": d["ingest"], "out": d["rate"]},
-        "split": {"input": d["rate"], "out": d["split"]},
-        "cluster": {"input": str(Path(d["split"]) / "low"), "out": d["cluster"]},
-        "distill": {"input": d["cluster"], "out": d["distill"]},
-        "rerate": {"input": d["distill"], "out": d["rerate"]},
-        "filter": {"input": d["rerate"], "out": d["filter"]},
-        "longtail": {"input": d["filter"], "reference": str(Path(d["split"]) / "high"), "out": d["longtail"]},
-        # the originals as the longtail stage scored them (on the distilled rows' scale), ranked by
-        # quality then long-tail, as the reference's ori_highqual_longtail file
-        "mix": {"original": str(Path(d["longtail"]) / "reference"), "distilled": d["longtail"], "out": d["mix"]},
-        "report": {"run_dir": str(run_dir)},
-    }[name]
+    """The options the pipeline sets itself: where each stage reads and writes (as declared in
+    :mod:`lmmixup_hf.pipeline.registry`)."""
+    return stage_named(name).wiring(run_dir, input_path)
 
-
-# Defaults the pipeline prefers over a stage's own (a config section still overrides them).
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cluster": {"quality": "all"},  # its input is already the low split
-}
 
 # Top-level keys that become every stage's default for an option of the same name.
 SHARED_KEYS = ("embedding_model", "seed", "device", "batch_size", "num_proc")
@@ -193,7 +175,7 @@ def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config")
                 f"{config_path}: {stage.name}.{key}: set by the pipeline (each stage reads the previous stage's output)"
             )
     shared = {key: getattr(cfg, key) for key in SHARED_KEYS if getattr(cfg, key) is not None and key in fields}
-    defaults = {k: v for k, v in STAGE_DEFAULTS.get(stage.name, {}).items() if k in fields}
+    defaults = {k: v for k, v in stage.defaults.items() if k in fields}
     values = {**shared, **defaults, **section, **wired}
 
     def name(key: str) -> str:  # what the user wrote: a top-level shared key or the stage's section key
@@ -284,9 +266,8 @@ def _run_stages(cfg: RunConfig, stages: list[Stage], all_args: Mapping[str, Any]
         logger.info("[%d/%d] %s: %s", i, len(stages), stage.name, stage.help)
         func: Callable[..., Any] = getattr(_import(stage), stage.func)
         if not _skip_empty(stage, all_args[stage.name]):
-            takes_executor = "executor" in inspect.signature(func).parameters
             with errors_name(cfg.run_dir / stage.name):  # e.g. a full disk: which stage's folder
-                func(all_args[stage.name], **({"executor": executor.for_stage(stage.name)} if takes_executor else {}))
+                func(all_args[stage.name], executor=executor.for_stage(stage.name))
         stage_dir = cfg.run_dir / stage.name
         logger.info(
             "[%d/%d] %s: done in %.1f s%s", i, len(stages), stage.name, time.time() - t0, _count_note(stage_dir)
