@@ -25,10 +25,6 @@ RUN_INPUT = "$input"  # an input wired to the pipeline config's `input`
 RUN_DIR = "$run_dir"  # an input wired to the run folder itself
 
 
-def _frozen(mapping: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
-    return MappingProxyType(dict(mapping or {}))
-
-
 @dataclass(frozen=True)
 class Stage:
     """One stage, declared once.
@@ -45,10 +41,14 @@ class Stage:
     args: str  # the arguments dataclass in ``module``
     func: str
     help: str
-    inputs: Mapping[str, str] = field(default_factory=_frozen)
-    defaults: Mapping[str, Any] = field(default_factory=_frozen)
+    inputs: Mapping[str, str] = field(default_factory=dict)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
     parts: tuple[Part, ...] = ()
     folder: bool = True
+
+    def __post_init__(self) -> None:  # read-only, as the rest of the declaration
+        object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
+        object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
     def wiring(self, run_dir: str | Path, input_path: str) -> dict[str, str]:
         """The options the pipeline sets itself: where this stage reads and writes."""
@@ -74,7 +74,7 @@ STAGES: tuple[Stage, ...] = (
         "IngestArgs",
         "ingest",
         "Validate a pool onto the data contract, quarantining bad rows.",
-        inputs=_frozen({"input": RUN_INPUT}),
+        inputs={"input": RUN_INPUT},
     ),
     Stage(
         "rate",
@@ -82,7 +82,7 @@ STAGES: tuple[Stage, ...] = (
         "RateArgs",
         "rate",
         "Score every row with an LLM judge (any OpenAI-compatible endpoint or a local model).",
-        inputs=_frozen({"input": "ingest"}),
+        inputs={"input": "ingest"},
         parts=(Part("rate", 64),),
     ),
     Stage(
@@ -91,7 +91,7 @@ STAGES: tuple[Stage, ...] = (
         "SplitArgs",
         "split_rated",
         "Split rated rows into high/ and low/ quality.",
-        inputs=_frozen({"input": "rate"}),
+        inputs={"input": "rate"},
     ),
     Stage(
         "cluster",
@@ -99,8 +99,8 @@ STAGES: tuple[Stage, ...] = (
         "ClusterArgs",
         "cluster",
         "Cluster the low-quality rows, one source at a time.",
-        inputs=_frozen({"input": "split/low"}),
-        defaults=_frozen({"quality": "all"}),  # its input is already the low split
+        inputs={"input": "split/low"},
+        defaults={"quality": "all"},  # its input is already the low split
         parts=(EMBED, Part("cluster", 1)),
     ),
     Stage(
@@ -109,7 +109,7 @@ STAGES: tuple[Stage, ...] = (
         "DistillArgs",
         "distill",
         "Fuse each cluster into one sample with the distiller.",
-        inputs=_frozen({"input": "cluster"}),
+        inputs={"input": "cluster"},
         parts=(Part("distill", 1),),  # rows are chunks of clusters
     ),
     Stage(
@@ -118,7 +118,7 @@ STAGES: tuple[Stage, ...] = (
         "RateArgs",
         "rate",
         "Score the distilled rows with the same judge.",
-        inputs=_frozen({"input": "distill"}),
+        inputs={"input": "distill"},
         parts=(Part("rerate", 64),),
     ),
     Stage(
@@ -127,7 +127,7 @@ STAGES: tuple[Stage, ...] = (
         "FilterArgs",
         "filter_rated",
         "Keep rated rows at or above a score.",
-        inputs=_frozen({"input": "rerate"}),
+        inputs={"input": "rerate"},
     ),
     Stage(
         "longtail",
@@ -135,7 +135,7 @@ STAGES: tuple[Stage, ...] = (
         "LongtailArgs",
         "longtail",
         "Long-tail (kNN rarity) scores against the original high-quality rows.",
-        inputs=_frozen({"input": "filter", "reference": "split/high"}),
+        inputs={"input": "filter", "reference": "split/high"},
         parts=(EMBED, Part("longtail", 2048)),
     ),
     Stage(
@@ -146,7 +146,7 @@ STAGES: tuple[Stage, ...] = (
         "Original high-quality rows + the rarest distilled rows at a ratio.",
         # the originals as the longtail stage scored them (on the distilled rows' scale), ranked by
         # quality then long-tail, as the reference's ori_highqual_longtail file
-        inputs=_frozen({"original": "longtail/reference", "distilled": "longtail"}),
+        inputs={"original": "longtail/reference", "distilled": "longtail"},
     ),
     Stage(
         "report",
@@ -154,7 +154,7 @@ STAGES: tuple[Stage, ...] = (
         "ReportArgs",
         "report",
         "Write report.html/.md for a run folder.",
-        inputs=_frozen({"run_dir": RUN_DIR}),
+        inputs={"run_dir": RUN_DIR},
         folder=False,
     ),
 )
