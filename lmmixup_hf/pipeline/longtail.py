@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
 
-from lmmixup_hf.data.io import read_pool
-from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.data.io import read_pool, read_stage_data
+from lmmixup_hf.data.schema import LONG_TAIL, LmmixupError
 from lmmixup_hf.execution.base import Executor, LocalExecutor
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
 from lmmixup_hf.pipeline.registry import stage
@@ -57,6 +58,8 @@ def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
     if run.is_complete():
         logger.info("longtail: up to date, skipping (%s)", args.out)
         return run.load()
+    if _n_rows(args.input) == 0:
+        return _nothing_to_score(run, args)
     ds = read_pool(args.input, quarantine=run.quarantine)
     ref = read_pool(args.reference, quarantine=run.quarantine) if args.reference else None
     executor, declared = executor or LocalExecutor(), stage("longtail")
@@ -94,4 +97,37 @@ def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
         splits={REFERENCE_SPLIT: ref_out} if ref_out is not None else {},
     )
     logger.info("longtail: scored %d rows (k=%d, %s)", len(out), args.k, args.normalize)
+    return out
+
+
+def _n_rows(stage_dir: str) -> int | None:
+    """Rows in a stage folder's data (None: not a stage folder)."""
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(stage_dir) / "data").glob("*.parquet"))
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files) if files else None
+
+
+def _nothing_to_score(run: StageRun, args: LongtailArgs) -> Dataset:
+    """A weak distiller or a strict filter can leave nothing to score. k-NN over no rows has no
+    answer, so the stage writes its (empty) output unscored, and the mix goes on with the original
+    rows only."""
+    from datasets import Value
+
+    def unscored(ds: Dataset) -> Dataset:
+        nan = [float("nan")] * len(ds)
+        for col in (LONG_TAIL_RAW, LONG_TAIL):
+            ds = ds.remove_columns([col]) if col in ds.column_names else ds
+            ds = ds.add_column(col, nan, feature=Value("float64"))
+        return ds
+
+    reference = unscored(read_pool(args.reference, quarantine=run.quarantine)) if args.reference else None
+    out = unscored(read_stage_data(args.input))
+    run.finish(
+        out,
+        counts={"rows": 0, "reference_rows": len(reference) if reference is not None else 0},
+        extra={"skipped": "no input rows: nothing to score"},
+        splits={REFERENCE_SPLIT: reference} if reference is not None else {},
+    )
+    logger.warning("longtail: no rows reached this stage; nothing to score (a mix will hold original rows only)")
     return out

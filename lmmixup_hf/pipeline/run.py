@@ -31,15 +31,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from datasets import Dataset
 
-from lmmixup_hf.data.io import read_stage_data, write_json
+from lmmixup_hf.data.io import write_json
 from lmmixup_hf.data.schema import EXIT_OK, EXIT_PARTIAL, LmmixupError
 from lmmixup_hf.options import Options, from_mapping, suggest
 from lmmixup_hf.pipeline.executors import RayOptions
 from lmmixup_hf.pipeline.registry import STAGE_NAMES, STAGES, Stage
 from lmmixup_hf.pipeline.registry import stage as stage_named
-from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, errors_name, input_status
+from lmmixup_hf.pipeline.workflow import MANIFEST, errors_name, input_status
 
 logger = logging.getLogger(__name__)
 
@@ -265,9 +264,8 @@ def _run_stages(cfg: RunConfig, stages: list[Stage], all_args: Mapping[str, Any]
         t0 = time.time()
         logger.info("[%d/%d] %s: %s", i, len(stages), stage.name, stage.help)
         func: Callable[..., Any] = getattr(_import(stage), stage.func)
-        if not _skip_empty(stage, all_args[stage.name]):
-            with errors_name(cfg.run_dir / stage.name):  # e.g. a full disk: which stage's folder
-                func(all_args[stage.name], executor=executor.for_stage(stage.name))
+        with errors_name(cfg.run_dir / stage.name):  # e.g. a full disk: which stage's folder
+            func(all_args[stage.name], executor=executor.for_stage(stage.name))
         stage_dir = cfg.run_dir / stage.name
         logger.info(
             "[%d/%d] %s: done in %.1f s%s", i, len(stages), stage.name, time.time() - t0, _count_note(stage_dir)
@@ -298,46 +296,6 @@ def _record_partial(run_dir: Path, partial: Mapping[str, str], allowed: bool, ex
     """``run.json``: which stages were partial, whether the run went on anyway (the report shows it),
     and where the parallel work ran."""
     write_json(run_dir / "run.json", {"partial_stages": dict(partial), "allow_partial": allowed, **executor})
-
-
-def _skip_empty(stage: Stage, args: Any) -> bool:
-    """A weak distiller or a strict filter can leave nothing to score. k-NN over no rows has no
-    answer, so the pipeline writes the longtail stage's (empty) output itself, under the stage's
-    own fingerprint, and the mix goes on with the original rows only."""
-    if stage.name != "longtail" or _n_rows(args.input) != 0:
-        return False
-    from datasets import Value
-
-    from lmmixup_hf.data.io import read_pool
-
-    run = StageRun("longtail", args.out, inputs=[args.input, args.reference], params=args)
-    if run.is_complete():
-        logger.info("longtail: up to date, skipping (%s)", args.out)
-        return True
-
-    def unscored(ds: Dataset) -> Dataset:
-        nan = [float("nan")] * len(ds)
-        for col in ("long_tail_raw", "long_tail"):
-            ds = ds.remove_columns([col]) if col in ds.column_names else ds
-            ds = ds.add_column(col, nan, feature=Value("float64"))
-        return ds
-
-    reference = unscored(read_pool(args.reference, quarantine=run.quarantine))
-    run.finish(
-        unscored(read_stage_data(args.input)),
-        counts={"rows": 0, "reference_rows": len(reference)},
-        extra={"skipped": "no input rows: nothing to score"},
-        splits={"reference": reference},
-    )
-    logger.warning("longtail: no distilled rows reached this stage; the mix will hold original rows only")
-    return True
-
-
-def _n_rows(stage_dir: str | Path) -> int | None:
-    import pyarrow.parquet as pq
-
-    files = sorted((Path(stage_dir) / "data").glob("*.parquet"))
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files) if files else None
 
 
 def _require_upstream(first: Stage, run_dir: Path) -> None:
