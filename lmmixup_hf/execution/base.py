@@ -39,6 +39,7 @@ class Part:
 
     name: str
     batch_size: int = 64
+    local_batch_size: int | None = None  # rows per call in this process (None: ``batch_size``)
 
 
 @dataclass
@@ -142,7 +143,7 @@ class LocalExecutor:
 
     def batch_size(self, part: Part) -> int:
         pool = self.pools.get(part.name)
-        return (pool.batch_size if pool else None) or part.batch_size
+        return (pool.batch_size if pool else None) or part.local_batch_size or part.batch_size
 
     def map_batches(self, make_fn: BatchFactory, table: pa.Table, part: Part) -> Iterator[pa.Table]:
         if table.num_rows == 0:

@@ -65,6 +65,10 @@ class Stage:
         raise KeyError(f"stage {self.name} declares no part {name!r}")
 
 
+# In this process a judge keeps `max_concurrency` requests in flight across a whole block and
+# reports each rating as it arrives, so the local blocks are large (a block boundary waits for
+# its slowest request); on Ray a block is one actor call.
+JUDGE_BLOCK = 16384
 EMBED = Part("embed", 512)  # the embedding done by cluster and longtail: one pool for both
 
 STAGES: tuple[Stage, ...] = (
@@ -83,7 +87,7 @@ STAGES: tuple[Stage, ...] = (
         "rate",
         "Score every row with an LLM judge (any OpenAI-compatible endpoint or a local model).",
         inputs={"input": "ingest"},
-        parts=(Part("rate", 64),),
+        parts=(Part("rate", 64, local_batch_size=JUDGE_BLOCK),),
     ),
     Stage(
         "split",
@@ -119,7 +123,7 @@ STAGES: tuple[Stage, ...] = (
         "rate",
         "Score the distilled rows with the same judge.",
         inputs={"input": "distill"},
-        parts=(Part("rerate", 64),),
+        parts=(Part("rerate", 64, local_batch_size=JUDGE_BLOCK),),
     ),
     Stage(
         "filter",
