@@ -170,7 +170,7 @@ class EmbedActor:
         self.embedder = Embedder(model_id, device=device, batch_size=batch_size, cache=False, show_progress=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"key": batch["key"], "vector": self.embedder._encode_uncached([str(t) for t in batch["text"]])}
+        return {"key": batch["key"], "vector": self.embedder.encode_uncached([str(t) for t in batch["text"]])}
 
 
 class KnnActor:
@@ -425,7 +425,7 @@ class RayEmbedder(Embedder):
         super().__init__(model_id, **kwargs)
         self.executor = executor
 
-    def _encode_missing(self, missing: list[tuple[str, str]], found: dict[str, np.ndarray], desc: str) -> None:
+    def encode_missing(self, missing: list[tuple[str, str]], found: dict[str, np.ndarray], desc: str) -> None:
         table = pa.table({"key": [k for k, _ in missing], "text": [t for _, t in missing]})
         constructor = {"model_id": self.model_id, "device": self.device, "batch_size": self.batch_size}
         blocks = self.executor.split("embed", table)
