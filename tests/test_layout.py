@@ -56,3 +56,19 @@ def test_parsing_modules_importing_torch_or_an_http_client_break_the_contract(tm
     parsing.write_text(parsing.read_text() + "\nimport aiohttp  # noqa: E402\n")
     r = lint(tmp_path)
     assert r.returncode != 0 and "lmmixup_hf.judge.parsing is not allowed to import aiohttp" in r.stdout, r.stdout
+
+
+def test_no_private_name_is_imported_across_packages():
+    """A package's ``_private`` names are its own business: other packages use public methods."""
+    import ast
+
+    crossings = []
+    for path in sorted((ROOT / "lmmixup_hf").rglob("*.py")):
+        package = path.relative_to(ROOT).parts[1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lmmixup_hf."):
+                other = node.module.split(".")[1]
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if other != package and private:
+                    crossings.append(f"{path.relative_to(ROOT)}: {node.module}.{', '.join(private)}")
+    assert not crossings, crossings

@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.models.registry import resolve_model
@@ -49,9 +49,12 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:best], True) if best is not None else (text, False)
 
 
-class Engine:
-    """The interface: ``generate(conversations, ...) -> list[Generation]`` plus a tokenizer that can
-    apply the model's chat template (used to keep prompts within the token budget)."""
+@runtime_checkable
+class Engine(Protocol):
+    """What the distill core and the executors need of an engine: ``generate(conversations, ...) ->
+    list[Generation]``, a tokenizer that can apply the model's chat template (used to keep prompts
+    within the token budget), ``describe()`` for the manifest (usage included) and ``flush()``.
+    The engines below subclass it for the defaults; any object with these members is an engine."""
 
     name = "engine"
     model: str
@@ -65,15 +68,20 @@ class Engine:
         repetition_penalty: float = 1.0,
         stop: Sequence[str] = STOP,
     ) -> list[Generation]:
+        """One :class:`Generation` per conversation, in order."""
         raise NotImplementedError
 
     @property
     def tokenizer(self) -> Any:
+        """The model's tokenizer (``apply_chat_template``, ``encode``)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         """What goes into the manifest (never secrets)."""
         return {"engine": self.name, "model": self.model}
+
+    def flush(self) -> None:
+        """Commit anything buffered (a reply cache), e.g. before a worker may be stopped."""
 
 
 # -- transformers ---------------------------------------------------------------------------------
@@ -348,6 +356,10 @@ class OpenAIEngine(Engine):
     @property
     def tokenizer(self) -> Any:
         return self._tok
+
+    def flush(self) -> None:
+        """Commit the reply cache's buffered writes."""
+        self.client.flush()
 
     def describe(self) -> dict[str, Any]:
         return {

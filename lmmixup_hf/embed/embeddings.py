@@ -16,6 +16,7 @@ import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -92,6 +93,23 @@ def cache_file_name(model_id: str, *, normalize: bool, max_seq_length: int | Non
     settings = f"{model_fingerprint(resolve_model(model_id))}|max_seq_length={max_seq_length}|normalize={normalize}"
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "__", model_id)
     return f"{safe}-{hashlib.sha1(settings.encode('utf-8')).hexdigest()[:16]}.sqlite"
+
+
+@runtime_checkable
+class TextEmbedder(Protocol):
+    """What the stages and executors need of an embedder: unit float32 vectors for texts, a count
+    of the texts the model really encoded (the cache's misses) and ``flush()``. :class:`Embedder`
+    is one; the Ray executor's embedder (same cache, misses encoded on actors) is another."""
+
+    n_encoded: int
+
+    def encode(self, texts: Sequence[str], desc: str = "embedding") -> np.ndarray:
+        """An ``(n, d)`` float32 array in the order of ``texts``."""
+        ...
+
+    def flush(self) -> None:
+        """Commit anything the cache still buffers."""
+        ...
 
 
 class Embedder:
@@ -286,7 +304,7 @@ def precomputed_embeddings(ds) -> np.ndarray | None:
 
 
 def row_embeddings(
-    ds, model_id: str, *, device: str | None = None, batch_size: int = 64, embedder: Embedder | None = None
+    ds, model_id: str, *, device: str | None = None, batch_size: int = 64, embedder: TextEmbedder | None = None
 ) -> np.ndarray:
     """The rows' precomputed ``embedding`` when they carry one (no model is loaded), else the
     model's embeddings of ``prompt + "\\n" + completion`` (by ``embedder`` when given, e.g. one

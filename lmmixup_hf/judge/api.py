@@ -7,7 +7,7 @@ from typing import Any
 
 from lmmixup_hf.judge.parsing import Rating, ReplyParseError, expected_score, make_rating, parse_reply_for
 from lmmixup_hf.judge.rubric import RUBRIC_VERSION, JudgeItem, build_judge_messages
-from lmmixup_hf.models.llm_client import ChatClient, map_bounded, run_sync, usage_bar
+from lmmixup_hf.models.llm_client import ChatClient, UsageMeter, map_bounded, run_sync, usage_bar
 
 
 class OpenAIJudge:
@@ -37,8 +37,13 @@ class OpenAIJudge:
         self.parse_retries = parse_retries
 
     @property
-    def usage(self) -> Any:
+    def usage(self) -> UsageMeter:
+        """Requests, tokens and cost of the client."""
         return self.client.usage
+
+    def flush(self) -> None:
+        """Commit the reply cache's buffered writes."""
+        self.client.flush()
 
     async def arate(self, item: JudgeItem) -> Rating:
         """Rate one item. An unparseable reply is asked again (a fresh, differently keyed request at a

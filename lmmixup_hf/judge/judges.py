@@ -28,6 +28,7 @@ from lmmixup_hf.judge.parsing import (
     parse_reply_for,
     parse_reply_reference,
 )
+from lmmixup_hf.judge.protocol import Judge
 from lmmixup_hf.judge.rubric import (
     DIMENSIONS,
     JUDGE_SYSTEM,
@@ -47,6 +48,7 @@ from lmmixup_hf.judge.rubric import (
 __all__ = [
     "DIMENSIONS",
     "JUDGE_SYSTEM",
+    "Judge",
     "KINDS",
     "LOCAL_REFERENCE_KEYS",
     "REFERENCE_RUBRICS",

@@ -84,6 +84,9 @@ class LocalJudge:
         self.score_ids = torch.tensor(ids)
         self.score_values = torch.tensor(values, dtype=torch.float32)
 
+    def flush(self) -> None:
+        """Nothing is buffered: a local judge keeps no reply cache."""
+
     def _truncate(self, text: str) -> str:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         if len(ids) <= self.max_item_tokens:

@@ -29,7 +29,7 @@ from typing import Any
 from lmmixup_hf.models.aio import TokenBucket, map_bounded, run_sync, usage_bar
 from lmmixup_hf.models.cache import ResponseCache, request_key
 from lmmixup_hf.models.errors import APIStatusFailure, _BadResponse, _error_text, _is_retryable, _retry_after
-from lmmixup_hf.models.pricing import BATCH_DISCOUNT, DEFAULT_PRICES, UsageMeter, batch_price_for, price_for
+from lmmixup_hf.models.pricing import BATCH_DISCOUNT, DEFAULT_PRICES, Usage, UsageMeter, batch_price_for, price_for
 
 __all__ = [
     "BATCH_DISCOUNT",
@@ -39,6 +39,7 @@ __all__ = [
     "ChatResult",
     "ResponseCache",
     "TokenBucket",
+    "Usage",
     "UsageMeter",
     "batch_price_for",
     "map_bounded",
@@ -220,9 +221,13 @@ class ChatClient:
             )
         return self._session
 
-    async def aclose(self) -> None:
+    def flush(self) -> None:
+        """Commit the response cache's buffered writes (e.g. before a worker may be stopped)."""
         if self.cache is not None:
             self.cache.flush()
+
+    async def aclose(self) -> None:
+        self.flush()
         if self._session is not None and self._session_loop is asyncio.get_running_loop():
             await self._session.close()
         self._session = self._session_loop = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from lmmixup_hf.models.llm_client import ChatResult
@@ -59,6 +59,15 @@ def batch_price_for(model: str, prices: dict[str, Any] | None = None) -> tuple[f
     if isinstance(entry, dict) and "batch_input" in entry:
         return float(entry["batch_input"]), float(entry.get("batch_output", 0.0))
     return price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT
+
+
+@runtime_checkable
+class Usage(Protocol):
+    """What a judge, an engine or an embedder reports about its work: counters for the manifest."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The counters (requests, tokens, cost, ...) as plain JSON values."""
+        ...
 
 
 class UsageMeter:

@@ -20,11 +20,16 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset
 
 from lmmixup_hf.data.schema import LmmixupError
+
+if TYPE_CHECKING:
+    from lmmixup_hf.distiller.engines import Engine
+    from lmmixup_hf.embed.embeddings import TextEmbedder
+    from lmmixup_hf.judge.protocol import Judge
 
 EXECUTORS = ("local", "ray")
 
@@ -118,7 +123,7 @@ class Executor:
 
     def rate(
         self,
-        make_judge: Callable[[], Any],
+        make_judge: Callable[[], Judge],
         items: Sequence[Any],
         on_result: OnRating,
         *,
@@ -132,7 +137,7 @@ class Executor:
 
     def distill(
         self,
-        make_engine: Callable[[], Any],
+        make_engine: Callable[[], Engine],
         members: Dataset,
         chunks: Sequence[Sequence[tuple[int, Any]]],
         todo: Sequence[int],
@@ -150,7 +155,7 @@ class Executor:
             on_chunk(k, rows, time.time() - t0)
         return engine.describe()
 
-    def embedder(self, model_id: str, *, device: str | None, batch_size: int) -> Any:
+    def embedder(self, model_id: str, *, device: str | None, batch_size: int) -> TextEmbedder | None:
         """The embedder for a stage's rows; None means the process-wide one (``get_embedder``)."""
         return None
 

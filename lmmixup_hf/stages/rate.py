@@ -22,6 +22,7 @@ from lmmixup_hf.data.schema import (
     TASK_TYPE,
 )
 from lmmixup_hf.judge.judges import DIMENSIONS, JudgeItem, reference_kind
+from lmmixup_hf.judge.protocol import Judge
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def with_ratings(
 
 def rate_rows(
     ds: Dataset,
-    judge: Any,
+    judge: Judge,
     *,
     fields: Sequence[str] = (PROMPT, COMPLETION),
     rubric: str = "general",
