@@ -360,10 +360,14 @@ def write_stage_data(ds: Dataset, out_dir: str | Path, name: str = "data", shard
     tmp.mkdir()
     n_shards = max(1, -(-len(ds) // shard_rows))
     names = []
-    for i in range(n_shards):
-        fname = f"train-{i:05d}-of-{n_shards:05d}.parquet"
-        ds.select(range(i * shard_rows, min(len(ds), (i + 1) * shard_rows))).to_parquet(str(tmp / fname))
-        names.append(fname)
+    try:
+        for i in range(n_shards):
+            fname = f"train-{i:05d}-of-{n_shards:05d}.parquet"
+            ds.select(range(i * shard_rows, min(len(ds), (i + 1) * shard_rows))).to_parquet(str(tmp / fname))
+            names.append(fname)
+    except BaseException:  # a full disk, a kill: no half-written folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = out_dir / name
     if final.exists():
         old = out_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
@@ -381,12 +385,16 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return n
 
@@ -396,9 +404,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

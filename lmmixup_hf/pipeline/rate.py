@@ -6,17 +6,16 @@ the judge only about the rest. Failed rows are recorded with their error (``fail
 scored, and retried on the next run; the stage counts as complete only when none is left. The
 judging itself is :mod:`lmmixup_hf.stages.rate`; this module adds the files around it.
 
-Outputs under ``--out``: ``data/`` (rated rows with a ``rating`` struct), ``high/`` and ``low/``
-(:func:`~lmmixup_hf.data.quality.high_quality_mask`), ``by_source/<source>/{high,low}/``,
-``summary.{json,md,png}``, ``failed.jsonl``, ``rejected.jsonl`` and ``manifest.json`` (with token
-usage and cost)."""
+Outputs under ``--out``: ``data/`` (the rated rows with a ``rating`` struct, written once),
+``summary.{json,md,png}`` (score histograms overall and per source, with the high-quality share),
+``failed.jsonl``, ``rejected.jsonl`` and ``manifest.json`` (with token usage and cost). The rows are
+divided into high and low quality by ``split``, which owns that rule's output."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 from datasets import Dataset
 
-from lmmixup_hf.data.io import read_pool, write_jsonl, write_stage_data
+from lmmixup_hf.data.io import read_pool, write_jsonl
 from lmmixup_hf.data.quality import high_quality_mask
 from lmmixup_hf.data.schema import (
     HIGH_QUALITY_THRESHOLD,
@@ -159,10 +158,6 @@ class RateArgs:
         default=False,
         metadata={"help": "Only print the rows to rate, estimated tokens and cost (sync and batch), then stop."},
     )
-
-
-def _safe_name(source: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", source).strip("._") or "unknown"
 
 
 class Checkpoint:
@@ -382,13 +377,8 @@ def _finish(
     )
     scores = np.asarray([s["score"] for s in structs], dtype=np.int64)
     sources = np.asarray(out[SOURCE] if len(out) else [], dtype=object)
-    high_mask = high_quality_mask(scores, args.threshold)  # the one definition of high quality
-    splits = {"high": out.select(np.flatnonzero(high_mask)), "low": out.select(np.flatnonzero(~high_mask))}
+    high_mask = high_quality_mask(scores, args.threshold)  # the one definition of high quality (for the summary)
     summary = summarize(scores, sources, high_mask, failed_sources=[ds[i][SOURCE] for i in failed])
-    for src in summary["by_source"]:
-        in_src = sources == src
-        for name, mask in (("high", in_src & high_mask), ("low", in_src & ~high_mask)):
-            write_stage_data(out.select(np.flatnonzero(mask)), Path(args.out) / "by_source" / _safe_name(src), name)
     write_summary(Path(args.out), summary, args.threshold)
     counts = {
         "rows": len(items),
@@ -400,7 +390,6 @@ def _finish(
     run.finish(
         out,
         counts=counts,
-        splits=splits,
         extra={
             "usage": dict(usage),
             "judge": {
