@@ -146,8 +146,29 @@ def normalize(
     default_source: str = "",
     name: str = "<rows>",
 ) -> tuple[Dataset, Quarantine]:
-    """The ingest core: any in-memory rows (a ``Dataset`` from ``load_dataset``, a list of dicts)
-    onto the data contract; bad rows come back in the quarantine with their index and reason."""
+    """The ingest core: any in-memory rows onto the data contract (``id``, ``prompt``,
+    ``completion``, ``source``, ``task_type``); a bad row is never dropped silently but comes
+    back in the quarantine with its position and reason.
+
+    Args:
+        rows: A ``Dataset`` (e.g. from ``load_dataset``) or any iterable of dicts.
+        max_chars: Longest accepted prompt or completion, in characters.
+        default_source: ``source`` of rows that name none.
+        name: What the quarantine calls the input (the "file" of each rejected row).
+
+    Returns:
+        ``(pool, quarantine)``: the valid rows, and a :class:`Quarantine` of the others
+        (line = 1-based position, field, reason).
+
+    Example:
+        >>> pool, rejected = normalize(
+        ...     [{"prompt": "What is 2+2?", "completion": "4", "source": "math"}, {"prompt": "Hi", "completion": ""}]
+        ... )
+        >>> pool.num_rows, pool[0]["task_type"]
+        (1, 'qa')
+        >>> [(r.line, r.field, r.reason) for r in rejected.rows]
+        [(2, 'completion', 'empty')]
+    """
     quarantine = Quarantine()
     numbered = ((i + 1, row) for i, row in enumerate(rows))
     return _validate(numbered, Path(name), quarantine, max_chars, default_source), quarantine

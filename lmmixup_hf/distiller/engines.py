@@ -3,10 +3,10 @@
 Every engine takes chat messages (built by :mod:`lmmixup_hf.distiller.prompts`) and returns one
 :class:`Generation` per conversation, in order. Decoding is greedy unless a temperature is given,
 and stops at EOS and at ``</answer>`` (the end of the output contract), so no tokens are spent
-after the answer.
+after the answer::
 
->>> engine = make_engine("transformers", "smollm2-135m-offline")
->>> engine.generate([build_messages("Q: a\\nA: b", "qa")], max_new_tokens=256)[0].text
+    engine = make_engine("transformers", "smollm2-135m-offline")
+    engine.generate([build_messages("Q: a\\nA: b", "qa")], max_new_tokens=256)[0].text
 """
 
 from __future__ import annotations
@@ -428,7 +428,23 @@ def _load_tokenizer(name: str) -> Any:
 
 
 def make_engine(name: str, model: str, **options: Any) -> Engine:
-    """Build an engine by name; options that do not apply to that engine are ignored."""
+    """Build a distiller engine by name, so one config switches between local and served models.
+
+    Args:
+        name: ``transformers`` (in process), ``vllm`` (in process, GPU) or ``openai`` (any
+            OpenAI-compatible server, e.g. ``vllm serve``).
+        model: A Hub id, a local folder or an offline alias (``smollm2-135m-offline``).
+        **options: Engine options (``device``, ``base_url``, ``max_concurrency``, ...); those
+            that do not apply to the chosen engine are ignored.
+
+    Returns:
+        An :class:`Engine`: ``generate(conversations, ...)`` returns one :class:`Generation` each.
+
+    Example:
+        >>> engine = make_engine("openai", "my-distiller", base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
+        >>> engine.describe()["engine"], engine.describe()["base_url"]
+        ('openai', 'http://127.0.0.1:8000/v1')
+    """
     import inspect
 
     classes = {"transformers": TransformersEngine, "vllm": VLLMEngine, "openai": OpenAIEngine}

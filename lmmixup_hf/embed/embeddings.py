@@ -219,7 +219,20 @@ _SHARED_LOCK = threading.Lock()
 
 
 def get_embedder(model_id: str = DEFAULT_EMBEDDING_MODEL, **kwargs) -> Embedder:
-    """A process-wide ``Embedder`` per (model, options): rewards and stages share one model."""
+    """A process-wide :class:`Embedder` per (model, options), so rewards and stages share one
+    loaded model.
+
+    Args:
+        model_id: A Hub id, a local folder or ``minilm-offline``.
+        **kwargs: :class:`Embedder` options (``device``, ``batch_size``, ``cache``, ...).
+
+    Returns:
+        The shared embedder; its model loads on the first cache miss.
+
+    Example:
+        >>> get_embedder("minilm-offline", device="cpu") is get_embedder("minilm-offline", device="cpu")
+        True
+    """
     key = (model_id, tuple(sorted(kwargs.items())))
     with _SHARED_LOCK:
         if key not in _SHARED:
@@ -306,9 +319,25 @@ def precomputed_embeddings(ds) -> np.ndarray | None:
 def row_embeddings(
     ds, model_id: str, *, device: str | None = None, batch_size: int = 64, embedder: TextEmbedder | None = None
 ) -> np.ndarray:
-    """The rows' precomputed ``embedding`` when they carry one (no model is loaded), else the
-    model's embeddings of ``prompt + "\\n" + completion`` (by ``embedder`` when given, e.g. one
-    that encodes on a cluster)."""
+    """The rows' unit vectors: their own ``embedding`` when they carry one (no model is loaded),
+    else the model's embeddings of ``prompt + "\\n" + completion`` (cached on disk).
+
+    Args:
+        ds: Rows with ``prompt`` and ``completion`` (and optionally ``embedding``).
+        model_id: The embedding model when the rows carry no vectors.
+        device: Where the model runs (default: cuda > mps > cpu).
+        batch_size: Texts per forward pass.
+        embedder: Encode with this one instead (e.g. an executor's, which encodes on a cluster).
+
+    Returns:
+        An ``(n, d)`` float32 array of L2-normalised rows, in the order of ``ds``.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> ds = Dataset.from_list([{"id": "a", "prompt": "p", "completion": "c", "embedding": [3.0, 4.0]}])
+        >>> row_embeddings(ds, "BAAI/bge-m3")  # the rows' own vector, normalised; no model loaded
+        array([[0.6, 0.8]], dtype=float32)
+    """
     from lmmixup_hf.data.schema import COMPLETION, PROMPT, text_of
 
     x = precomputed_embeddings(ds)

@@ -93,7 +93,36 @@ def make_judge(
     max_tokens: int = 128,
     batch_size: int = 8,
 ) -> OpenAIJudge | LocalJudge:
-    """``engine="openai"``: any OpenAI-compatible endpoint; ``engine="local"``: a transformers model."""
+    """Build the rating judge: an API judge or a local model, behind the same ``rate_many``.
+
+    Args:
+        engine: ``openai`` (any OpenAI-compatible endpoint) or ``local`` (a transformers model
+            whose scores are read off the next-token distribution; no server).
+        model: The judge model (e.g. ``gpt-4o-mini``, ``smollm2-135m-offline``).
+        base_url: The endpoint (default: ``$OPENAI_BASE_URL``, else OpenAI).
+        api_key: The key (default: ``$OPENAI_API_KEY``); never logged or cached.
+        max_concurrency: Requests in flight.
+        requests_per_minute: Client-side request rate limit.
+        tokens_per_minute: Client-side token rate limit.
+        max_retries: Retries of a failed request (429, 5xx, timeouts) with backoff.
+        timeout: Seconds per request.
+        retry_base_delay: First backoff delay in seconds (doubled per retry, with jitter).
+        cache_dir: Folder of the reply cache (None: no cache).
+        prices: Extra ``{model: (input, output)}`` USD per 1M tokens for the cost meter.
+        json_mode: Ask for a JSON object (dropped if the server rejects it).
+        logprobs: Ask for logprobs to compute the expected score (dropped if rejected).
+        temperature: Sampling temperature of the first attempt.
+        max_tokens: Reply length limit.
+        batch_size: Rows per forward pass of the local judge.
+
+    Returns:
+        An :class:`OpenAIJudge` or a :class:`LocalJudge` (both are a :class:`Judge`).
+
+    Example:
+        >>> judge = make_judge("openai", "gpt-4o-mini", base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
+        >>> judge.name
+        'openai:gpt-4o-mini'
+    """
     if engine == "local":
         return LocalJudge(model, batch_size=batch_size)
     if engine != "openai":

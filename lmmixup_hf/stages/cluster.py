@@ -122,13 +122,32 @@ def cluster_rows(
 ) -> ClusteredRows:
     """The cluster core: each source's rows clustered on their (unit) embeddings; no files.
 
-    >>> out = cluster_rows(low_rows, row_embeddings(low_rows, "BAAI/bge-m3"), sizes="data", max_size=5)
+    With data sizes a row with no close neighbours becomes a one-row cluster of its own (the
+    distiller rewrites it alone) and is also listed in ``leftovers``; with drawn sizes and a
+    ``sim_floor`` such rows get ``cluster_id = -1`` and are left out of ``rows``.
 
-    ``options`` are the clustering options of ``lmmixup cluster`` (:data:`CLUSTER_OPTIONS`). With
-    data sizes a row with no close neighbours becomes a one-row cluster of its own (the distiller
-    rewrites it alone) and is also listed in ``leftovers``; with drawn sizes and a ``sim_floor`` such
-    rows get ``cluster_id = -1`` and are left out of ``rows``. ``map_sources`` clusters the sources
-    (default :func:`cluster_sources`: here, one after the other)."""
+    Args:
+        ds: The rows to cluster (usually the low-quality ones), with ``id`` and ``source``.
+        embeddings: ``(len(ds), d)`` L2-normalised vectors, e.g. from ``row_embeddings``.
+        map_sources: How the sources are clustered (default :func:`cluster_sources`: here, one
+            after the other; the Ray executor runs them as groups).
+        **options: The clustering options of ``lmmixup cluster`` (:data:`CLUSTER_OPTIONS`:
+            ``sizes``, ``max_size``, ``mean_cap``, ``min_cohesion``, ...).
+
+    Returns:
+        ``ClusteredRows(rows, clusters, leftovers, stats)``: the rows with a ``cluster_id`` in
+        cluster order, one row per cluster (members, cohesion), the leftovers and the figures.
+
+    Example:
+        >>> import numpy as np
+        >>> from datasets import Dataset
+        >>> x = np.array([[1, 0], [0.99, 0.14], [0.98, 0.2], [0, 1], [0.14, 0.99], [0.2, 0.98]], np.float32)
+        >>> x /= np.linalg.norm(x, axis=1, keepdims=True)
+        >>> ds = Dataset.from_dict({"id": list("abcdef"), "source": ["s"] * 6})
+        >>> out = cluster_rows(ds, x, max_size=3, mean_cap=3, std_cap=1, min_cohesion=0.9)
+        >>> list(out.clusters["member_ids"]), len(out.leftovers)
+        ([['a', 'b', 'c'], ['d', 'e', 'f']], 0)
+    """
     opts = SimpleNamespace(**{**CLUSTER_DEFAULTS, **options})
     unknown = set(options) - set(CLUSTER_OPTIONS)
     if unknown:

@@ -4,9 +4,9 @@ A cluster's members, in id order, become one prompt through
 :func:`~lmmixup_hf.distiller.prompts.fit_messages` (whole members are dropped when over the prompt
 budget, and counted). The engine's responses are parsed into ``think``/``output`` and a
 ``prompt``/``completion`` pair; a response that cannot be parsed keeps the reason in
-``parse_error``. Leftover rows (``cluster_id < 0``) are skipped.
+``parse_error``. Leftover rows (``cluster_id < 0``) are skipped::
 
->>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
+    distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
 
 No files: ``lmmixup distill`` (:mod:`lmmixup_hf.pipeline.distill`) adds the per-chunk checkpoints
 and the manifest around it.
@@ -192,9 +192,23 @@ def distill_chunk(
 
 
 def distill_rows(clustered: Dataset, engine: Engine, *, batch: int = 64, **generation: Any) -> tuple[Dataset, Dataset]:
-    """Distil every cluster of a clustered Dataset in memory: ``(distilled, unparsed)``.
+    """Distil every cluster of a clustered Dataset in memory: one fused, parsed row per cluster.
 
-    >>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
+    Args:
+        clustered: Rows with a ``cluster_id`` (``cluster_rows(...).rows``).
+        engine: The distiller (:func:`~lmmixup_hf.distiller.engines.make_engine`).
+        batch: Clusters per ``engine.generate`` call.
+        **generation: ``max_new_tokens``, ``temperature``, ``top_p``, ... for the engine.
+
+    Returns:
+        ``(distilled, unparsed)``: the parsed rows (``prompt``/``completion`` split out of the
+        output, ``member_ids``, ``think``, ``raw_response``), and the clusters whose reply could not
+        be parsed, each with its ``parse_error`` (never dropped silently).
+
+    Example::
+
+        engine = make_engine("transformers", "org/distiller")
+        distilled, unparsed = distill_rows(clusters.rows, engine, max_new_tokens=512)
     """
     cluster_ids = np.asarray(clustered[CLUSTER_ID], dtype=np.int64)
     clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))

@@ -1,7 +1,7 @@
-"""The rate core: the judge's item for every row, ratings attached as a struct, failures by index.
+"""The rate core: the judge's item for every row, ratings attached as a struct, failures by index::
 
->>> judge = make_judge("openai", "gpt-4o-mini")
->>> rated, failed, unratable = rate_rows(dataset, judge)
+    judge = make_judge("openai", "gpt-4o-mini")
+    rated, failed, unratable = rate_rows(dataset, judge)
 
 No files: ``lmmixup rate`` (:mod:`lmmixup_hf.pipeline.rate`) adds checkpoints, batch jobs,
 summaries and the manifest around it.
@@ -105,12 +105,28 @@ def rate_rows(
     reference_field: str | None = None,
     show_progress: bool = False,
 ) -> RatedRows:
-    """Rate a Dataset in memory with a judge from :func:`~lmmixup_hf.judge.judges.make_judge`:
+    """Rate a Dataset in memory: a ``rating`` struct per row. Failed rows are returned by
+    index, never scored; ``lmmixup rate`` adds checkpoints, retries and batch jobs.
 
-    >>> judge = make_judge("openai", "gpt-4o-mini")
-    >>> rated, failed, unratable = rate_rows(load_dataset("json", data_files="pool.jsonl")["train"], judge)
+    Args:
+        ds: The rows to rate.
+        judge: A :class:`~lmmixup_hf.judge.protocol.Judge`, e.g. from
+            :func:`~lmmixup_hf.judge.judges.make_judge`.
+        fields: Columns shown to the judge, in order.
+        rubric: ``general``, a task type (``qa``, ``mcq``, ...), ``auto`` (each row's
+            ``task_type``) or ``reference`` (the reference script's prompt).
+        reference_field: A column with a reference answer shown after the item, or None.
+        show_progress: Show a progress bar.
 
-    Failed rows are returned by index, never scored; ``lmmixup rate`` adds checkpoints and retries."""
+    Returns:
+        ``RatedRows(rated, failed, unratable)``: the rated rows, the input indices the judge
+        failed on, and ``(index, reason)`` of rows with nothing to rate.
+
+    Example::
+
+        judge = make_judge("openai", "gpt-4o-mini")
+        rated, failed, unratable = rate_rows(load_dataset("json", data_files="pool.jsonl")["train"], judge)
+    """
     items, unratable = judge_items(ds, fields, rubric, reference_field)
     order = sorted(items)
     ratings = judge.rate_many([items[i] for i in order], desc="rate", show_progress=show_progress)
