@@ -23,9 +23,7 @@ from lmmixup_hf.embed.ann import _faiss, ann_search, build_ann, set_effort
 from lmmixup_hf.embed.device import _as_tensor, resolve_device
 from lmmixup_hf.embed.partition import (
     Partition,
-    _descent_step,
     _drop_rows,
-    _reverse_neighbours,
     build_partition,
     partition_search,
     refine_self,
@@ -47,8 +45,6 @@ __all__ = [
     "refine_self",
     "resolve_device",
     "set_effort",
-    "_descent_step",
-    "_reverse_neighbours",
 ]
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ from lmmixup_hf.pipeline.report_collect import (
     STAGES,
     Example,
     StageSummary,
-    _distill_rejections,
     _short,
     collect_examples,
     count_rows,
@@ -55,7 +54,6 @@ __all__ = [
     "report",
     "scores",
     "summarize",
-    "_distill_rejections",
 ]
 
 logger = logging.getLogger(__name__)
