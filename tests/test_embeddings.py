@@ -17,7 +17,7 @@ def test_second_encode_hits_the_cache(embedder, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model must not be called on a cache hit")
 
-    monkeypatch.setattr(fresh, "_encode_uncached", boom)
+    monkeypatch.setattr(fresh, "encode_uncached", boom)
     again = fresh.encode(TEXTS)
     np.testing.assert_array_equal(first, again)
     assert fresh._model is None  # not even loaded
@@ -36,3 +36,44 @@ def test_no_cache_and_shared_instances(minilm_path):
     assert v.shape == (1, 384) and e.cache is None
     assert get_embedder("minilm-offline", device="cpu") is get_embedder("minilm-offline", device="cpu")
     assert e.encode([]).shape == (0, 384)
+
+
+LONG = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris. " * 8
+
+
+def test_another_max_seq_length_is_not_served_from_the_cache(minilm_path, tmp_path):
+    """The cache file is chosen by what changes the vectors: a text embedded with another
+    ``max_seq_length`` (or normalisation) is encoded again, never answered with the stale vector."""
+    cache = tmp_path / "emb-cache"
+    short = Embedder("minilm-offline", device="cpu", cache=cache, max_seq_length=16, show_progress=False)
+    first = short.encode([LONG])
+    longer = Embedder("minilm-offline", device="cpu", cache=cache, max_seq_length=128, show_progress=False)
+    second = longer.encode([LONG])
+    assert longer.n_encoded == 1  # a miss: not served from the max_seq_length=16 entry
+    assert float(first[0] @ second[0]) < 0.999  # the vectors really differ
+    raw = Embedder(
+        "minilm-offline", device="cpu", cache=cache, max_seq_length=16, normalize=False, show_progress=False
+    )
+    raw.encode([LONG])
+    assert raw.n_encoded == 1
+    again = Embedder("minilm-offline", device="cpu", cache=cache, max_seq_length=16, show_progress=False)
+    np.testing.assert_array_equal(again.encode([LONG]), first)
+    assert again.n_encoded == 0 and again._model is None  # the same settings: a hit, no model loaded
+    assert len(list(cache.glob("*.sqlite"))) == 3
+
+
+def test_a_changed_local_model_gets_its_own_cache(tmp_path):
+    from lmmixup_hf.embed.embeddings import cache_file_name, model_fingerprint
+
+    model = tmp_path / "model"
+    model.mkdir()
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"v1")
+    before = model_fingerprint(str(model))
+    name = cache_file_name(str(model), normalize=True, max_seq_length=None)
+    weights.write_bytes(b"v2-retrained")
+    assert model_fingerprint(str(model)) != before
+    assert cache_file_name(str(model), normalize=True, max_seq_length=None) != name
+    assert cache_file_name(str(model), normalize=True, max_seq_length=64) != cache_file_name(
+        str(model), normalize=True, max_seq_length=None
+    )

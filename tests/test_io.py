@@ -134,3 +134,34 @@ def test_normalize_core_on_in_memory_rows():
     assert ds["prompt"] == ["Add.\n\n2+2", "Say hi."] and ds["source"] == ["alpaca", "alpaca"]
     assert ds["score"] == [0.5, 0.9]  # an unknown field of one type: a real column
     assert [(r.line, r.field) for r in rejected.rows] == [(2, "prompt")]
+
+
+def test_a_failed_write_leaves_no_temporary_files(tmp_path, monkeypatch):
+    """A full disk mid-write raises with the old output intact and no ``.*.tmp-*`` left behind."""
+    import errno
+
+    from lmmixup_hf.data.io import write_json, write_jsonl
+    from lmmixup_hf.pipeline.workflow import StageRun
+
+    ds = Dataset.from_list([{"id": "a", "prompt": "p", "completion": "c"}])
+    write_stage_data(ds, tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Dataset, "to_parquet", disk_full)
+    with pytest.raises(OSError):
+        write_stage_data(ds, tmp_path)
+    with pytest.raises(OSError):
+        StageRun("rate", tmp_path / "stage").finish(ds, counts={"rows": 1})
+
+    def rows():
+        yield {"id": "a"}
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_jsonl(tmp_path / "failed.jsonl", rows())
+    with pytest.raises(TypeError):
+        write_json(tmp_path / "summary.json", {"bad": float("nan"), object(): 1})  # keys must be strings
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    assert [r["id"] for r in read_stage_data(tmp_path)] == ["a"]  # the last good output is untouched

@@ -227,6 +227,14 @@ def test_end_to_end_on_40_rows(clean_run):
     split = m["split"]["counts"]
     assert split["high"] + split["low"] == m["rate"]["counts"]["rated"] == 40
     assert split["high"] > 0 and split["low"] > 0
+    # rate writes its rows once (data/); the split stage alone writes high/ and low/
+    rated = sorted((clean_run / "rate").rglob("*.parquet"))
+    assert [p.parent.name for p in rated] == ["data"] * len(rated)
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in rated) == 40
+    assert sum(p.stat().st_size for p in rated) == sum(
+        p.stat().st_size for p in (clean_run / "rate" / "data").iterdir()
+    )
+    assert not [p for p in clean_run.rglob("*") if ".tmp-" in p.name]
     assert m["cluster"]["counts"]["clustered"] + m["cluster"]["counts"]["leftovers"] == split["low"]
     clusters = m["cluster"]["counts"]["clusters"]
     d = m["distill"]["counts"]

@@ -147,8 +147,29 @@ def normalize(
     default_source: str = "",
     name: str = "<rows>",
 ) -> tuple[Dataset, Quarantine]:
-    """The ingest core: any in-memory rows (a ``Dataset`` from ``load_dataset``, a list of dicts)
-    onto the data contract; bad rows come back in the quarantine with their index and reason."""
+    """The ingest core: any in-memory rows onto the data contract (``id``, ``prompt``,
+    ``completion``, ``source``, ``task_type``); a bad row is never dropped silently but comes
+    back in the quarantine with its position and reason.
+
+    Args:
+        rows: A ``Dataset`` (e.g. from ``load_dataset``) or any iterable of dicts.
+        max_chars: Longest accepted prompt or completion, in characters.
+        default_source: ``source`` of rows that name none.
+        name: What the quarantine calls the input (the "file" of each rejected row).
+
+    Returns:
+        ``(pool, quarantine)``: the valid rows, and a :class:`Quarantine` of the others
+        (line = 1-based position, field, reason).
+
+    Example:
+        >>> pool, rejected = normalize(
+        ...     [{"prompt": "What is 2+2?", "completion": "4", "source": "math"}, {"prompt": "Hi", "completion": ""}]
+        ... )
+        >>> pool.num_rows, pool[0]["task_type"]
+        (1, 'qa')
+        >>> [(r.line, r.field, r.reason) for r in rejected.rows]
+        [(2, 'completion', 'empty')]
+    """
     quarantine = Quarantine()
     numbered = ((i + 1, row) for i, row in enumerate(rows))
     return _validate(numbered, Path(name), quarantine, max_chars, default_source), quarantine
@@ -383,10 +404,14 @@ def write_stage_data(ds: Dataset, out_dir: str | Path, name: str = "data", shard
     tmp.mkdir()
     n_shards = max(1, -(-len(ds) // shard_rows))
     names = []
-    for i in range(n_shards):
-        fname = f"train-{i:05d}-of-{n_shards:05d}.parquet"
-        ds.select(range(i * shard_rows, min(len(ds), (i + 1) * shard_rows))).to_parquet(str(tmp / fname))
-        names.append(fname)
+    try:
+        for i in range(n_shards):
+            fname = f"train-{i:05d}-of-{n_shards:05d}.parquet"
+            ds.select(range(i * shard_rows, min(len(ds), (i + 1) * shard_rows))).to_parquet(str(tmp / fname))
+            names.append(fname)
+    except BaseException:  # a full disk, a kill: no half-written folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = out_dir / name
     if final.exists():
         old = out_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
@@ -404,12 +429,16 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+                n += 1
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     return n
 
@@ -419,9 +448,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)

@@ -19,12 +19,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from datasets import Dataset
 
 from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.options import Options, from_mapping
+
+if TYPE_CHECKING:
+    from lmmixup_hf.distiller.engines import Engine
+    from lmmixup_hf.embed.embeddings import TextEmbedder
+    from lmmixup_hf.judge.protocol import Judge
 
 EXECUTORS = ("local", "ray")
 
@@ -92,7 +97,7 @@ class Executor:
 
     def rate(
         self,
-        make_judge: Callable[[], Any],
+        make_judge: Callable[[], Judge],
         items: Sequence[Any],
         on_result: OnRating,
         *,
@@ -106,7 +111,7 @@ class Executor:
 
     def distill(
         self,
-        make_engine: Callable[[], Any],
+        make_engine: Callable[[], Engine],
         members: Dataset,
         chunks: Sequence[Sequence[tuple[int, Any]]],
         todo: Sequence[int],
@@ -124,7 +129,7 @@ class Executor:
             on_chunk(k, rows, time.time() - t0)
         return engine.describe()
 
-    def embedder(self, model_id: str, *, device: str | None, batch_size: int) -> Any:
+    def embedder(self, model_id: str, *, device: str | None, batch_size: int) -> TextEmbedder | None:
         """The embedder for a stage's rows; None means the process-wide one (``get_embedder``)."""
         return None
 

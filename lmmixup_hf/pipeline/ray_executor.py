@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,10 @@ from tqdm.auto import tqdm
 from lmmixup_hf.data.schema import CLUSTER_ID, ID, LmmixupError, ServiceError
 from lmmixup_hf.embed.embeddings import Embedder
 from lmmixup_hf.pipeline.executors import Executor, OnChunk, OnRating, RayOptions
+
+if TYPE_CHECKING:
+    from lmmixup_hf.distiller.engines import Engine
+    from lmmixup_hf.judge.protocol import Judge
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +113,7 @@ def _counter(v: Any) -> bool:
 class JudgeActor:
     """One judge per actor; a batch of items in, one rating per item out."""
 
-    def __init__(self, make_judge: Callable[[], Any]):
+    def __init__(self, make_judge: Callable[[], Judge]):
         self.judge = make_judge()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -120,9 +124,7 @@ class JudgeActor:
         before = self.judge.usage.as_dict()
         ratings = self.judge.rate_many(items, show_progress=False)
         usage = json.dumps(usage_delta(before, self.judge.usage.as_dict()))
-        cache = getattr(getattr(self.judge, "client", None), "cache", None)
-        if cache is not None:
-            cache.flush()  # an actor may be stopped at any time after its batch is returned
+        self.judge.flush()  # an actor may be stopped at any time after its batch is returned
         return pa.table(
             {
                 "pos": cols["pos"],
@@ -137,7 +139,7 @@ class JudgeActor:
 class DistillActor:
     """One engine per actor; a chunk of clusters in, its records out (as the local loop makes them)."""
 
-    def __init__(self, make_engine: Callable[[], Any], generation: Mapping[str, Any]):
+    def __init__(self, make_engine: Callable[[], Engine], generation: Mapping[str, Any]):
         self.engine = make_engine()
         self.generation = dict(generation)
 
@@ -157,6 +159,7 @@ class DistillActor:
             out["part"].append(to_ipc(pa.Table.from_pylist(rows, schema=SCHEMA)))
             out["seconds"].append(time.time() - t0)
             out["engine"].append(json.dumps(self.engine.describe(), default=str))
+        self.engine.flush()  # as the judge's: the actor may be stopped after this batch
         return pa.table(out)
 
 
@@ -170,7 +173,7 @@ class EmbedActor:
         self.embedder = Embedder(model_id, device=device, batch_size=batch_size, cache=False, show_progress=False)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {"key": batch["key"], "vector": self.embedder._encode_uncached([str(t) for t in batch["text"]])}
+        return {"key": batch["key"], "vector": self.embedder.encode_uncached([str(t) for t in batch["text"]])}
 
 
 class KnnActor:
@@ -289,7 +292,7 @@ class RayExecutor(Executor):
     # -- rate -------------------------------------------------------------------------------------
     def rate(
         self,
-        make_judge: Callable[[], Any],
+        make_judge: Callable[[], Judge],
         items: Sequence[Any],
         on_result: OnRating,
         *,
@@ -327,7 +330,7 @@ class RayExecutor(Executor):
     # -- distill ----------------------------------------------------------------------------------
     def distill(
         self,
-        make_engine: Callable[[], Any],
+        make_engine: Callable[[], Engine],
         members: Dataset,
         chunks: Sequence[Sequence[tuple[int, Any]]],
         todo: Sequence[int],
@@ -424,7 +427,7 @@ class RayEmbedder(Embedder):
         super().__init__(model_id, **kwargs)
         self.executor = executor
 
-    def _encode_missing(self, missing: list[tuple[str, str]], found: dict[str, np.ndarray], desc: str) -> None:
+    def encode_missing(self, missing: list[tuple[str, str]], found: dict[str, np.ndarray], desc: str) -> None:
         table = pa.table({"key": [k for k, _ in missing], "text": [t for _, t in missing]})
         constructor = {"model_id": self.model_id, "device": self.device, "batch_size": self.batch_size}
         blocks = self.executor.split("embed", table)

@@ -129,12 +129,42 @@ def mix_rows(
     embed: Callable[[list[str]], np.ndarray] | None = None,
     **changes: Any,
 ) -> tuple[Dataset, dict[str, Any]]:
-    """The mix as a core: ``total`` rows, ``round(total * ratio)`` of them distilled, near-duplicates
-    removed (originals win), shuffled with ``seed`` (:class:`MixOptions`, or changed by keyword:
-    ``mix_rows(orig, dist, total=100, ratio=0.5)``). Returns the rows and the counts.
+    """The mix as a core: ``total`` rows, ``round(total * ratio)`` of them distilled (the rarest
+    first), near-duplicates removed (originals win), shuffled with ``seed``.
 
-    Dedup needs vectors: an ``embedding`` column when both inputs have one, else ``embed(texts)``.
-    Raises :class:`LmmixupError` when rows run out, unless ``allow_fewer``."""
+    Args:
+        original: The original high-quality rows.
+        distilled: The distilled rows, with a ``long_tail`` score.
+        options: The mix options (:class:`MixOptions`; default their defaults): ``total`` rows in
+            the mix, ``ratio`` share of distilled rows, ``dedup_threshold`` cosine above which a row
+            is a near-duplicate (None: no dedup), shuffle ``seed``, ``allow_fewer`` (write fewer
+            rows when either side runs out, instead of an error).
+        embed: ``embed(texts) -> unit vectors`` for the dedup, when the inputs carry no
+            ``embedding`` column.
+        **changes: Options changed from ``options`` (``total=100, ratio=0.5``); a bad one raises
+            ``OptionError``.
+
+    Returns:
+        ``(mixed, stats)``: the rows with their ``origin``, and the counts (and any shortfall).
+
+    Raises:
+        LmmixupError: When rows run out and ``allow_fewer`` is not set.
+
+    Example:
+        >>> import numpy as np
+        >>> from lmmixup_hf.data.io import normalize
+        >>> original, _ = normalize([{"prompt": "What is DNA?", "completion": "A molecule."},
+        ...                          {"prompt": "Name a prime.", "completion": "7"}])
+        >>> distilled, _ = normalize([{"prompt": "Why is the sky blue?", "completion": "Rayleigh scattering."},
+        ...                           {"prompt": "What is DNA?", "completion": "A molecule."}])
+        >>> distilled = distilled.add_column("long_tail", [0.4, 0.9])
+        >>> def letters(texts):  # a toy embedding: letter counts
+        ...     v = np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz?. "] for t in texts], float)
+        ...     return v / np.linalg.norm(v, axis=1, keepdims=True)
+        >>> mixed, stats = mix_rows(original, distilled, total=2, ratio=0.5, embed=letters)
+        >>> sorted(zip(mixed["origin"], mixed["prompt"]))  # the distilled copy of an original is dropped
+        [('distilled', 'Why is the sky blue?'), ('original', 'What is DNA?')]
+    """
     o = resolve(MixOptions, options, changes)
     total, ratio, dedup_threshold, seed, allow_fewer = o.total, o.ratio, o.dedup_threshold, o.seed, o.allow_fewer
     n_dist = round(total * ratio)

@@ -1,7 +1,7 @@
-"""The rate core: the judge's item for every row, ratings attached as a struct, failures by index.
+"""The rate core: the judge's item for every row, ratings attached as a struct, failures by index::
 
->>> judge = make_judge("openai", "gpt-4o-mini")
->>> rated, failed, unratable = rate_rows(dataset, judge)
+    judge = make_judge("openai", "gpt-4o-mini")
+    rated, failed, unratable = rate_rows(dataset, judge)
 
 No files: ``lmmixup rate`` (:mod:`lmmixup_hf.pipeline.rate`) adds checkpoints, batch jobs,
 summaries and the manifest around it.
@@ -22,6 +22,7 @@ from lmmixup_hf.data.schema import (
     TASK_TYPE,
 )
 from lmmixup_hf.judge.judges import DIMENSIONS, JudgeItem, reference_kind
+from lmmixup_hf.judge.protocol import Judge
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +98,35 @@ def with_ratings(
 
 def rate_rows(
     ds: Dataset,
-    judge: Any,
+    judge: Judge,
     *,
     fields: Sequence[str] = (PROMPT, COMPLETION),
     rubric: str = "general",
     reference_field: str | None = None,
     show_progress: bool = False,
 ) -> RatedRows:
-    """Rate a Dataset in memory with a judge from :func:`~lmmixup_hf.judge.judges.make_judge`:
+    """Rate a Dataset in memory: a ``rating`` struct per row. Failed rows are returned by
+    index, never scored; ``lmmixup rate`` adds checkpoints, retries and batch jobs.
 
-    >>> judge = make_judge("openai", "gpt-4o-mini")
-    >>> rated, failed, unratable = rate_rows(load_dataset("json", data_files="pool.jsonl")["train"], judge)
+    Args:
+        ds: The rows to rate.
+        judge: A :class:`~lmmixup_hf.judge.protocol.Judge`, e.g. from
+            :func:`~lmmixup_hf.judge.judges.make_judge`.
+        fields: Columns shown to the judge, in order.
+        rubric: ``general``, a task type (``qa``, ``mcq``, ...), ``auto`` (each row's
+            ``task_type``) or ``reference`` (the reference script's prompt).
+        reference_field: A column with a reference answer shown after the item, or None.
+        show_progress: Show a progress bar.
 
-    Failed rows are returned by index, never scored; ``lmmixup rate`` adds checkpoints and retries."""
+    Returns:
+        ``RatedRows(rated, failed, unratable)``: the rated rows, the input indices the judge
+        failed on, and ``(index, reason)`` of rows with nothing to rate.
+
+    Example::
+
+        judge = make_judge("openai", "gpt-4o-mini")
+        rated, failed, unratable = rate_rows(load_dataset("json", data_files="pool.jsonl")["train"], judge)
+    """
     items, unratable = judge_items(ds, fields, rubric, reference_field)
     order = sorted(items)
     ratings = judge.rate_many([items[i] for i in order], desc="rate", show_progress=show_progress)
