@@ -34,10 +34,14 @@ from lmmixup_hf.data.schema import (
     RowError,
     normalize_record,
 )
+from lmmixup_hf.data.validate import iter_validated
 
 MANIFEST_NAME = "manifest.json"  # a stage folder's manifest (see workflow)
 POOL_SCHEMA = pa.schema([(c, pa.string()) for c in BASE_COLUMNS] + [(EXTRA, pa.string())])
 _BATCH = 10_000
+BATCH_BYTES = 64 << 20  # a streamed batch: about this much Arrow data
+ROW_GROUP_ROWS = 128 * 1024  # a written row group: at most this many rows ...
+ROW_GROUP_BYTES = 128 << 20  # ... or about this many bytes, whichever comes first
 _RAW_PREVIEW = 500
 
 
@@ -119,7 +123,9 @@ def read_pool(
             ds = load_from_disk(str(path))
             if not isinstance(ds, Dataset):
                 ds = ds[split]
-            return _validate(_iter_dataset(ds, path), path, quarantine, max_chars, default_source or "")
+            return _materialise(
+                _validate_arrow(_dataset_batches(ds), path, quarantine, max_chars, default_source or "")
+            )
         raise PoolFormatError(f"{path}: a folder, but neither a stage output (data/*.parquet) nor a saved dataset")
     if not path.exists():
         if _looks_like_hub_id(str(source)):
@@ -127,16 +133,39 @@ def read_pool(
         raise PoolFormatError(f"{source}: no such file or folder")
 
     default_source = default_source if default_source is not None else _source_from_name(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return _materialise(_validate_arrow(_parquet_batches(path), path, quarantine, max_chars, default_source))
+    return _validate(_iter_rows(path, quarantine), path, quarantine, max_chars, default_source)
+
+
+def iter_pool(
+    source: str | Path,
+    *,
+    quarantine: Quarantine | None = None,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    split: str = "train",
+    default_source: str | None = None,
+) -> Iterator[pa.Table]:
+    """:func:`read_pool` as a stream of validated Arrow tables, for stages whose memory must stay
+    bounded by a batch (ingest). Parquet is read, validated and handed on batch by batch; the
+    other inputs are read by :func:`read_pool` (memory-mapped) and handed on in batches."""
+    quarantine = quarantine if quarantine is not None else Quarantine()
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() in (".parquet", ".pq"):
+        default_source = default_source if default_source is not None else _source_from_name(path)
+        yield from _validate_arrow(_parquet_batches(path), path, quarantine, max_chars, default_source)
+        return
+    ds = read_pool(source, quarantine=quarantine, max_chars=max_chars, split=split, default_source=default_source)
+    yield from _dataset_batches(ds)
+
+
+def _iter_rows(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = _iter_jsonl(path, quarantine)
-    elif suffix == ".json":
-        rows = _iter_json(path, quarantine)
-    elif suffix in (".parquet", ".pq"):
-        rows = _iter_parquet(path)
-    else:
-        raise PoolFormatError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .jsonl, .json or .parquet")
-    return _validate(rows, path, quarantine, max_chars, default_source)
+        return _iter_jsonl(path, quarantine)
+    if suffix == ".json":
+        return _iter_json(path, quarantine)
+    raise PoolFormatError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .jsonl, .json or .parquet")
 
 
 def normalize(
@@ -149,6 +178,9 @@ def normalize(
     """The ingest core: any in-memory rows (a ``Dataset`` from ``load_dataset``, a list of dicts)
     onto the data contract; bad rows come back in the quarantine with their index and reason."""
     quarantine = Quarantine()
+    if isinstance(rows, Dataset):
+        batches = _validate_arrow(_dataset_batches(rows), Path(name), quarantine, max_chars, default_source)
+        return _materialise(batches), quarantine
     numbered = ((i + 1, row) for i, row in enumerate(rows))
     return _validate(numbered, Path(name), quarantine, max_chars, default_source), quarantine
 
@@ -170,12 +202,15 @@ def _read_hub(repo_id: str, split: str, quarantine: Quarantine, max_chars: int, 
         ds = load_dataset(repo_id, split=split)
     except Exception as e:  # offline, private, missing: one clear message
         raise PoolFormatError(f"{repo_id}: could not load from the Hub ({type(e).__name__}: {e})") from None
-    return _validate(_iter_dataset(ds, Path(repo_id)), Path(repo_id), quarantine, max_chars, default_source or "")
+    return _materialise(
+        _validate_arrow(_dataset_batches(ds), Path(repo_id), quarantine, max_chars, default_source or "")
+    )
 
 
-def _iter_dataset(ds: Dataset, path: Path) -> Iterator[tuple[int, Any]]:
-    for i, row in enumerate(ds):
-        yield i + 1, row
+def _dataset_batches(ds: Dataset, rows: int = _BATCH) -> Iterator[pa.Table]:
+    """A dataset's rows as Arrow tables of ``rows`` rows (its indices mapping applied)."""
+    for start in range(0, len(ds), rows):
+        yield ds.with_format("arrow")[start : start + rows]
 
 
 def _iter_jsonl(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, Any]]:
@@ -217,7 +252,8 @@ def _iter_json(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, Any]]:
         yield i + 1, row  # "line" is the 1-based index in the array
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+def _parquet_batches(path: Path) -> Iterator[pa.Table]:
+    """A parquet pool in batches of about :data:`BATCH_BYTES` (fewer rows when rows are wide)."""
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
@@ -228,11 +264,60 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
             f"{path}: not a pool: a pool needs a prompt column ({', '.join(PROMPT_KEYS)} or messages) and a "
             f"completion column ({', '.join(COMPLETION_KEYS)}); this file has {', '.join(sorted(columns)) or 'none'}"
         )
-    n = 0
-    for batch in pf.iter_batches(batch_size=_BATCH):
-        for row in batch.to_pylist():
-            n += 1
-            yield n, row
+    meta = pf.metadata
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    rows = _batch_rows(size, meta.num_rows)
+    for batch in pf.iter_batches(batch_size=rows):
+        yield pa.Table.from_batches([batch])
+
+
+def _batch_rows(nbytes: int, nrows: int) -> int:
+    """Rows per batch so that a batch holds about :data:`BATCH_BYTES`."""
+    per_row = max(1, nbytes // max(1, nrows))
+    return int(min(ROW_GROUP_ROWS, max(1_024, BATCH_BYTES // per_row)))
+
+
+def _validate_arrow(
+    batches: Iterable[pa.Table], path: Path, quarantine: Quarantine, max_chars: int, default_source: str
+) -> Iterator[pa.Table]:
+    """Vectorised validation (:mod:`lmmixup_hf.data.validate`) of Arrow input: the good rows,
+    batch by batch; bad rows (duplicate ids included) go to the quarantine as the row reader does."""
+    n_rejected_before = len(quarantine)
+    n_good = 0
+    schema: pa.Schema | None = None
+
+    def reject(line: int, field: str | None, reason: str, raw: Any) -> None:
+        quarantine.add(path, line, field, reason, raw)
+
+    for table in iter_validated(iter(batches), max_chars=max_chars, default_source=default_source, reject=reject):
+        schema = schema or table.schema
+        n_good += table.num_rows
+        yield table if table.schema == schema else table.cast(schema)
+    if n_good == 0:
+        _no_rows(path, quarantine.rows[n_rejected_before:])
+
+
+def _no_rows(path: Path, bad: list[Rejected]) -> None:
+    if not bad:
+        raise PoolFormatError(f"{path}: no records")
+    first = bad[0]
+    where = f"line {first.line}" + (f", field {first.field!r}" if first.field else "")
+    raise PoolFormatError(f"{path}: not a pool: all {len(bad)} rows are unusable (first: {where}: {first.reason})")
+
+
+def _materialise(tables: Iterable[pa.Table]) -> Dataset:
+    """Stream tables into a scratch Arrow file and memory-map it as a ``Dataset``."""
+    out_path = _scratch_dir() / f"pool-{uuid.uuid4().hex}.arrow"
+    writer = None
+    try:
+        for table in tables:
+            if writer is None:
+                writer = pa.ipc.new_stream(str(out_path), table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    return Dataset.from_file(str(out_path))
 
 
 def _validate(
@@ -265,12 +350,7 @@ def _validate(
         if batch:
             writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=POOL_SCHEMA))
     if n_good == 0:
-        bad = quarantine.rows[n_rejected_before:]
-        if not bad:
-            raise PoolFormatError(f"{path}: no records")
-        first = bad[0]
-        where = f"line {first.line}" + (f", field {first.field!r}" if first.field else "")
-        raise PoolFormatError(f"{path}: not a pool: all {len(bad)} rows are unusable (first: {where}: {first.reason})")
+        _no_rows(path, quarantine.rows[n_rejected_before:])
     return lift_extra(Dataset.from_file(str(out_path)))
 
 
@@ -352,18 +432,27 @@ def read_stage_data(out_dir: str | Path, name: str = "data") -> Dataset:
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
-def write_stage_data(ds: Dataset, out_dir: str | Path, name: str = "data", shard_rows: int = 500_000) -> list[str]:
-    """Write ``ds`` as parquet shards into ``<out_dir>/<name>/``, replacing what was there atomically."""
+def write_stage_data(
+    data: Dataset | pa.Table | Iterable[pa.Table | pa.RecordBatch],
+    out_dir: str | Path,
+    name: str = "data",
+    shard_rows: int = 500_000,
+) -> list[str]:
+    """Write rows as parquet shards into ``<out_dir>/<name>/``, replacing what was there atomically.
+
+    ``data`` is a ``Dataset``, a table, or a stream of Arrow tables/batches (only one row group is
+    held in memory at a time). Row groups hold up to :data:`ROW_GROUP_ROWS` rows or about
+    :data:`ROW_GROUP_BYTES`; a new shard starts every ``shard_rows`` rows. The shards are written
+    into a hidden folder and swapped in at the end, so a crash never leaves half an output."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    n_shards = max(1, -(-len(ds) // shard_rows))
-    names = []
-    for i in range(n_shards):
-        fname = f"train-{i:05d}-of-{n_shards:05d}.parquet"
-        ds.select(range(i * shard_rows, min(len(ds), (i + 1) * shard_rows))).to_parquet(str(tmp / fname))
-        names.append(fname)
+    try:
+        names = _write_shards(_tables(data), tmp, shard_rows)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = out_dir / name
     if final.exists():
         old = out_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
@@ -373,6 +462,64 @@ def write_stage_data(ds: Dataset, out_dir: str | Path, name: str = "data", shard
     else:
         os.replace(tmp, final)
     return [str(final / n) for n in names]
+
+
+def _tables(data: Dataset | pa.Table | Iterable[pa.Table | pa.RecordBatch]) -> Iterator[pa.Table]:
+    """Any row source as a stream of tables; an empty source still yields its (empty) schema."""
+    if isinstance(data, Dataset):
+        schema = data.features.arrow_schema  # keeps the `datasets` features in the file metadata
+        if not len(data):
+            yield schema.empty_table()
+        for table in _dataset_batches(data, ROW_GROUP_ROWS):
+            yield table.cast(schema) if table.schema != schema else table
+    elif isinstance(data, pa.Table):
+        yield data
+    else:
+        for t in data:
+            yield t if isinstance(t, pa.Table) else pa.Table.from_batches([t])
+
+
+def _write_shards(tables: Iterator[pa.Table], folder: Path, shard_rows: int) -> list[str]:
+    """Row groups of :data:`ROW_GROUP_ROWS` rows or :data:`ROW_GROUP_BYTES`, shards of ``shard_rows``."""
+    paths: list[Path] = []
+    writer: pq.ParquetWriter | None = None
+    schema: pa.Schema | None = None
+    pending: list[pa.Table] = []
+    in_shard = 0
+
+    def flush() -> None:
+        nonlocal writer, in_shard
+        group = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+        pending.clear()
+        while group.num_rows or writer is None:
+            if writer is None or in_shard >= shard_rows:
+                if writer is not None:
+                    writer.close()
+                paths.append(folder / f"part-{len(paths):05d}.parquet")
+                writer, in_shard = pq.ParquetWriter(str(paths[-1]), group.schema), 0
+            part = group.slice(0, shard_rows - in_shard)
+            if part.num_rows:
+                writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
+            in_shard += part.num_rows
+            group = group.slice(part.num_rows)
+
+    for table in tables:
+        schema = schema or table.schema
+        pending.append(table if table.schema == schema else table.cast(schema))
+        if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS or sum(t.nbytes for t in pending) >= ROW_GROUP_BYTES:
+            flush()
+    if pending or writer is None:
+        if not pending:
+            if schema is None:
+                raise PoolFormatError("nothing to write: no rows and no schema")
+            pending.append(schema.empty_table())
+        flush()
+    writer.close()
+    names = []
+    for i, p in enumerate(paths):  # the datasets naming, now that the count is known
+        names.append(f"train-{i:05d}-of-{len(paths):05d}.parquet")
+        os.replace(p, folder / names[-1])
+    return names
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
