@@ -21,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import Dataset, concatenate_datasets, load_from_disk
+from datasets import Dataset, load_from_disk
 
 from lmmixup_hf.data.schema import (
     BASE_COLUMNS,
@@ -305,15 +305,20 @@ def _no_rows(path: Path, bad: list[Rejected]) -> None:
     raise PoolFormatError(f"{path}: not a pool: all {len(bad)} rows are unusable (first: {where}: {first.reason})")
 
 
-def _materialise(tables: Iterable[pa.Table]) -> Dataset:
-    """Stream tables into a scratch Arrow file and memory-map it as a ``Dataset``."""
+def _materialise(tables: Iterable[pa.Table], empty: pa.Schema | None = None) -> Dataset:
+    """Stream tables into a scratch Arrow file and memory-map it as a ``Dataset`` (``empty``: the
+    schema to use when there are no tables at all)."""
     out_path = _scratch_dir() / f"pool-{uuid.uuid4().hex}.arrow"
     writer = None
+    schema = empty
     try:
         for table in tables:
             if writer is None:
-                writer = pa.ipc.new_stream(str(out_path), table.schema)
-            writer.write_table(table)
+                schema = table.schema
+                writer = pa.ipc.new_stream(str(out_path), schema)
+            writer.write_table(table if table.schema == schema else table.cast(schema))
+        if writer is None and empty is not None:
+            writer = pa.ipc.new_stream(str(out_path), empty)
     finally:
         if writer is not None:
             writer.close()
@@ -419,17 +424,141 @@ def _scratch_dir() -> Path:
 
 # -- stage outputs ------------------------------------------------------------------------------
 def read_stage_data(out_dir: str | Path, name: str = "data") -> Dataset:
-    """Memory-map the parquet shards a stage wrote under ``<out_dir>/<name>/``."""
+    """The parquet shards a stage wrote under ``<out_dir>/<name>/``, as a memory-mapped ``Dataset``
+    (streamed batch by batch into a scratch Arrow file, so memory stays bounded by a batch)."""
+    files = stage_files(out_dir, name)
+    return _materialise(iter_stage_batches(files), empty=pq.read_schema(files[0]))
+
+
+def stage_files(out_dir: str | Path, name: str = "data") -> list[str]:
+    """The parquet shards of a stage output, in order; a clear error when there are none."""
     files = sorted(str(p) for p in (Path(out_dir) / name).glob("*.parquet"))
     if not files:
         raise PoolFormatError(f"{out_dir}: no {name}/*.parquet (did the stage finish?)")
-    nonempty = [f for f in files if pq.ParquetFile(f).metadata.num_rows]
-    if not nonempty:  # an empty stage output (e.g. no row passed a filter): keep its schema
-        from datasets.table import InMemoryTable
+    return files
 
-        return Dataset(InMemoryTable(pq.read_table(files[0])))
-    parts = [Dataset.from_parquet(f, cache_dir=str(_scratch_dir() / "hf")) for f in nonempty]
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+def iter_stage_batches(files: list[str], columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """A stage output's rows as Arrow tables of about :data:`BATCH_BYTES` each."""
+    for f in files:
+        pf = pq.ParquetFile(f)
+        meta = pf.metadata
+        size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+        for batch in pf.iter_batches(batch_size=_batch_rows(size, meta.num_rows), columns=columns):
+            yield pa.Table.from_batches([batch])
+
+
+class StageWriter:
+    """Parquet shards for ``<out_dir>/<name>/``, fed a table at a time, swapped in atomically.
+
+    Row groups hold up to :data:`ROW_GROUP_ROWS` rows or about :data:`ROW_GROUP_BYTES` (only one
+    row group is held in memory); a new shard starts every ``shard_rows`` rows. Shards are written
+    into a hidden folder that :meth:`commit` renames into place, so a crash never leaves half an
+    output and a rerun starts clean. With ``mirror`` the rows also go to a scratch Arrow file
+    that :meth:`dataset` memory-maps (the stage's return value, without reading the parquet back).
+
+    >>> with StageWriter(out, "high") as w:
+    ...     for batch in batches: w.write(batch)
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        name: str = "data",
+        shard_rows: int = 500_000,
+        mirror: bool = False,
+        schema: pa.Schema | None = None,
+    ):
+        self.out_dir, self.name, self.shard_rows = Path(out_dir), name, shard_rows
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.tmp.mkdir()
+        self.schema = schema  # the first table's, unless given (an output with no rows keeps it)
+        self.rows = 0
+        self._paths: list[Path] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._in_shard = 0
+        self._pending: list[pa.Table] = []
+        self._mirror_path = _scratch_dir() / f"stage-{uuid.uuid4().hex}.arrow" if mirror else None
+        self._mirror: pa.ipc.RecordBatchStreamWriter | None = None
+        self.paths: list[str] = []
+
+    def write(self, table: pa.Table | pa.RecordBatch) -> None:
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        if self.schema is None:
+            self.schema = table.schema
+        elif table.schema != self.schema:
+            table = table.cast(self.schema)
+        self.rows += table.num_rows
+        self._pending.append(table)
+        if self._mirror_path is not None:
+            self._mirror = self._mirror or pa.ipc.new_stream(str(self._mirror_path), self.schema)
+            self._mirror.write_table(table)
+        pending_rows = sum(t.num_rows for t in self._pending)
+        if pending_rows >= ROW_GROUP_ROWS or sum(t.nbytes for t in self._pending) >= ROW_GROUP_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        group = pa.concat_tables(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending.clear()
+        while group.num_rows or self._writer is None:
+            if self._writer is None or self._in_shard >= self.shard_rows:
+                if self._writer is not None:
+                    self._writer.close()
+                self._paths.append(self.tmp / f"part-{len(self._paths):05d}.parquet")
+                self._writer, self._in_shard = pq.ParquetWriter(str(self._paths[-1]), group.schema), 0
+            part = group.slice(0, self.shard_rows - self._in_shard)
+            if part.num_rows:
+                self._writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
+            self._in_shard += part.num_rows
+            group = group.slice(part.num_rows)
+
+    def commit(self) -> list[str]:
+        """Close the shards (the datasets naming, now that the count is known) and swap them in."""
+        if self.schema is None:
+            raise PoolFormatError(f"{self.out_dir / self.name}: nothing to write (no rows and no schema)")
+        if self._pending or self._writer is None:
+            self._pending = self._pending or [self.schema.empty_table()]
+            self._flush()
+        assert self._writer is not None
+        self._writer.close()
+        if self._mirror is not None:
+            self._mirror.close()
+        names = [f"train-{i:05d}-of-{len(self._paths):05d}.parquet" for i in range(len(self._paths))]
+        for p, n in zip(self._paths, names):
+            os.replace(p, self.tmp / n)
+        final = self.out_dir / self.name
+        if final.exists():
+            old = self.out_dir / f".{self.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, old)
+            os.replace(self.tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, final)
+        self.paths = [str(final / n) for n in names]
+        return self.paths
+
+    def abort(self) -> None:
+        for w in (self._writer, self._mirror):
+            if w is not None:
+                w.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def dataset(self) -> Dataset:
+        """The rows written, memory-mapped (needs ``mirror=True``; else read back from parquet)."""
+        if self._mirror_path is None or self._mirror is None:
+            return read_stage_data(self.out_dir, self.name)
+        return Dataset.from_file(str(self._mirror_path))
+
+    def __enter__(self) -> StageWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def write_stage_data(
@@ -438,34 +567,16 @@ def write_stage_data(
     name: str = "data",
     shard_rows: int = 500_000,
 ) -> list[str]:
-    """Write rows as parquet shards into ``<out_dir>/<name>/``, replacing what was there atomically.
-
-    ``data`` is a ``Dataset``, a table, or a stream of Arrow tables/batches (only one row group is
-    held in memory at a time). Row groups hold up to :data:`ROW_GROUP_ROWS` rows or about
-    :data:`ROW_GROUP_BYTES`; a new shard starts every ``shard_rows`` rows. The shards are written
-    into a hidden folder and swapped in at the end, so a crash never leaves half an output."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        names = _write_shards(_tables(data), tmp, shard_rows)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    final = out_dir / name
-    if final.exists():
-        old = out_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return [str(final / n) for n in names]
+    """Write rows as parquet shards into ``<out_dir>/<name>/``, replacing what was there atomically
+    (:class:`StageWriter`). ``data`` is a ``Dataset``, a table, or a stream of Arrow tables."""
+    with StageWriter(out_dir, name, shard_rows) as writer:
+        for table in _tables(data):
+            writer.write(table)
+    return writer.paths
 
 
 def _tables(data: Dataset | pa.Table | Iterable[pa.Table | pa.RecordBatch]) -> Iterator[pa.Table]:
-    """Any row source as a stream of tables; an empty source still yields its (empty) schema."""
+    """Any row source as a stream of tables; an empty ``Dataset`` still yields its (empty) schema."""
     if isinstance(data, Dataset):
         schema = data.features.arrow_schema  # keeps the `datasets` features in the file metadata
         if not len(data):
@@ -477,49 +588,6 @@ def _tables(data: Dataset | pa.Table | Iterable[pa.Table | pa.RecordBatch]) -> I
     else:
         for t in data:
             yield t if isinstance(t, pa.Table) else pa.Table.from_batches([t])
-
-
-def _write_shards(tables: Iterator[pa.Table], folder: Path, shard_rows: int) -> list[str]:
-    """Row groups of :data:`ROW_GROUP_ROWS` rows or :data:`ROW_GROUP_BYTES`, shards of ``shard_rows``."""
-    paths: list[Path] = []
-    writer: pq.ParquetWriter | None = None
-    schema: pa.Schema | None = None
-    pending: list[pa.Table] = []
-    in_shard = 0
-
-    def flush() -> None:
-        nonlocal writer, in_shard
-        group = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
-        pending.clear()
-        while group.num_rows or writer is None:
-            if writer is None or in_shard >= shard_rows:
-                if writer is not None:
-                    writer.close()
-                paths.append(folder / f"part-{len(paths):05d}.parquet")
-                writer, in_shard = pq.ParquetWriter(str(paths[-1]), group.schema), 0
-            part = group.slice(0, shard_rows - in_shard)
-            if part.num_rows:
-                writer.write_table(part, row_group_size=ROW_GROUP_ROWS)
-            in_shard += part.num_rows
-            group = group.slice(part.num_rows)
-
-    for table in tables:
-        schema = schema or table.schema
-        pending.append(table if table.schema == schema else table.cast(schema))
-        if sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS or sum(t.nbytes for t in pending) >= ROW_GROUP_BYTES:
-            flush()
-    if pending or writer is None:
-        if not pending:
-            if schema is None:
-                raise PoolFormatError("nothing to write: no rows and no schema")
-            pending.append(schema.empty_table())
-        flush()
-    writer.close()
-    names = []
-    for i, p in enumerate(paths):  # the datasets naming, now that the count is known
-        names.append(f"train-{i:05d}-of-{len(paths):05d}.parquet")
-        os.replace(p, folder / names[-1])
-    return names
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
