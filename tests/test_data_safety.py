@@ -158,6 +158,11 @@ def bad_inputs(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bad")
     pq.write_table(pa.table({"text": ["a", "b"], "label": [1, 2]}), d / "no_columns.parquet")
     pq.write_table(pa.table({"prompt": [1, 2], "completion": ["x", "y"]}), d / "int_prompts.parquet")
+    vectors = pa.array([[1.0, 0.0], [0.5], [0.0, 1.0]], pa.list_(pa.float32()))
+    pq.write_table(
+        pa.table({"prompt": ["a", "b", "c"], "completion": ["x", "y", "z"], "embedding": vectors}),
+        d / "ragged.parquet",
+    )
     (d / "array.jsonl").write_text(json.dumps([{"prompt": "p", "completion": "c"}]))
     (d / "ok.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
     (d / "bad.yaml").write_text("rate: [unclosed\n")
@@ -180,6 +185,11 @@ BAD = [
     (("ingest", "--config", "{d}"), 2, "is a folder"),
     (("ingest", "--config", "{d}/bad.yaml"), 2, "not valid YAML"),
     (("split", "--input", "{d}/ok.jsonl", "--out", "{d}/o5", "--top_share", "1.5"), 2, "--top_share 1.5"),
+    (
+        ("cluster", "--input", "{d}/ragged.parquet", "--out", "{d}/o9", "--quality", "all"),
+        2,
+        "of length 1; expected 2",
+    ),
     (("run", "--config", "{d}/ratio.yaml"), 2, "mix.ratio 7"),
     (("run", "--config", "{d}/limit.yaml"), 2, "distill.limit -3"),
     (("run", "--config", "{d}/bad.yaml"), 2, "not valid YAML"),
