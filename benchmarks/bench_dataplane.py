@@ -214,8 +214,10 @@ def main() -> None:
         embedding_pool(work / "emb.parquet", args.emb_rows, args.dim)
         embedding_pool(work / "emb_ref.parquet", args.emb_rows // 2, args.dim, seed=1)
         size = (work / "pool.parquet").stat().st_size / 2**20
-        print(f"pools: {args.rows:,} rows ({size:.0f} MiB parquet), {args.emb_rows:,} x {args.dim} embeddings "
-              f"(+ {args.emb_rows // 2:,} reference rows); made in {time.perf_counter() - t:.1f} s\n")
+        print(
+            f"pools: {args.rows:,} rows ({size:.0f} MiB parquet), {args.emb_rows:,} x {args.dim} embeddings "
+            f"(+ {args.emb_rows // 2:,} reference rows); made in {time.perf_counter() - t:.1f} s\n"
+        )
         print("| stage | seconds | peak RSS MiB | baseline | baseline seconds | ratio |")
         print("|---|---|---|---|---|---|")
         for stage, base in STAGES:

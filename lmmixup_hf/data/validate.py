@@ -95,7 +95,7 @@ def _texts_from_messages(table: pa.Table, errors: _Errors) -> tuple[pa.Array, pa
     return pa.array(prompts, pa.string()), pa.array(completions, pa.string())
 
 
-def _pick(table: pa.Table, keys: tuple[str, ...], errors: _Errors) -> tuple[pa.Array, np.ndarray]:
+def _pick(table: pa.Table, keys: tuple[str, ...]) -> tuple[pa.Array, np.ndarray]:
     """The first present (non-null) of ``keys`` per row, as text; rows whose chosen value is not
     a string fail with that key. Also returns which key (index into ``keys``, -1 = none) each row used."""
     chosen = np.full(table.num_rows, -1)
@@ -120,8 +120,8 @@ def validate_table(
     if "messages" in names and not names & {"prompt", "instruction", "question"}:
         prompt, completion = _texts_from_messages(table, errors)
     else:
-        prompt, p_key = _pick(table, PROMPT_KEYS, errors)
-        completion, c_key = _pick(table, COMPLETION_KEYS, errors)
+        prompt, p_key = _pick(table, PROMPT_KEYS)
+        completion, c_key = _pick(table, COMPLETION_KEYS)
         errors.add(p_key == -1, "prompt", "missing (looked for " + ", ".join(PROMPT_KEYS) + ", messages)")
         errors.add(c_key == -1, "completion", "missing (looked for " + ", ".join(COMPLETION_KEYS) + ")")
         for keys, chosen in ((PROMPT_KEYS, p_key), (COMPLETION_KEYS, c_key)):
@@ -187,7 +187,8 @@ def _ids(table: pa.Table, prompt: pa.Array, completion: pa.Array, errors: _Error
         elif pa.types.is_integer(t):
             ids = col.cast(pa.string())
         else:
-            errors.add(present, ID, f"expected a string or integer, got {_py_name(col, present)}")
+            if present.any():
+                errors.add(present, ID, f"expected a string or integer, got {_py_name(col, present)}")
             ids = pa.nulls(n, pa.string())
             present = np.zeros(n, dtype=bool)
     else:
@@ -211,7 +212,8 @@ def _source(table: pa.Table, default_source: str, errors: _Errors) -> pa.Array:
     col = table.column(SOURCE).combine_chunks()
     if not _is_text(col.type) and not pa.types.is_null(col.type):
         present = _valid(table, SOURCE)
-        errors.add(present, SOURCE, f"expected a string, got {_py_name(col, present)}")
+        if present.any():
+            errors.add(present, SOURCE, f"expected a string, got {_py_name(col, present)}")
         return pa.array(np.full(n, default_source, dtype=object), pa.string())
     return pc.fill_null(_text(col), default_source)
 
