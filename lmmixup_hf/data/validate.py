@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from lmmixup_hf.data.schema import (
     _CONSUMED,
+    BASE_COLUMNS,
     COMPLETION,
     COMPLETION_KEYS,
     EXTRA,
@@ -52,12 +53,19 @@ def _valid(table: pa.Table, name: str) -> np.ndarray:
     return np.asarray(pc.is_valid(table.column(name)).to_numpy(zero_copy_only=False), dtype=bool)
 
 
+def _one(col: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column as one array (no copy when it already is one chunk)."""
+    if isinstance(col, pa.Array):
+        return col
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
 def _text(col: pa.ChunkedArray | pa.Array) -> pa.Array:
     """A text column as one ``string`` array (non-text values become null)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    arr = _one(col)
     if not _is_text(arr.type):
         return pa.nulls(len(arr), pa.string())
-    return arr.cast(pa.string())
+    return arr if pa.types.is_string(arr.type) else arr.cast(pa.string())
 
 
 class _Errors:
@@ -141,8 +149,8 @@ def validate_table(
                 joined = pc.binary_join_element_wise(prompt, _text(col), "\n\n")
                 prompt = pc.if_else(pa.array(has), joined, prompt)
 
-    def blank(arr: pa.Array) -> np.ndarray:
-        empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(arr)), 0)
+    def blank(arr: pa.Array) -> np.ndarray:  # empty or only whitespace (utf8_is_space: non-empty, all space)
+        empty = pc.or_(pc.equal(pc.utf8_length(arr), 0), pc.utf8_is_space(arr))
         return np.asarray(pc.fill_null(empty, False), dtype=bool)
 
     errors.add(blank(prompt), "prompt", "empty")
@@ -156,20 +164,21 @@ def validate_table(
 
     rejects = [(i, *errors.at[i]) for i in sorted(errors.at)]
     keep = np.flatnonzero(~errors.bad)
-    take = pa.array(keep)
-    columns: dict[str, Any] = {
-        ID: ids.take(take),
-        PROMPT: prompt.take(take),
-        COMPLETION: completion.take(take),
-        SOURCE: source.take(take),
-        TASK_TYPE: task_type.take(take),
-        EXTRA: pa.nulls(len(keep), pa.string()),
-    }
-    rest = sorted(c for c in table.column_names if c not in _CONSUMED and c not in columns)
-    out = pa.table(columns)
-    kept = table.select(rest).take(take) if rest else None
+    rest = sorted(c for c in table.column_names if c not in _CONSUMED and c not in (*BASE_COLUMNS, EXTRA))
+    out = pa.table(
+        {
+            ID: ids,
+            PROMPT: prompt,
+            COMPLETION: completion,
+            SOURCE: source,
+            TASK_TYPE: task_type,
+            EXTRA: pa.nulls(n, pa.string()),
+        }
+    )
     for c in rest:
-        out = out.append_column(table.schema.field(c), kept.column(c))
+        out = out.append_column(table.schema.field(c), table.column(c))
+    if len(keep) < n:
+        out = out.take(pa.array(keep))
     return out, keep, rejects
 
 
@@ -178,7 +187,7 @@ def _ids(table: pa.Table, prompt: pa.Array, completion: pa.Array, errors: _Error
     one per-row step, on the rows that need it)."""
     n = table.num_rows
     if ID in table.column_names:
-        col = table.column(ID).combine_chunks()
+        col = _one(table.column(ID))
         t = col.type
         present = _valid(table, ID)
         if _is_text(t):
@@ -209,7 +218,7 @@ def _source(table: pa.Table, default_source: str, errors: _Errors) -> pa.Array:
     n = table.num_rows
     if SOURCE not in table.column_names:
         return pa.array(np.full(n, default_source, dtype=object), pa.string())
-    col = table.column(SOURCE).combine_chunks()
+    col = _one(table.column(SOURCE))
     if not _is_text(col.type) and not pa.types.is_null(col.type):
         present = _valid(table, SOURCE)
         if present.any():
@@ -223,7 +232,7 @@ def _task_types(table: pa.Table, errors: _Errors) -> pa.Array:
     n = table.num_rows
     if TASK_TYPE not in table.column_names:
         return pa.array(np.full(n, normalize_task_type(None), dtype=object), pa.string())
-    col = table.column(TASK_TYPE).combine_chunks()
+    col = _one(table.column(TASK_TYPE))
     codes = col.dictionary_encode()
     values = codes.dictionary.to_pylist()
     mapped: list[str | None] = []
@@ -248,7 +257,7 @@ class DuplicateIds:
 
     def check(self, ids: pa.Array, lines: np.ndarray) -> tuple[np.ndarray, list[tuple[int, str, int]]]:
         """Which rows are first occurrences, and ``(row, id, first line)`` for each duplicate."""
-        ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+        ids = _one(ids)
         codes = np.asarray(ids.dictionary_encode().indices, dtype=np.int64)
         _, first_pos = np.unique(codes, return_index=True)  # dictionary codes are in order of appearance
         first_in_batch = first_pos[codes]
