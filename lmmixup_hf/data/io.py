@@ -422,6 +422,14 @@ def _scratch_dir() -> Path:
     return _SCRATCH
 
 
+def arrow_dataset(table: pa.Table) -> Dataset:
+    """A ``Dataset`` over an in-memory Arrow table, with a fresh fingerprint: ``datasets`` would
+    otherwise hash every byte of the table to make one (seconds for a large table)."""
+    from datasets.table import InMemoryTable
+
+    return Dataset(InMemoryTable(table), fingerprint=uuid.uuid4().hex)
+
+
 # -- stage outputs ------------------------------------------------------------------------------
 def read_stage_data(out_dir: str | Path, name: str = "data") -> Dataset:
     """The parquet shards a stage wrote under ``<out_dir>/<name>/``, as a memory-mapped ``Dataset``

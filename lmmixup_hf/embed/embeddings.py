@@ -227,8 +227,8 @@ def _arrow_vectors(ds) -> np.ndarray:
 def with_embeddings(ds, x: np.ndarray):
     """``ds`` with an ``embedding`` column (float32), so later stages reuse the vectors."""
     import pyarrow as pa
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
+
+    from lmmixup_hf.data.io import arrow_dataset
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]).cast(pa.list_(pa.float32()))
@@ -237,7 +237,7 @@ def with_embeddings(ds, x: np.ndarray):
         if EMBEDDING in ds.column_names
         else ds.with_format("arrow")[: len(ds)]
     )
-    return Dataset(InMemoryTable(table.append_column(EMBEDDING, vectors)))
+    return arrow_dataset(table.append_column(EMBEDDING, vectors))
 
 
 def precomputed_embeddings(ds) -> np.ndarray | None:

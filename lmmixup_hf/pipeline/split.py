@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from lmmixup_hf.data.io import StageWriter, iter_stage_batches, read_stage_data, stage_files, write_json
+from lmmixup_hf.data.io import StageWriter, arrow_dataset, iter_stage_batches, read_stage_data, stage_files, write_json
 from lmmixup_hf.data.quality import high_quality_mask, rating_field, rating_scores
 from lmmixup_hf.data.schema import HIGH_QUALITY_THRESHOLD, RATING, LmmixupError
 from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, content_fingerprint
@@ -86,12 +86,10 @@ def split_rated(args: SplitArgs) -> Dataset:
 
 def _ratings(files: list[str]) -> Dataset:
     """Just the ``rating`` column of a stage output (a few bytes a row), for the quality rule."""
-    from datasets.table import InMemoryTable
-
     names = pq.read_schema(files[0]).names
     if RATING not in names:
         raise LmmixupError(f"no `{RATING}` column: rate the rows first (columns: {', '.join(names)})")
-    return Dataset(InMemoryTable(pa.concat_tables(iter_stage_batches(files, columns=[RATING]))))
+    return arrow_dataset(pa.concat_tables(iter_stage_batches(files, columns=[RATING])))
 
 
 def _scores(files: list[str]) -> np.ndarray:

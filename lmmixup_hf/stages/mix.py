@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Features, Value
-from datasets.table import InMemoryTable
 
+from lmmixup_hf.data.io import arrow_dataset
 from lmmixup_hf.data.quality import rating_field
 from lmmixup_hf.data.schema import COMPLETION, ID, LONG_TAIL, PROMPT, RATING, SOURCE, LmmixupError, text_of
 from lmmixup_hf.embed.embeddings import precomputed_embeddings
@@ -97,10 +97,18 @@ def _texts(ds: Dataset, order: np.ndarray) -> list[str]:
     return [text_of({PROMPT: prompts[i], COMPLETION: completions[i]}) for i in order]
 
 
+def _gather(ds: Dataset, order: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows ``order`` of ``ds``'s ``columns``, gathered by Arrow from the (memory-mapped) table."""
+    table = ds.data.table.select(columns)
+    if ds._indices is not None:  # a selected view: map through its indices
+        order = np.asarray(ds._indices.column(0))[order]
+    return table.take(pa.array(order, pa.int64()))
+
+
 def _project(ds: Dataset, order: np.ndarray, origin: str) -> pa.Table:
     """The selected rows in the mix's columns, as Arrow (a column gather, no Python per row)."""
-    table = ds.select(order).select_columns(list(KEEP_COLUMNS)).with_format("arrow")[: len(order)]
-    lt = _long_tail(ds.select(order)) if LONG_TAIL in ds.column_names else np.full(len(order), np.nan)
+    table = _gather(ds, order, list(KEEP_COLUMNS))
+    lt = _long_tail(ds)[order] if LONG_TAIL in ds.column_names else np.full(len(order), np.nan)
     table = table.append_column(LONG_TAIL, pa.array(lt, pa.float64(), mask=np.isnan(lt)))
     table = table.append_column(ORIGIN, pa.array(np.full(len(order), origin, dtype=object), pa.string()))
     return table.cast(MIX_FEATURES.arrow_schema)
@@ -162,7 +170,7 @@ def mix_rows(
         logger.warning("mix: %s; writing %d rows", msg, len(o_sel) + len(d_sel))
 
     both = pa.concat_tables([_project(original, o_sel, "original"), _project(distilled, d_sel, "distilled")])
-    mixed = Dataset(InMemoryTable(both.take(pa.array(np.random.default_rng(seed).permutation(both.num_rows)))))
+    mixed = arrow_dataset(both.take(pa.array(np.random.default_rng(seed).permutation(both.num_rows))))
     counts = {
         "rows": len(mixed),
         "original": len(o_sel),
@@ -175,9 +183,9 @@ def mix_rows(
 
 def _vectors(ds: Dataset, order: np.ndarray, embed: Callable[[list[str]], np.ndarray] | None) -> np.ndarray:
     """Unit vectors of ``ds``'s rows in ``order``: its ``embedding`` column, or ``embed`` on the texts."""
-    x = precomputed_embeddings(ds.select(order)) if len(order) else None
+    x = precomputed_embeddings(ds) if len(order) else None  # every row's, checked, then ranked
     if x is not None:
-        return x
+        return x[order]
     if embed is None:
         raise LmmixupError("dedup needs an `embedding` column or an embedding model")
     return embed(_texts(ds, order))
@@ -198,7 +206,7 @@ def to_messages(mixed: Dataset) -> Dataset:
     )
     turns = pa.StructArray.from_arrays([roles, contents], names=["role", "content"])
     messages = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), turns)
-    return Dataset(InMemoryTable(table.drop_columns([PROMPT, COMPLETION]).append_column(MESSAGES, messages)))
+    return arrow_dataset(table.drop_columns([PROMPT, COMPLETION]).append_column(MESSAGES, messages))
 
 
 def _scanned(keep: np.ndarray, n: int, quota: int) -> int:
