@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,7 @@ def _read_write(inputs: list[Path], out: Path) -> None:
 
 def run_stage(stage: str, work: Path) -> dict:
     """One stage (or its baseline) in this process: seconds and peak RSS."""
+    shutil.rmtree(work / stage, ignore_errors=True)  # a kept --work folder must not skip the stage as done
     t = time.perf_counter()
     text, emb, scratch = work / "pool.parquet", work / "emb.parquet", Path(tempfile.mkdtemp(dir=work))
     if stage == "ingest":
