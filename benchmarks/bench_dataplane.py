@@ -180,7 +180,9 @@ def run_stage(stage: str, work: Path) -> dict:
         _read_write(inputs, scratch)
     else:
         raise SystemExit(f"unknown stage {stage!r}")
-    return {"seconds": time.perf_counter() - t, "peak_mib": rss_mib()}
+    seconds = time.perf_counter() - t
+    shutil.rmtree(scratch, ignore_errors=True)
+    return {"seconds": seconds, "peak_mib": rss_mib()}
 
 
 STAGES = [
