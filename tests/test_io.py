@@ -223,3 +223,31 @@ def test_stage_data_is_written_in_large_row_groups(tmp_path):
     paths = write_stage_data(pa.table({"x": list(range(10))}), tmp_path / "stage", shard_rows=4)
     assert [pq.ParquetFile(p).metadata.num_rows for p in paths] == [4, 4, 2]
     assert read_stage_data(tmp_path / "stage")["x"] == list(range(10))
+
+
+def test_parquet_streams_in_batches_with_duplicates_across_them(tmp_path, monkeypatch):
+    """Batches of 1,024 rows: a duplicate id in a later batch names the first line; ingest writes
+    every good row once and the returned dataset equals what it wrote."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmmixup_hf.data import io
+    from lmmixup_hf.pipeline.ingest import IngestArgs, ingest
+
+    monkeypatch.setattr(io, "BATCH_BYTES", 1)  # the smallest batch: 1,024 rows
+    n = 2500
+    ids = [f"r{i}" for i in range(n)]
+    ids[2100], ids[1500] = "r7", "r1499"  # duplicates in the 3rd and 2nd batch
+    pq.write_table(
+        pa.table({"id": ids, "prompt": [f"p{i}" for i in range(n)], "completion": ["c"] * n}),
+        tmp_path / "pool.parquet",
+    )
+    ds = ingest(IngestArgs(input=str(tmp_path / "pool.parquet"), out=str(tmp_path / "out")))
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejected] == [
+        (1501, "duplicate id 'r1499' (first seen at line 1500)"),
+        (2101, "duplicate id 'r7' (first seen at line 8)"),
+    ]
+    assert len(ds) == n - 2 and read_stage_data(tmp_path / "out")["id"] == ds["id"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["counts"]["rows_out"] == n - 2 and manifest["counts"]["rows_in"] == n
