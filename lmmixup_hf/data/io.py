@@ -487,6 +487,7 @@ class StageWriter:
         self._writer: pq.ParquetWriter | None = None
         self._in_shard = 0
         self._pending: list[pa.Table] = []
+        self._pending_bytes = 0
         self._mirror_path = _scratch_dir() / f"stage-{uuid.uuid4().hex}.arrow" if mirror else None
         self._mirror: pa.ipc.RecordBatchStreamWriter | None = None
         self.paths: list[str] = []
@@ -503,13 +504,15 @@ class StageWriter:
         if self._mirror_path is not None:
             self._mirror = self._mirror or pa.ipc.new_stream(str(self._mirror_path), self.schema)
             self._mirror.write_table(table)
-        pending_rows = sum(t.num_rows for t in self._pending)
-        if pending_rows >= ROW_GROUP_ROWS or sum(t.nbytes for t in self._pending) >= ROW_GROUP_BYTES:
+        # buffer sizes, not `nbytes` (which walks every list offset of a slice): an upper bound
+        self._pending_bytes += table.get_total_buffer_size()
+        if sum(t.num_rows for t in self._pending) >= ROW_GROUP_ROWS or self._pending_bytes >= ROW_GROUP_BYTES:
             self._flush()
 
     def _flush(self) -> None:
         group = pa.concat_tables(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending.clear()
+        self._pending_bytes = 0
         while group.num_rows or self._writer is None:
             if self._writer is None or self._in_shard >= self.shard_rows:
                 if self._writer is not None:
