@@ -9,6 +9,7 @@ hash of prompt+completion. Columns outside the contract (``rating`` structs, ``e
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -104,8 +105,8 @@ def _texts_from_messages(table: pa.Table, errors: _Errors) -> tuple[pa.Array, pa
 
 
 def _pick(table: pa.Table, keys: tuple[str, ...]) -> tuple[pa.Array, np.ndarray]:
-    """The first present (non-null) of ``keys`` per row, as text; rows whose chosen value is not
-    a string fail with that key. Also returns which key (index into ``keys``, -1 = none) each row used."""
+    """The first present (non-null) of ``keys`` per row, as text (null where that value is not
+    text), and which key (index into ``keys``, -1 = none) each row used."""
     chosen = np.full(table.num_rows, -1)
     for j, key in enumerate(keys):
         chosen[(chosen == -1) & _valid(table, key)] = j
@@ -172,7 +173,7 @@ def validate_table(
             COMPLETION: completion,
             SOURCE: source,
             TASK_TYPE: task_type,
-            EXTRA: pa.nulls(n, pa.string()),
+            EXTRA: _extra(table),
         }
     )
     for c in rest:
@@ -180,6 +181,16 @@ def validate_table(
     if len(keep) < n:
         out = out.take(pa.array(keep))
     return out, keep, rejects
+
+
+def _extra(table: pa.Table) -> pa.Array:
+    """An input's own ``extra`` column (e.g. a stage output read as a plain file) is kept, as text."""
+    if EXTRA not in table.column_names:
+        return pa.nulls(table.num_rows, pa.string())
+    col = _one(table.column(EXTRA))
+    if _is_text(col.type) or pa.types.is_null(col.type):
+        return _text(col)
+    return pa.array([None if v is None else json.dumps(v, default=str) for v in col.to_pylist()], pa.string())
 
 
 def _ids(table: pa.Table, prompt: pa.Array, completion: pa.Array, errors: _Errors) -> pa.Array:
