@@ -77,3 +77,40 @@ def test_a_changed_local_model_gets_its_own_cache(tmp_path):
     assert cache_file_name(str(model), normalize=True, max_seq_length=64) != cache_file_name(
         str(model), normalize=True, max_seq_length=None
     )
+
+
+def test_embedding_column_is_read_from_arrow_and_bad_vectors_name_the_row(tmp_path):
+    """An `embedding` column is used as is (normalised); a missing, ragged, NaN or zero vector is
+    one clear error naming the row, never a silent zero or a mis-shaped matrix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from lmmixup_hf.data.io import read_pool
+    from lmmixup_hf.data.schema import LmmixupError
+    from lmmixup_hf.embed.embeddings import precomputed_embeddings
+
+    def pool(vectors: list) -> object:
+        n = len(vectors)
+        table = pa.table(
+            {
+                "id": [f"r{i}" for i in range(n)],
+                "prompt": [f"p{i}" for i in range(n)],
+                "completion": ["c"] * n,
+                "embedding": pa.array(vectors, pa.list_(pa.float64())),
+            }
+        )
+        pq.write_table(table, tmp_path / "pool.parquet")
+        return read_pool(tmp_path / "pool.parquet")
+
+    x = precomputed_embeddings(pool([[3.0, 4.0], [0.0, 2.0]]))
+    np.testing.assert_allclose(x, [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+    cases = [
+        ([[1.0, 0.0], None], "row 'r1': field 'embedding': no embedding"),
+        ([[1.0, 0.0], [1.0, 0.0], [1.0]], "row 'r2': field 'embedding': an embedding of length 1; expected 2"),
+        ([[1.0, 0.0], [float("nan"), 1.0]], "row 'r1': field 'embedding': non-finite or zero vector"),
+        ([[0.0, 0.0], [1.0, 1.0]], "row 'r0': field 'embedding': non-finite or zero vector"),
+    ]
+    for vectors, message in cases:
+        with pytest.raises(LmmixupError, match=message):
+            precomputed_embeddings(pool(vectors))

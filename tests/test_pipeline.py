@@ -365,6 +365,8 @@ def test_split_by_top_share_ranks_by_score_then_expected(tmp_path):
     assert sorted(rows(tmp_path / "split" / "low", "data"), key=lambda r: r["id"])[0]["id"] == "r0"
     m = manifest(tmp_path / "split")
     assert m["counts"] == {"rows_in": 8, "high": 3, "low": 4, "unscored": 1, "rejected": 1}
+    (bad,) = [json.loads(x) for x in (tmp_path / "split" / "rejected.jsonl").read_text().splitlines()]
+    assert (bad["line"], bad["field"], json.loads(bad["raw"])["id"]) == (5, "rating", "r4")
 
 
 @pytest.mark.slow

@@ -243,32 +243,50 @@ def get_embedder(model_id: str = DEFAULT_EMBEDDING_MODEL, **kwargs) -> Embedder:
 EMBEDDING = "embedding"  # a row's own precomputed vector (list of floats), used instead of the model
 
 
-def _arrow_vectors(ds) -> np.ndarray | None:
-    """The ``embedding`` column straight from Arrow (no Python float per value) when every row
-    holds a finite, non-zero vector of one length; None to fall back to the checked path."""
+def _arrow_vectors(ds) -> np.ndarray:
+    """The ``embedding`` column straight from Arrow (no Python float per value), L2-normalised.
+
+    Every row must hold a finite, non-zero vector of one length: a missing, empty, ragged, NaN/inf
+    or all-zero vector is a :class:`LmmixupError` naming the first such row's id (never a silent
+    zero or a mis-shaped matrix)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from lmmixup_hf.data.schema import ID, LmmixupError
+
+    def bad_row(mask: np.ndarray, what: str) -> LmmixupError:
+        i = int(np.argmax(mask))
+        rid = ds.select([i])[ID][0] if ID in ds.column_names else i + 1
+        return LmmixupError(f"row {rid!r}: field {EMBEDDING!r}: {what}")
+
     if not len(ds):
-        return None
+        return np.zeros((0, 0), np.float32)
     col = ds.select_columns([EMBEDDING]).with_format("arrow")[: len(ds)].column(EMBEDDING).combine_chunks()
-    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) or col.null_count:
-        return None
-    lengths = pc.list_value_length(col).to_numpy()
-    if lengths.min() != lengths.max() or lengths[0] == 0:
-        return None
-    x = np.asarray(pc.cast(col.flatten(), pa.float32()).to_numpy(zero_copy_only=False)).reshape(len(ds), -1)
+    listy = pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type)
+    if not listy or not (pa.types.is_floating(col.type.value_type) or pa.types.is_integer(col.type.value_type)):
+        raise LmmixupError(f"field {EMBEDDING!r}: expected a list of numbers per row, got Arrow type {col.type}")
+    missing = np.asarray(col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if missing.any():
+        raise bad_row(missing, "no embedding")
+    lengths = np.asarray(pc.list_value_length(col).to_numpy(zero_copy_only=False), dtype=np.int64)
+    dims, counts = np.unique(lengths, return_counts=True)
+    dim = int(dims[np.argmax(counts)])  # the usual length; the odd rows are the ones named
+    if dim == 0 or len(dims) > 1:
+        off = lengths != dim if dim else lengths == 0
+        raise bad_row(off, f"an embedding of length {int(lengths[np.argmax(off)])}; expected {dim} floats")
+    x = np.asarray(pc.cast(pc.list_flatten(col), pa.float32()).to_numpy(zero_copy_only=False)).reshape(len(ds), dim)
     norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if not np.isfinite(x).all() or (norms == 0).any():
-        return None
+    bad = ~np.isfinite(x).all(1) | (norms[:, 0] == 0) | ~np.isfinite(norms[:, 0])
+    if bad.any():
+        raise bad_row(bad, "non-finite or zero vector")
     return x / norms
 
 
 def with_embeddings(ds, x: np.ndarray):
     """``ds`` with an ``embedding`` column (float32), so later stages reuse the vectors."""
     import pyarrow as pa
-    from datasets import Dataset
-    from datasets.table import InMemoryTable
+
+    from lmmixup_hf.data.io import arrow_dataset
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1]).cast(pa.list_(pa.float32()))
@@ -277,7 +295,7 @@ def with_embeddings(ds, x: np.ndarray):
         if EMBEDDING in ds.column_names
         else ds.with_format("arrow")[: len(ds)]
     )
-    return Dataset(InMemoryTable(table.append_column(EMBEDDING, vectors)))
+    return arrow_dataset(table.append_column(EMBEDDING, vectors))
 
 
 def precomputed_embeddings(ds) -> np.ndarray | None:
@@ -292,11 +310,8 @@ def precomputed_embeddings(ds) -> np.ndarray | None:
     from lmmixup_hf.data.schema import EXTRA, ID, LmmixupError
 
     if EMBEDDING in ds.column_names:
-        fast = _arrow_vectors(ds)
-        if fast is not None:
-            return fast
-        vectors = ds[EMBEDDING]  # ragged or missing somewhere: the row-by-row check names the row
-    elif EXTRA in ds.column_names and len(ds) and EMBEDDING in json.loads(ds[0][EXTRA] or "{}"):
+        return _arrow_vectors(ds)
+    if EXTRA in ds.column_names and len(ds) and EMBEDDING in json.loads(ds[0][EXTRA] or "{}"):
         vectors = [None if e is None else json.loads(e).get(EMBEDDING) for e in ds[EXTRA]]
     else:
         return None
