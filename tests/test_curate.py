@@ -1,0 +1,128 @@
+"""Score curation on planted data: tight topic clusters with a true score each, rated through a known
+transition matrix T. HOC must find T, the voting must undo most of the noise, and a clean judge
+must be left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from datasets import Dataset
+
+from lmmixup_hf.data.quality import rating_field, rating_scores
+from lmmixup_hf.stages.curate import (
+    RAW_SCORE,
+    SCORE_ERROR,
+    K,
+    analytic_consensus,
+    consensus,
+    curate_rows,
+    curate_scores,
+    solve_hoc,
+)
+
+PRIOR = np.array([0.1, 0.15, 0.25, 0.25, 0.15, 0.1])
+
+
+def planted_T(rng: np.random.Generator) -> np.ndarray:
+    """Diagonal 0.5-0.7; of the rest, 60 % on the neighbouring scores, 40 % spread over the others."""
+    T = np.zeros((K, K))
+    for y in range(K):
+        d = rng.uniform(0.5, 0.7)
+        near = [j for j in (y - 1, y + 1) if 0 <= j < K]
+        far = [j for j in range(K) if j != y and j not in near]
+        T[y, y] = d
+        T[y, near] = 0.6 * (1 - d) / len(near)
+        T[y, far] = 0.4 * (1 - d) / len(far)
+    return T
+
+
+def planted(n: int = 4000, group: int = 20, dim: int = 16, seed: int = 0, T: np.ndarray | None = None):
+    """``(x, true, rated, T)``: ``n // group`` tight clusters in ``dim`` dimensions, one true score each."""
+    rng = np.random.default_rng(seed)
+    g = n // group
+    gid = np.repeat(np.arange(g), group)
+    x = rng.normal(size=(g, dim))[gid] + 0.05 * rng.normal(size=(n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    true = rng.choice(K, g, p=PRIOR)[gid]
+    T = planted_T(rng) if T is None else T
+    rated = (rng.random(n)[:, None] > T.cumsum(1)[true]).sum(1)
+    return x.astype(np.float32), true, rated, T
+
+
+@pytest.fixture(scope="module")
+def noisy():
+    x, true, rated, T = planted()
+    return x, true, rated, T, curate_scores(x, rated.astype(float), rounds=10, seed=0)
+
+
+def test_hoc_recovers_the_planted_transition_matrix(noisy):
+    *_, T, result = noisy
+    assert result.T.shape == (K, K)
+    np.testing.assert_allclose(result.T.sum(1), 1.0, atol=1e-6)
+    assert np.abs(result.T - T).max() < 0.1
+    assert np.abs(result.p_clean - PRIOR).max() < 0.06
+
+
+def test_curation_undoes_most_of_the_noise(noisy):
+    _, true, rated, _, result = noisy
+    raw_agree = (rated == true).mean()
+    assert 0.55 < raw_agree < 0.66  # the judge is right about 60 % of the time
+    assert (result.curated == true).mean() >= 0.85
+    # the score-error probability means something: flagged rows are mostly the judge's mistakes
+    assert (rated[result.flagged] != true[result.flagged]).mean() > 0.85
+    assert result.changed.sum() > 0.25 * len(rated)
+
+
+def test_a_clean_judge_is_left_alone():
+    x, true, rated, _ = planted(seed=1, T=np.eye(K))
+    result = curate_scores(x, rated.astype(float), rounds=5, seed=0)
+    assert result.changed.mean() < 0.02
+    assert np.diag(result.T).min() > 0.9
+
+
+def test_deterministic_for_a_seed():
+    x, _, rated, _ = planted(n=600, seed=2)
+    a = curate_scores(x, rated.astype(float), rounds=3, steps=200, seed=7)
+    b = curate_scores(x, rated.astype(float), rounds=3, steps=200, seed=7)
+    np.testing.assert_array_equal(a.curated, b.curated)
+    np.testing.assert_array_equal(a.T, b.T)
+    np.testing.assert_array_equal(a.score_error, b.score_error)
+
+
+def test_consensus_equations_match_simulated_tuples():
+    """The analytic consensus is what independent judge errors on same-score tuples produce."""
+    rng = np.random.default_rng(0)
+    T = planted_T(rng)
+    true = rng.choice(K, 200_000, p=PRIOR)
+    tuples = np.stack([(rng.random(len(true))[:, None] > T.cumsum(1)[true]).sum(1) for _ in range(3)], 1)
+    counted = consensus(tuples)
+    expected = analytic_consensus(torch.as_tensor(T), torch.as_tensor(PRIOR))
+    for c, e in zip(counted, expected):
+        np.testing.assert_allclose(c, e.numpy(), atol=0.005)
+    # and from the exact equations, the solver finds T and p again
+    T_hat, p_hat, loss = solve_hoc(tuple(e.numpy() for e in expected), steps=1500)
+    assert np.abs(T_hat - T).max() < 0.03 and np.abs(p_hat - PRIOR).max() < 0.02 and loss < 0.01
+
+
+def test_rows_without_a_score_pass_through():
+    x, _, rated, _ = planted(n=400, seed=3)
+    ratings = [{"raw": int(s) + 4, "score": int(s), "judge": "j"} for s in rated]
+    ratings[5] = None  # no rating at all
+    ratings[9] = {"raw": None, "score": None, "judge": "j"}  # a rating without a score
+    ds = Dataset.from_dict({"id": [str(i) for i in range(len(x))], "rating": ratings})
+    out, result = curate_rows(ds, x, rounds=3, steps=300)
+    assert len(out) == len(ds) and out["id"] == ds["id"]
+    scores, raw = rating_scores(out), rating_field(out, RAW_SCORE)
+    assert np.isnan(scores[[5, 9]]).all() and np.isnan(raw[[5, 9]]).all()
+    assert out[5]["rating"] is None and np.isnan(out[SCORE_ERROR][9] or np.nan)
+    keep = np.ones(len(x), bool)
+    keep[[5, 9]] = False
+    np.testing.assert_array_equal(raw[keep], rated[keep])
+    np.testing.assert_array_equal(scores[keep], result.curated[keep])
+    assert result.diagnosis()["unscored"] == 2 and result.diagnosis()["scored"] == len(x) - 2
+    assert out[0]["rating"]["judge"] == "j"  # the rest of the struct is kept
+    # curating the curated rows starts again from the judge's scores: the same result
+    again, _ = curate_rows(out, x, rounds=3, steps=300)
+    assert pa.Table.from_pandas(again.to_pandas()).equals(pa.Table.from_pandas(out.to_pandas()))
