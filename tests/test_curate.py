@@ -126,3 +126,81 @@ def test_rows_without_a_score_pass_through():
     # curating the curated rows starts again from the judge's scores: the same result
     again, _ = curate_rows(out, x, rounds=3, steps=300)
     assert pa.Table.from_pandas(again.to_pandas()).equals(pa.Table.from_pandas(out.to_pandas()))
+
+
+# -- the stage: `lmmixup curate` and its place in `lmmixup run` ----------------------------------
+def rated_folder(path, n=600, seed=4, T=None):
+    """A rated stage folder (as `lmmixup rate` writes it) whose rows carry an `embedding`."""
+    from lmmixup_hf.embed.embeddings import with_embeddings
+    from lmmixup_hf.pipeline.workflow import StageRun
+
+    x, true, rated, _ = planted(n=n, seed=seed, T=T)
+    ds = Dataset.from_dict(
+        {
+            "id": [f"r{i}" for i in range(n)],
+            "prompt": [f"q{i}" for i in range(n)],
+            "completion": [f"a{i}" for i in range(n)],
+            "source": ["s"] * n,
+            "task_type": ["qa"] * n,
+            "rating": [{"raw": int(s) + 4, "score": int(s), "judge": "j"} for s in rated],
+        }
+    )
+    StageRun("rate", path).finish(with_embeddings(ds, x), counts={"rated": n})
+    return true, rated
+
+
+def test_curate_command_writes_rows_diagnosis_and_plot(tmp_path):
+    import json
+
+    from lmmixup_hf.cli import main
+
+    true, rated = rated_folder(tmp_path / "rate")
+    args = ["curate", "--input", str(tmp_path / "rate"), "--out", str(tmp_path / "cur"), "--rounds", "5"]
+    assert main(args) == 0
+    out = tmp_path / "cur"
+    diag = json.loads((out / "diagnosis.json").read_text())
+    assert np.asarray(diag["T"]).shape == (K, K) and len(diag["p_clean"]) == K == len(diag["p_rated"])
+    assert diag["rows"] == diag["scored"] == len(rated) and diag["unscored"] == 0
+    assert 0 < diag["changed"] <= diag["rows"] and diag["flagged"] > 0
+    assert (out / "summary.png").stat().st_size > 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["changed"] == diag["changed"]
+    from lmmixup_hf.data.io import read_stage_data
+
+    ds = read_stage_data(out)
+    assert len(ds) == len(rated) and {SCORE_ERROR, "embedding"} <= set(ds.column_names)
+    np.testing.assert_array_equal(rating_field(ds, RAW_SCORE), rated)
+    assert (rating_scores(ds) == true).mean() > (rated == true).mean() + 0.2
+    before = (out / "manifest.json").stat().st_mtime_ns
+    assert main(args) == 0  # up to date: skipped, nothing rewritten
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_run_chains_curate_between_rate_and_split_only_when_enabled(tmp_path):
+    import yaml
+
+    from lmmixup_hf.pipeline.run import RunArgs, load_config, run, select_stages, stage_args
+
+    run_dir = tmp_path / "run"
+    cfg = {"name": "c", "input": str(tmp_path / "pool.jsonl"), "out_dir": str(run_dir), "distill": {"model": "m"}}
+    (tmp_path / "pool.jsonl").write_text('{"prompt": "q", "completion": "a"}\n')
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    built = {s.name: stage_args(s, load_config(path)) for s in select_stages(None, None, None)}
+    assert built["curate"].enabled is False and built["split"].input == str(run_dir / "rate")
+
+    path.write_text(yaml.safe_dump({**cfg, "curate": {"enabled": True, "rounds": 5}, "split": {"threshold": 3}}))
+    built = {s.name: stage_args(s, load_config(path)) for s in select_stages(None, None, None)}
+    assert built["split"].input == str(run_dir / "curate") and built["curate"].input == str(run_dir / "rate")
+
+    from lmmixup_hf.pipeline.workflow import StageRun
+
+    StageRun("ingest", run_dir / "ingest").finish(None)
+    true, rated = rated_folder(run_dir / "rate")
+    assert run(RunArgs(config=str(path), from_stage="curate", to_stage="split")) == 0
+    from lmmixup_hf.data.io import read_stage_data
+
+    high = read_stage_data(run_dir / "split" / "high")
+    curated = rating_scores(read_stage_data(run_dir / "curate"))
+    assert len(high) == (curated >= 3).sum() != (rated >= 3).sum()  # the split saw the curated scores
+    assert (rating_scores(high) >= 3).all()

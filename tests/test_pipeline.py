@@ -260,7 +260,7 @@ def test_rerun_skips_every_stage(clean_run, server):
     r = lmmixup("run", "--config", str(clean_run.parent / "clean.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert server.n_requests == calls  # no judge or distiller call
-    assert r.stderr.count("up to date, skipping") == len(STAGE_NAMES) - 1  # every stage but the report
+    assert r.stderr.count("up to date, skipping") == len(STAGE_NAMES) - 2  # every stage but the report (and curate: off)
     assert {p: p.stat().st_mtime_ns for p in (clean_run / "mix" / "data").glob("*.parquet")} == before
 
 
