@@ -162,6 +162,22 @@ class RateArgs:
         default=False,
         metadata={"help": "Only print the rows to rate, estimated tokens and cost (sync and batch), then stop."},
     )
+    scores_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Skip the judge and take the scores the input rows carry: `rating` (a rating struct: its score, "
+            "else its raw compressed) or the name of a numeric column (see --score_scale). Rows without a usable "
+            "score are quarantined."
+        },
+    )
+    score_scale: str = field(
+        default="raw",
+        metadata={
+            "help": "Scale of the --scores_from column: raw (the judge's 1-10, compressed by clip(raw, 4, 9) - 4) "
+            "or score (already 0-5).",
+            "choices": ["raw", "score"],
+        },
+    )
 
 
 def _safe_name(source: str) -> str:
@@ -230,7 +246,7 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         raise LmmixupError(f"--rubric {args.rubric!r}: expected auto, reference or one of {', '.join(KINDS)}")
     if args.rubric == "reference" and args.reference_field:
         raise LmmixupError("--rubric reference shows the item only (as the paper's script); drop --reference_field")
-    if args.engine == "openai" and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
+    if args.engine == "openai" and not args.scores_from and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
         if not (args.api_key or os.environ.get("OPENAI_API_KEY")):  # fail now, not once per row
             raise LmmixupError("the OpenAI API needs a key: set OPENAI_API_KEY (or --base_url for a local server)")
     params = {k: v for k, v in asdict(args).items() if k not in _OPERATIONAL}
@@ -248,6 +264,8 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         raise LmmixupError(
             f"{args.input}: no column(s) {', '.join(missing)}; columns are {', '.join(ds.column_names)}"
         )
+    if args.scores_from:
+        return _carried(run, args, ds)
 
     # the items; a row without the text to rate is rejected with its reason, not dropped
     items, unratable = judge_items(ds, fields, args.rubric, args.reference_field)
@@ -312,6 +330,34 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
     finally:
         ckpt.close()
     return _finish(run, args, ds, items, ckpt.done, {**usage, "estimate": estimate["numbers"]})
+
+
+def _carried(run: StageRun, args: RateArgs, ds: Dataset) -> Dataset:
+    """Ratings the rows already carry (``--scores_from``), through the same outputs as the judge's:
+    rows without a usable score are quarantined with the reason, never scored 0."""
+    from dataclasses import replace
+
+    from lmmixup_hf.stages.rate import carried_scores
+
+    try:
+        raw, score, bad = carried_scores(ds, args.scores_from, args.score_scale)
+    except LmmixupError as e:
+        raise LmmixupError(f"{args.input}: {e}") from None
+    ids = ds[ID]
+    for i, reason in bad:
+        run.quarantine.add(str(args.input), i + 1, args.scores_from, reason, {ID: ids[i]})
+    judge = f"carried:{args.scores_from}"
+    ok = np.flatnonzero(~np.isnan(score))
+    done = {
+        int(i): {
+            "ok": True,
+            "rating": {"raw": None if np.isnan(r) else int(round(r)), "score": int(s), "judge": judge},
+        }
+        for i, r, s in zip(ok, raw[ok], score[ok])
+    }
+    logger.info("rate: %d rows carry a score in %r, %d do not (quarantined)", len(done), args.scores_from, len(bad))
+    shown = replace(args, engine="carried", judge_model=judge)  # the manifest names where the scores came from
+    return _finish(run, shown, ds, dict.fromkeys(done), done, {"mode": "carried", "column": args.scores_from})
 
 
 def estimate_cost(args: RateArgs, todo: Sequence[JudgeItem]) -> dict[str, Any]:

@@ -182,8 +182,9 @@ def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     section = dict(cfg.sections.get(stage.name, {}))
-    if stage.name == "rerate":  # the same judge as `rate` unless told otherwise
-        section = {**cfg.sections.get("rate", {}), **section}
+    if stage.name == "rerate":  # the same judge as `rate` unless told otherwise; distilled rows carry no scores
+        carried = ("scores_from", "score_scale")
+        section = {**{k: v for k, v in cfg.sections.get("rate", {}).items() if k not in carried}, **section}
     wired = wiring(stage.name, cfg.run_dir, cfg.input, curated=_enabled(cfg, "curate"))
     missing = sorted(set(wired) - set(fields))
     if missing:
