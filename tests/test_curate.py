@@ -204,3 +204,17 @@ def test_run_chains_curate_between_rate_and_split_only_when_enabled(tmp_path):
     curated = rating_scores(read_stage_data(run_dir / "curate"))
     assert len(high) == (curated >= 3).sum() != (rated >= 3).sum()  # the split saw the curated scores
     assert (rating_scores(high) >= 3).all()
+
+
+def test_mix_ranks_originals_by_curated_score_then_long_tail():
+    """DS2's selection, as the mix already does it: the curated score first, then the long-tail score;
+    the judge's own score (``raw_score``) plays no part."""
+    from lmmixup_hf.stages.mix import rank_original
+
+    ds = Dataset.from_dict(
+        {
+            "rating": [{"score": s, RAW_SCORE: r} for s, r in [(4, 5), (5, 2), (4, 1), (5, 5), (3, 5)]],
+            "long_tail": [0.9, 0.1, 0.95, 0.5, 1.0],
+        }
+    )
+    assert rank_original(ds).tolist() == [3, 1, 2, 0, 4]
