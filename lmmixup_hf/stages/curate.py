@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,6 +170,7 @@ class Curation:
     p_rated: np.ndarray
     hoc_loss: float
     knn: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase: knn, hoc, vote
 
     @property
     def flagged(self) -> np.ndarray:
@@ -196,6 +198,7 @@ class Curation:
             "histogram_raw": hist(self.raw),
             "histogram_curated": hist(self.curated),
             "knn": self.knn,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
 
@@ -226,6 +229,7 @@ def curate_scores(
     if len(scored) < 3:
         raise ValueError(f"curation needs at least 3 scored rows, got {len(scored)}")
     s = np.rint(scores[scored]).astype(np.int64) - SCORE_MIN
+    t0 = time.perf_counter()
     sims, nbrs, check = checked_knn(
         np.ascontiguousarray(x[scored], np.float32),
         None,
@@ -234,9 +238,11 @@ def curate_scores(
         seed=seed,
         device=device,
     )
+    t1 = time.perf_counter()
     rng = np.random.default_rng(seed)
     c = sampled_consensus(s, nbrs[:, :2], rounds=rounds, sample_size=sample_size, rng=rng)
     T, p_clean, loss = solve_hoc(c, steps=steps, lr=lr, seed=seed, device=device)
+    t2 = time.perf_counter()
     post = vote(s, nbrs, sims, T, p_clean, device=device)
     best = post.argmax(1)
     keep = post[np.arange(len(s)), best] < min_confidence
@@ -246,7 +252,8 @@ def curate_scores(
     error = np.full(len(scores), np.nan)
     error[scored] = 1.0 - post[np.arange(len(s)), s]
     p_rated = np.bincount(s, minlength=K) / len(s)
-    return Curation(curated, scores, error, T, p_clean, p_rated, loss, check.as_dict())
+    seconds = {"knn": t1 - t0, "hoc": t2 - t1, "vote": time.perf_counter() - t2}
+    return Curation(curated, scores, error, T, p_clean, p_rated, loss, check.as_dict(), seconds)
 
 
 def curate_rows(ds: Dataset, x: np.ndarray, **kwargs: Any) -> tuple[Dataset, Curation]:
