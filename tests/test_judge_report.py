@@ -81,3 +81,62 @@ def test_judge_report_needs_shared_ids(tmp_path, capsys):
     pb = write_pool(tmp_path / "b.jsonl", [1, 2], ids=["c", "d"])
     assert main(["judge-report", "--ratings", str(pa_), "--against", str(pb), "--out", str(tmp_path / "r")]) == 2
     assert "share no `id`" in capsys.readouterr().err
+
+
+def test_repeat_measures_self_consistency_and_parse_failures(tmp_path, monkeypatch, capsys):
+    """The judge asked again (loopback server): its scores come back the same, and a reply with no
+    score counts as a parse failure."""
+    from openai_server import judge_responder, server_factory
+
+    from lmmixup_hf.data.io import read_stage_data
+
+    factory = server_factory()
+    server = next(factory)(judge_responder)
+    try:
+        monkeypatch.setenv("OPENAI_API_KEY", "sk-test-judge-report")
+        texts = ["What is 2+2?", "Name a colour.", "Say hi.", "Count to three.", "Spell cat."]
+        with open(tmp_path / "pool.jsonl", "w") as f:
+            for i, t in enumerate(texts):
+                f.write(json.dumps({"id": f"r{i}", "prompt": t, "completion": f"answer {i}"}) + "\n")
+        judge = ["--judge_model", "stub", "--base_url", server.base_url]
+        rate = [
+            "rate",
+            "--input",
+            str(tmp_path / "pool.jsonl"),
+            "--out",
+            str(tmp_path / "rated"),
+            "--progress",
+            "false",
+        ]
+        assert main([*rate, *judge, "--cache_dir", "none", "--max_retries", "0"]) == 0
+        rated = {r["id"]: r["rating"]["score"] for r in read_stage_data(tmp_path / "rated")}
+        # the same rows and scores as a pool file, the last answer now one the judge cannot score
+        with open(tmp_path / "ratings.jsonl", "w") as f:
+            for i, t in enumerate(texts):
+                row = {"id": f"r{i}", "prompt": t, "completion": "UNPARSEABLE" if i == 4 else f"answer {i}"}
+                f.write(json.dumps({**row, "rating": {"score": rated.get(f"r{i}", 2)}}) + "\n")
+        argv = ["judge-report", "--ratings", str(tmp_path / "ratings.jsonl"), "--against", str(tmp_path / "rated")]
+        assert main([*argv, "--out", str(tmp_path / "rep"), "--repeat", "10", *judge]) == 0
+        sc = json.loads((tmp_path / "rep" / "judge_report.json").read_text())["self_consistency"]
+        assert sc["asked"] == 5 and sc["scored"] == 4 and sc["parse_failures"] == 1
+        assert sc["parse_failure_rate"] == 0.2 and sc["exact_agreement"] == 1.0 and sc["other_failures"] == 0
+        assert "parse-failure rate" in capsys.readouterr().out
+        assert "sk-test-judge-report" not in (tmp_path / "rep" / "judge_report.json").read_text()
+    finally:
+        next(factory, None)
+
+
+def test_repeat_needs_a_judge(tmp_path, capsys):
+    pa_ = write_pool(tmp_path / "a.jsonl", [1, 2])
+    argv = [
+        "judge-report",
+        "--ratings",
+        str(pa_),
+        "--against",
+        str(pa_),
+        "--out",
+        str(tmp_path / "r"),
+        "--repeat",
+        "3",
+    ]
+    assert main(argv) == 2 and "--repeat needs --judge_model" in capsys.readouterr().err

@@ -41,11 +41,25 @@ class JudgeReportArgs:
         default=HIGH_QUALITY_THRESHOLD,
         metadata={"help": "High quality means score (0-5) >= this, as in `lmmixup split`."},
     )
+    judge_model: str | None = field(
+        default=None,
+        metadata={"help": "With --repeat: the judge to ask again about rows of --ratings (self-consistency)."},
+    )
+    repeat: int = field(default=0, metadata={"help": "Rows of --ratings to re-ask the judge about (0: none)."})
+    engine: str = field(
+        default="openai", metadata={"help": "Judge engine for --repeat.", "choices": ["openai", "local"]}
+    )
+    base_url: str | None = field(default=None, metadata={"help": "Endpoint URL (default: $OPENAI_BASE_URL)."})
+    api_key: str | None = field(default=None, metadata={"help": "API key (default: $OPENAI_API_KEY). Never written."})
+    rubric: str = field(default="general", metadata={"help": "The rubric the ratings were made with (see `rate`)."})
+    fields: str = field(default="prompt,completion", metadata={"help": "Columns the judge sees (see `rate`)."})
+    temperature: float = field(default=0.0, metadata={"help": "Sampling temperature of the re-asked judge."})
+    seed: int = field(default=0, metadata={"help": "Which rows are re-asked."})
 
 
-def _scores(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _scores(path: str, ds: Dataset | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(ids, scores, completion lengths)`` of a rated pool; NaN where a row has no score."""
-    ds: Dataset = read_pool(path)
+    ds = read_pool(path) if ds is None else ds
     try:
         scores = rating_scores(ds)
     except LmmixupError as e:
@@ -68,7 +82,10 @@ def _length_bias(scores: np.ndarray, lengths: np.ndarray) -> float | None:
 def judge_report(args: JudgeReportArgs) -> str:
     """Compare the two ratings, write the JSON and the plot, print the table; return the JSON's path."""
     out = check_out_dir(args.out)
-    ids_a, a, len_a = _scores(args.ratings)
+    if args.repeat and not args.judge_model:
+        raise LmmixupError("--repeat needs --judge_model: the judge to ask again")
+    rated = read_pool(args.ratings)
+    ids_a, a, len_a = _scores(args.ratings, rated)
     ids_b, b, len_b = _scores(args.against)
     common, ia, ib = np.intersect1d(ids_a.astype(str), ids_b.astype(str), return_indices=True)
     if not len(common):
@@ -88,10 +105,54 @@ def judge_report(args: JudgeReportArgs) -> str:
         # Spearman of score vs completion length over each file's own scored rows: > 0 = longer answers score higher
         "length_bias": {"ratings": _length_bias(a, len_a), "against": _length_bias(b, len_b)},
     }
+    if args.repeat:
+        report["self_consistency"] = self_consistency(args, rated, a)
     write_json(out / REPORT, report)
     _plot(out / "judge_report.png", report, sa, sb)
     print(render(report))
     return str(out / REPORT)
+
+
+def self_consistency(args: JudgeReportArgs, ds: Dataset, scores: np.ndarray) -> dict[str, Any]:
+    """Ask the judge again about ``args.repeat`` scored rows of ``ds`` (no cache: fresh replies, one
+    reply per row) and compare with the scores they have; the parse-failure rate is the share of
+    replies that carried no score."""
+    import os
+
+    from lmmixup_hf.judge.judges import make_judge
+    from lmmixup_hf.stages.rate import judge_items
+
+    scored = np.flatnonzero(~np.isnan(scores))
+    rows = np.sort(np.random.default_rng(args.seed).choice(scored, min(args.repeat, len(scored)), replace=False))
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()]
+    items, unratable = judge_items(ds.select(rows), fields, args.rubric)
+    order = sorted(items)
+    judge = make_judge(
+        args.engine,
+        args.judge_model,
+        base_url=args.base_url or os.environ.get("OPENAI_BASE_URL"),
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+        cache_dir=None,
+        temperature=args.temperature,
+    )
+    if hasattr(judge, "parse_retries"):
+        judge.parse_retries = 0  # one reply per row: the rate of unusable replies is what is measured
+    ratings = judge.rate_many([items[i] for i in order], desc="re-ask", show_progress=False)
+    unparsed = sum(1 for r in ratings if not r.ok and str(r.error or "").startswith("unparseable"))
+    ok = [(i, r.score) for i, r in zip(order, ratings) if r.ok]
+    before = scores[rows[[i for i, _ in ok]]].astype(np.int64)
+    again = np.asarray([s for _, s in ok], np.int64)
+    figures = _rounded(agreement(before, again, args.threshold)) if len(ok) else {"n": 0}
+    return {
+        "judge": args.judge_model,
+        "asked": len(order),
+        "not_ratable": len(unratable),
+        "scored": len(ok),
+        "parse_failures": unparsed,
+        "parse_failure_rate": round(unparsed / len(order), 4) if order else None,
+        "other_failures": len(order) - len(ok) - unparsed,
+        **{k: figures.get(k) for k in ("exact_agreement", "within_one", "quadratic_kappa", "high_low_agreement")},
+    }
 
 
 def _rounded(d: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +181,13 @@ def render(report: dict[str, Any]) -> str:
             " / ".join(f(x) for x in report["length_bias"].values()),
         ),
     ]
+    sc = report.get("self_consistency")
+    if sc:
+        rows += [
+            (f"self-consistency ({sc['scored']} of {sc['asked']} re-asked rows scored): exact", sc["exact_agreement"]),
+            ("self-consistency: quadratic kappa", sc["quadratic_kappa"]),
+            ("parse-failure rate (replies with no score)", sc["parse_failure_rate"]),
+        ]
     width = max(len(k) for k, _ in rows)
     lines = [f"judge report: {report['ratings']} vs {report['against']}", ""]
     lines += [f"  {k:<{width}}  {f(v)}" for k, v in rows]
