@@ -61,7 +61,8 @@ class CurateArgs:
         default="auto",
         metadata={
             "help": "kNN: exact; partition, ivf or hnsw (self-checked ANN); auto (ANN from 50k rows where it is faster "
-            "and meets its recall target)."
+            "and meets its recall target).",
+            "choices": ["exact", "partition", "ivf", "hnsw", "auto"],
         },
     )
     embedding_model: str = field(default=DEFAULT_EMBEDDING_MODEL, metadata={"help": "Sentence-transformers model."})
