@@ -218,3 +218,26 @@ def test_mix_ranks_originals_by_curated_score_then_long_tail():
         }
     )
     assert rank_original(ds).tolist() == [3, 1, 2, 0, 4]
+
+
+def test_curate_embeds_rows_without_an_embedding(tmp_path, minilm_path, monkeypatch):
+    """No `embedding` column: the stage embeds the rows with the model (here the offline MiniLM) and
+    writes the vectors with them; the scores the rows carry come in through `rate --scores_from`."""
+    import json
+    from pathlib import Path
+
+    from lmmixup_hf.cli import main
+    from lmmixup_hf.data.io import read_stage_data
+
+    monkeypatch.setenv("LMMIXUP_EMBEDDING_CACHE", str(tmp_path / "emb-cache"))
+    lines = (Path(__file__).resolve().parents[1] / "data" / "sample_pool.jsonl").read_text().splitlines()[:60]
+    rows = [{**json.loads(line), "label": i % 6} for i, line in enumerate(lines)]
+    (tmp_path / "pool.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rate = ["rate", "--input", str(tmp_path / "pool.jsonl"), "--out", str(tmp_path / "rate")]
+    assert main([*rate, "--scores_from", "label", "--score_scale", "score", "--progress", "false"]) == 0
+    cur = ["curate", "--input", str(tmp_path / "rate"), "--out", str(tmp_path / "cur"), "--device", "cpu"]
+    assert main([*cur, "--embedding_model", "minilm-offline", "--rounds", "3", "--steps", "300"]) == 0
+    ds, rated = read_stage_data(tmp_path / "cur"), read_stage_data(tmp_path / "rate")
+    assert len(ds) == len(rated) > 50 and len(ds[0]["embedding"]) == 384  # the sample pool has one bad row
+    np.testing.assert_array_equal(rating_field(ds, RAW_SCORE), rated["label"])
+    assert json.loads((tmp_path / "cur" / "diagnosis.json").read_text())["scored"] == len(rated)
