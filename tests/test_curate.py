@@ -72,6 +72,7 @@ def test_curation_undoes_most_of_the_noise(noisy):
     assert (result.curated == true).mean() >= 0.85
     # the score-error probability means something: flagged rows are mostly the judge's mistakes
     assert (rated[result.flagged] != true[result.flagged]).mean() > 0.85
+    assert result.neighbours["signal"] and result.neighbours["observed"] > 2 * result.neighbours["chance"]
     assert result.changed.sum() > 0.25 * len(rated)
 
 
@@ -80,6 +81,16 @@ def test_a_clean_judge_is_left_alone():
     result = curate_scores(x, rated.astype(float), rounds=5, seed=0)
     assert result.changed.mean() < 0.02
     assert np.diag(result.T).min() > 0.9
+
+
+def test_scores_the_neighbourhood_knows_nothing_about_are_left_alone():
+    """Scores unrelated to the embedding (shuffled): neighbours agree no more than chance, so HOC's
+    T means nothing and no score moves towards the prior."""
+    x, _, rated, _ = planted(seed=5)
+    shuffled = np.random.default_rng(0).permutation(rated)
+    result = curate_scores(x, shuffled.astype(float), rounds=5, steps=500)
+    assert result.neighbours["signal"] is False and result.changed.sum() == 0 and result.flagged.sum() == 0
+    assert np.isnan(result.score_error).all() and result.diagnosis()["neighbour_agreement"]["z"] < 3
 
 
 def test_deterministic_for_a_seed():

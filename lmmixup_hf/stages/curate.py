@@ -17,6 +17,11 @@ Two steps over rated rows and their embeddings (the DS2 recipe, ICLR 2025):
    probability that the judge's score is wrong; the curated score is the posterior's mode when it
    is at least ``min_confidence`` likely, else the judge's score stands.
 
+Both steps rest on neighbours sharing true scores. When nearest neighbours share a rated score no
+more often than two random rows do (:func:`neighbour_agreement`), the embedding says nothing about
+the scores: every score is left as the judge gave it, ``score_error`` is unknown (NaN), and the
+diagnosis says so.
+
 Pure functions over arrays (and :func:`curate_rows` over a ``Dataset``): no files, deterministic
 for a seed, torch on the given device.
 """
@@ -157,6 +162,24 @@ def vote(
     return out
 
 
+def neighbour_agreement(scores: np.ndarray, nearest: np.ndarray, z_min: float = 3.0) -> dict[str, Any]:
+    """How often a row and its nearest neighbour share a rated score, against chance (two rows drawn
+    from the pool, ``sum(p_rated^2)``). Curation rests on neighbours sharing true scores; when they
+    agree no more than chance (z < ``z_min``), HOC sees noise it cannot tell from a useless judge
+    and the vote would pull every score towards the prior, so ``signal`` is False."""
+    n = len(scores)
+    observed = float((scores == scores[nearest]).mean())
+    p = np.bincount(scores, minlength=K) / n
+    chance = float((p**2).sum())
+    z = (observed - chance) / max(np.sqrt(chance * (1 - chance) / n), 1e-12)
+    return {
+        "observed": round(observed, 4),
+        "chance": round(chance, 4),
+        "z": round(float(z), 2),
+        "signal": bool(z >= z_min),
+    }
+
+
 # -- the whole core ---------------------------------------------------------------------------
 @dataclass
 class Curation:
@@ -171,6 +194,7 @@ class Curation:
     hoc_loss: float
     knn: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # per phase: knn, hoc, vote
+    neighbours: dict[str, Any] = field(default_factory=dict)  # :func:`neighbour_agreement`
 
     @property
     def flagged(self) -> np.ndarray:
@@ -197,6 +221,7 @@ class Curation:
             "changed": int(self.changed.sum()),
             "histogram_raw": hist(self.raw),
             "histogram_curated": hist(self.curated),
+            "neighbour_agreement": self.neighbours,
             "knn": self.knn,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
@@ -246,14 +271,24 @@ def curate_scores(
     post = vote(s, nbrs, sims, T, p_clean, device=device)
     best = post.argmax(1)
     keep = post[np.arange(len(s)), best] < min_confidence
+    agreement = neighbour_agreement(s, nbrs[:, 0])
+    if not agreement["signal"]:
+        logger.warning(
+            "curate: nearest neighbours share a score in %.1f%% of rows, no more than chance (%.1f%%): the "
+            "embedding says nothing about the scores here, so they are left as the judge gave them",
+            100 * agreement["observed"],
+            100 * agreement["chance"],
+        )
+        keep[:] = True
     new = np.where(keep, s, best)
+    own = post[np.arange(len(s)), s] if agreement["signal"] else np.full(len(s), np.nan)  # no signal: no estimate
     curated = scores.copy()
     curated[scored] = new + SCORE_MIN
     error = np.full(len(scores), np.nan)
-    error[scored] = 1.0 - post[np.arange(len(s)), s]
+    error[scored] = 1.0 - own
     p_rated = np.bincount(s, minlength=K) / len(s)
     seconds = {"knn": t1 - t0, "hoc": t2 - t1, "vote": time.perf_counter() - t2}
-    return Curation(curated, scores, error, T, p_clean, p_rated, loss, check.as_dict(), seconds)
+    return Curation(curated, scores, error, T, p_clean, p_rated, loss, check.as_dict(), seconds, agreement)
 
 
 def curate_rows(ds: Dataset, x: np.ndarray, **kwargs: Any) -> tuple[Dataset, Curation]:
