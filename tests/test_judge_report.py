@@ -140,3 +140,10 @@ def test_repeat_needs_a_judge(tmp_path, capsys):
         "3",
     ]
     assert main(argv) == 2 and "--repeat needs --judge_model" in capsys.readouterr().err
+
+
+def test_a_score_off_the_scale_is_named(tmp_path, capsys):
+    pa_ = write_pool(tmp_path / "a.jsonl", [1, 7])
+    pb = write_pool(tmp_path / "b.jsonl", [1, 2])
+    assert main(["judge-report", "--ratings", str(pa_), "--against", str(pb), "--out", str(tmp_path / "r")]) == 2
+    assert "row 2: rating.score 7 is not a score 0-5" in capsys.readouterr().err

@@ -64,6 +64,11 @@ def _scores(path: str, ds: Dataset | None = None) -> tuple[np.ndarray, np.ndarra
         scores = rating_scores(ds)
     except LmmixupError as e:
         raise LmmixupError(f"{path}: {e}") from None
+    bad = ~np.isnan(scores) & ((scores < 0) | (scores > K - 1) | (scores != np.round(scores)))
+    if bad.any():
+        raise LmmixupError(
+            f"{path}: row {int(np.argmax(bad)) + 1}: rating.score {scores[bad][0]:g} is not a score 0-{K - 1}"
+        )
     table = ds.select_columns([c for c in (ID, COMPLETION) if c in ds.column_names]).with_format("arrow")[: len(ds)]
     lengths = (
         pc.utf8_length(table.column(COMPLETION)).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -155,12 +160,17 @@ def self_consistency(args: JudgeReportArgs, ds: Dataset, scores: np.ndarray) -> 
     }
 
 
+def _round(v: Any) -> Any:
+    """4 decimals for a float, None for NaN (JSON has no NaN); lists element by element."""
+    if isinstance(v, list):
+        return [_round(x) for x in v]
+    if isinstance(v, float):
+        return None if np.isnan(v) else round(v, 4)
+    return v
+
+
 def _rounded(d: dict[str, Any]) -> dict[str, Any]:
-    r = lambda v: round(v, 4) if isinstance(v, float) and not np.isnan(v) else (None if isinstance(v, float) else v)  # noqa: E731
-    return {
-        k: ([r(x) for x in v] if isinstance(v, list) and v and not isinstance(v[0], list) else r(v))
-        for k, v in d.items()
-    }
+    return {k: _round(v) for k, v in d.items()}
 
 
 def render(report: dict[str, Any]) -> str:
