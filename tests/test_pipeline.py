@@ -222,7 +222,8 @@ def clean_run(tmp_path_factory, server, subset) -> Path:
 
 @pytest.mark.slow
 def test_end_to_end_on_40_rows(clean_run):
-    m = {s: manifest(clean_run / s) for s in STAGE_NAMES if s != "report"}
+    m = {s: manifest(clean_run / s) for s in STAGE_NAMES if s not in ("report", "curate")}  # curate: off
+    assert not (clean_run / "curate").exists()
     assert m["ingest"]["counts"]["rows_out"] == 40 and m["ingest"]["counts"]["rejected"] == 1
     split = m["split"]["counts"]
     assert split["high"] + split["low"] == m["rate"]["counts"]["rated"] == 40
@@ -271,7 +272,8 @@ def test_rerun_skips_every_stage(clean_run, server):
     r = lmmixup("run", "--config", str(clean_run.parent / "clean.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert server.n_requests == calls  # no judge or distiller call
-    assert r.stderr.count("up to date, skipping") == len(STAGE_NAMES) - 1  # every stage but the report
+    # every stage but the report, and curate (off unless enabled)
+    assert r.stderr.count("up to date, skipping") == len(STAGE_NAMES) - 2
     assert {p: p.stat().st_mtime_ns for p in (clean_run / "mix" / "data").glob("*.parquet")} == before
 
 
@@ -287,7 +289,7 @@ def test_kill_at_a_random_stage_then_resume(clean_run, server, subset, tmp_path)
     """SIGKILL the run shortly after a randomly chosen stage starts, rerun the same command, and
     get exactly the clean run's outputs."""
     rng = random.Random(int(os.environ.get("LMMIXUP_KILL_SEED", "9")))
-    victim = rng.choice([s for s in STAGE_NAMES if s not in ("ingest", "report")])
+    victim = rng.choice([s for s in STAGE_NAMES if s not in ("ingest", "curate", "report")])  # curate: off
     config = served_config(tmp_path, server, subset, "killed")
     env = {**os.environ, "OPENAI_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(

@@ -186,6 +186,23 @@ class RateArgs(Options):
             "fingerprint": False,
         },
     )
+    scores_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Skip the judge and take the scores the input rows carry: `rating` (a rating struct: its score, "
+            "else its raw compressed) or the name of a numeric column (see --score_scale). Rows without a usable "
+            "score are quarantined.",
+            "fingerprint": "non-default",  # added after rated runs existed: they stay up to date
+        },
+    )
+    score_scale: Literal["raw", "score"] = field(
+        default="raw",
+        metadata={
+            "help": "Scale of the --scores_from column: raw (the judge's 1-10, compressed by clip(raw, 4, 9) - 4) "
+            "or score (already 0-5).",
+            "fingerprint": "non-default",
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -259,7 +276,7 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
     """Run the stage (or return its output when it is up to date). ``executor`` runs the judging
     (default: here; see :mod:`lmmixup_hf.pipeline.executors`)."""
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
-    if args.engine == "openai" and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
+    if args.engine == "openai" and not args.scores_from and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
         if not (args.api_key or os.environ.get("OPENAI_API_KEY")):  # fail now, not once per row
             raise LmmixupError("the OpenAI API needs a key: set OPENAI_API_KEY (or --base_url for a local server)")
     version = "reference" if args.rubric == "reference" else RUBRIC_VERSION
@@ -276,6 +293,8 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         raise LmmixupError(
             f"{args.input}: no column(s) {', '.join(missing)}; columns are {', '.join(ds.column_names)}"
         )
+    if args.scores_from:
+        return _carried(run, args, ds)
 
     # the items; a row without the text to rate is rejected with its reason, not dropped
     items, unratable = judge_items(ds, fields, args.rubric, args.reference_field)
@@ -344,6 +363,32 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
     return _finish(run, args, ds, items, ckpt.done, {**usage, "estimate": estimate["numbers"]})
 
 
+def _carried(run: StageRun, args: RateArgs, ds: Dataset) -> Dataset:
+    """Ratings the rows already carry (``--scores_from``), through the same outputs as the judge's:
+    rows without a usable score are quarantined with the reason, never scored 0."""
+    from lmmixup_hf.stages.rate import carried_scores
+
+    try:
+        raw, score, bad = carried_scores(ds, args.scores_from, args.score_scale)
+    except LmmixupError as e:
+        raise LmmixupError(f"{args.input}: {e}") from None
+    ids = ds[ID]
+    for i, reason in bad:
+        run.quarantine.add(str(args.input), i + 1, args.scores_from, reason, {ID: ids[i]})
+    judge = f"carried:{args.scores_from}"
+    ok = np.flatnonzero(~np.isnan(score))
+    done = {
+        int(i): {
+            "ok": True,
+            "rating": {"raw": None if np.isnan(r) else int(round(r)), "score": int(s), "judge": judge},
+        }
+        for i, r, s in zip(ok, raw[ok], score[ok])
+    }
+    logger.info("rate: %d rows carry a score in %r, %d do not (quarantined)", len(done), args.scores_from, len(bad))
+    usage = {"mode": "carried", "column": args.scores_from}  # the manifest names where the scores came from
+    return _finish(run, args, ds, dict.fromkeys(done), done, usage, engine="carried", judge_model=judge)
+
+
 def estimate_cost(args: RateArgs, todo: Sequence[JudgeItem]) -> dict[str, Any]:
     """Rows, estimated tokens (prompt characters / 4, ``REPLY_TOKENS`` per reply) and the cost in
     synchronous and batch mode from the price table, before anything is sent."""
@@ -394,7 +439,11 @@ def _finish(
     items: Mapping[int, JudgeItem],
     done: Mapping[int, Mapping[str, Any]],
     usage: Mapping[str, Any],
+    engine: str | None = None,
+    judge_model: str | None = None,
 ) -> Dataset:
+    """Write the rated rows, failed.jsonl, the summary and the manifest (``engine``/``judge_model``:
+    what the manifest names as the judge, when it is not the options' own)."""
     out, failed = with_ratings(ds, items, done)
     rated = sorted(set(items) - set(failed))
     structs = out[RATING] if len(out) else []
@@ -429,8 +478,8 @@ def _finish(
         extra={
             "usage": dict(usage),
             "judge": {
-                "engine": args.engine,
-                "model": args.judge_model,
+                "engine": engine or args.engine,
+                "model": judge_model or args.judge_model,
                 "rubric": args.rubric,
                 "rubric_version": RUBRIC_VERSION,
             },

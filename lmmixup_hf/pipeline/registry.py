@@ -34,6 +34,13 @@ STAGES: tuple[Stage, ...] = (
         "Score every row with an LLM judge (any OpenAI-compatible endpoint or a local model).",
     ),
     Stage(
+        "curate",
+        "lmmixup_hf.pipeline.curate",
+        "CurateArgs",
+        "curate",
+        "Estimate the judge's noise and correct the scores its neighbours contradict (off in `run` by default).",
+    ),
+    Stage(
         "split",
         "lmmixup_hf.pipeline.split",
         "SplitArgs",

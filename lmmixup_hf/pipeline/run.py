@@ -44,13 +44,15 @@ from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, errors_name, input_
 logger = logging.getLogger(__name__)
 
 
-def wiring(name: str, run_dir: Path, input_path: str) -> dict[str, Any]:
-    """The options the pipeline sets itself: where each stage reads and writes."""
+def wiring(name: str, run_dir: Path, input_path: str, curated: bool = False) -> dict[str, Any]:
+    """The options the pipeline sets itself: where each stage reads and writes. ``curated``: the
+    curate stage is on, so the split reads its output instead of the judge's."""
     d = {s: str(run_dir / s) for s in STAGE_NAMES}
     return {
         "ingest": {"input": input_path, "out": d["ingest"]},
         "rate": {"input": d["ingest"], "out": d["rate"]},
-        "split": {"input": d["rate"], "out": d["split"]},
+        "curate": {"input": d["rate"], "out": d["curate"]},
+        "split": {"input": d["curate"] if curated else d["rate"], "out": d["split"]},
         "cluster": {"input": str(Path(d["split"]) / "low"), "out": d["cluster"]},
         "distill": {"input": d["cluster"], "out": d["distill"]},
         "rerate": {"input": d["distill"], "out": d["rerate"]},
@@ -66,6 +68,7 @@ def wiring(name: str, run_dir: Path, input_path: str) -> dict[str, Any]:
 # Defaults the pipeline prefers over a stage's own (a config section still overrides them).
 STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
     "cluster": {"quality": "all"},  # its input is already the low split
+    "curate": {"enabled": False},  # opt-in: `curate: {enabled: true}`
 }
 
 # Top-level keys that become every stage's default for an option of the same name.
@@ -181,9 +184,10 @@ def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config")
     cls = getattr(_import(stage), stage.args)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     section = dict(cfg.sections.get(stage.name, {}))
-    if stage.name == "rerate":  # the same judge as `rate` unless told otherwise
-        section = {**cfg.sections.get("rate", {}), **section}
-    wired = wiring(stage.name, cfg.run_dir, cfg.input)
+    if stage.name == "rerate":  # the same judge as `rate` unless told otherwise; distilled rows carry no scores
+        carried = ("scores_from", "score_scale")
+        section = {**{k: v for k, v in cfg.sections.get("rate", {}).items() if k not in carried}, **section}
+    wired = wiring(stage.name, cfg.run_dir, cfg.input, curated=_enabled(cfg, "curate"))
     missing = sorted(set(wired) - fields)
     if missing:
         raise LmmixupError(f"stage {stage.name}: {stage.module}.{stage.args} has no option(s) {', '.join(missing)}")
@@ -202,6 +206,11 @@ def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config")
 
     command = command_of(stage)
     return OptionsParser(cls, prog=f"lmmixup {command}").parse_dict(values, name, what=f"`lmmixup {command}`")
+
+
+def _enabled(cfg: RunConfig, name: str) -> bool:
+    """An opt-in stage (``enabled`` off in :data:`STAGE_DEFAULTS`) is on when its section says so."""
+    return bool(cfg.sections.get(name, {}).get("enabled", STAGE_DEFAULTS.get(name, {}).get("enabled", True)))
 
 
 class _MissingStage(LmmixupError):
@@ -252,7 +261,7 @@ def run(args: RunArgs) -> int:
             if s in stages:
                 raise
             logger.warning("%s (not selected, so not needed now)", e)
-    _require_upstream(stages[0], cfg.run_dir)
+    _require_upstream(stages[0], cfg.run_dir, skip={n for n, a in all_args.items() if not getattr(a, "enabled", True)})
 
     import datasets
 
@@ -359,10 +368,11 @@ def _n_rows(stage_dir: str | Path) -> int | None:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files) if files else None
 
 
-def _require_upstream(first: Stage, run_dir: Path) -> None:
-    """With --from/--only, the stages before must have finished: their output is our input."""
+def _require_upstream(first: Stage, run_dir: Path, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """With --from/--only, the stages before must have finished: their output is our input
+    (stages that are off, ``skip``, write nothing)."""
     for stage in STAGES[: STAGE_NAMES.index(first.name)]:
-        if stage.name != "report" and not (run_dir / stage.name / MANIFEST).exists():
+        if stage.name != "report" and stage.name not in skip and not (run_dir / stage.name / MANIFEST).exists():
             raise LmmixupError(
                 f"stage {first.name} needs the output of {stage.name} ({run_dir / stage.name} has no {MANIFEST}); "
                 f"run without --from/--only first"

@@ -13,13 +13,20 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 from datasets import Dataset, Value
 
+from lmmixup_hf.data.quality import rating_field
 from lmmixup_hf.data.schema import (
     COMPLETION,
     PROMPT,
     RATING,
+    RAW_MAX,
+    RAW_MIN,
+    SCORE_MAX,
+    SCORE_MIN,
     TASK_TYPE,
+    LmmixupError,
 )
 from lmmixup_hf.judge.judges import DIMENSIONS, JudgeItem, reference_kind
 from lmmixup_hf.judge.protocol import Judge
@@ -133,3 +140,51 @@ def rate_rows(
     done = {i: {"ok": r.ok, "rating": r.as_struct() if r.ok else None} for i, r in zip(order, ratings)}
     rated, failed = with_ratings(ds, items, done)
     return RatedRows(rated, failed, unratable)
+
+
+# -- ratings the rows already carry (skip the judge) ---------------------------------------------
+SCALES = ("raw", "score")
+
+
+def carried_scores(
+    ds: Dataset, column: str, scale: str = "raw"
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """``(raw, score, bad)`` from scores the rows carry, compressed by the judge's rule.
+
+    ``column``: ``rating`` (a rating struct: its ``score``, else its ``raw`` compressed) or a
+    numeric column on the ``scale`` ``raw`` (1-10, ``score = clip(raw, 4, 9) - 4``) or ``score``
+    (0-5, as is). ``raw``/``score`` are float64 with NaN where unknown; ``bad`` lists the rows
+    without a usable score, with the reason (they are quarantined, never scored 0)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if scale not in SCALES:
+        raise LmmixupError(f"--score_scale {scale!r}: expected one of {', '.join(SCALES)}")
+    if column not in ds.column_names:
+        raise LmmixupError(f"no column {column!r} to take scores from; columns are {', '.join(ds.column_names)}")
+    n = len(ds)
+    if column == RATING:
+        raw, score = rating_field(ds, "raw"), rating_field(ds, "score")
+        lo, hi = (RAW_MIN, RAW_MAX), (SCORE_MIN, SCORE_MAX)
+        bad_raw = ~np.isnan(raw) & ((raw < lo[0]) | (raw > lo[1]))
+        bad_score = ~np.isnan(score) & ((score < hi[0]) | (score > hi[1]))
+        score = np.where(np.isnan(score) & ~bad_raw, np.clip(np.rint(raw), 4, 9) - 4, score)
+        bad = bad_raw | bad_score
+        what = np.where(
+            bad_score, f"rating.score out of {SCORE_MIN}..{SCORE_MAX}", f"rating.raw out of {RAW_MIN}..{RAW_MAX}"
+        )
+    else:
+        col = ds.select_columns([column]).with_format("arrow")[:n].column(column)
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            raise LmmixupError(f"column {column!r} holds {col.type}, not numbers: cannot take scores from it")
+        values = np.asarray(pc.fill_null(pc.cast(col, pa.float64()), float("nan")).to_numpy(zero_copy_only=False))
+        lo, hi = (RAW_MIN, RAW_MAX) if scale == "raw" else (SCORE_MIN, SCORE_MAX)
+        bad = ~np.isnan(values) & ((values < lo) | (values > hi))
+        what = np.full(n, f"{column} out of {lo}..{hi} (--score_scale {scale})", dtype=object)
+        raw = values if scale == "raw" else np.full(n, np.nan)
+        score = np.clip(np.rint(values), 4, 9) - 4 if scale == "raw" else np.rint(values)
+    missing = np.isnan(score) & ~bad
+    reasons = [(int(i), f"no score in {column!r}") for i in np.flatnonzero(missing)]
+    reasons += [(int(i), str(what[i])) for i in np.flatnonzero(bad)]
+    score = np.where(bad, np.nan, score)
+    return np.where(np.isnan(score), np.nan, raw), score, sorted(reasons)
