@@ -431,3 +431,18 @@ def test_in_memory_chain_gives_the_rows_of_lmmixup_run(clean_run, server, subset
     same(distilled, "distill", cols=("id", "prompt", "completion", "member_ids"))
     same(scored, "longtail", cols=("id", "long_tail"))
     assert [(r["id"], r["origin"]) for r in mixed] == [(r["id"], r["origin"]) for r in rows(clean_run / "mix")]
+
+
+def test_split_and_filter_of_an_empty_rated_stage(tmp_path):
+    """Nothing distilled means an empty rerate output: filter (and split) write empty outputs."""
+    from datasets import Dataset, Features, Value
+
+    from lmmixup_hf.pipeline.split import FilterArgs, SplitArgs, filter_rated, split_rated
+    from lmmixup_hf.pipeline.workflow import StageRun
+
+    features = Features({"id": Value("string"), "rating": {"score": Value("int64"), "raw": Value("int64")}})
+    StageRun("rerate", tmp_path / "rerate").finish(Dataset.from_dict({"id": [], "rating": []}, features=features))
+    kept = filter_rated(FilterArgs(input=str(tmp_path / "rerate"), out=str(tmp_path / "filter")))
+    assert len(kept) == 0 and manifest(tmp_path / "filter")["complete"]
+    high = split_rated(SplitArgs(input=str(tmp_path / "rerate"), out=str(tmp_path / "split")))
+    assert len(high) == 0 and len(rows(tmp_path / "split" / "low", "data")) == 0

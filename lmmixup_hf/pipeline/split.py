@@ -89,10 +89,13 @@ def split_rated(args: SplitArgs) -> Dataset:
 
 def _ratings(files: list[str]) -> Dataset:
     """Just the ``rating`` column of a stage output (a few bytes a row), for the quality rule."""
-    names = pq.read_schema(files[0]).names
-    if RATING not in names:
-        raise LmmixupError(f"no `{RATING}` column: rate the rows first (columns: {', '.join(names)})")
-    return arrow_dataset(pa.concat_tables(iter_stage_batches(files, columns=[RATING])))
+    schema = pq.read_schema(files[0])
+    if RATING not in schema.names:
+        raise LmmixupError(f"no `{RATING}` column: rate the rows first (columns: {', '.join(schema.names)})")
+    tables = list(iter_stage_batches(files, columns=[RATING]))
+    if not tables:  # an empty stage output (e.g. nothing was distilled): no rows, the same column
+        tables = [pa.schema([schema.field(RATING)]).empty_table()]
+    return arrow_dataset(pa.concat_tables(tables))
 
 
 def _scores(files: list[str]) -> np.ndarray:
