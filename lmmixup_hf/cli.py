@@ -63,6 +63,12 @@ COMMANDS: dict[str, Command] = {
         "write_card",
         "Write the MIXTURE dataset card only.",
     ),
+    "judge-report": Command(
+        "lmmixup_hf.pipeline.judge_report",
+        "JudgeReportArgs",
+        "judge_report",
+        "How far two ratings of the same rows agree (kappa, confusion, length bias).",
+    ),
     "eval-report": Command("lmmixup_hf.evaluation.report", "EvalReportArgs", "eval_report", "Paper-style eval table."),
 }
 

@@ -168,6 +168,11 @@ def bad_inputs(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("bad")
     pq.write_table(pa.table({"text": ["a", "b"], "label": [1, 2]}), d / "no_columns.parquet")
     pq.write_table(pa.table({"prompt": [1, 2], "completion": ["x", "y"]}), d / "int_prompts.parquet")
+    vectors = pa.array([[1.0, 0.0], [0.5], [0.0, 1.0]], pa.list_(pa.float32()))
+    pq.write_table(
+        pa.table({"prompt": ["a", "b", "c"], "completion": ["x", "y", "z"], "embedding": vectors}),
+        d / "ragged.parquet",
+    )
     (d / "array.jsonl").write_text(json.dumps([{"prompt": "p", "completion": "c"}]))
     (d / "ok.jsonl").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
     (d / "bad.yaml").write_text("rate: [unclosed\n")
@@ -190,6 +195,11 @@ BAD = [
     (("ingest", "--config", "{d}"), 2, "is a folder"),
     (("ingest", "--config", "{d}/bad.yaml"), 2, "not valid YAML"),
     (("split", "--input", "{d}/ok.jsonl", "--out", "{d}/o5", "--top_share", "1.5"), 2, "--top_share 1.5"),
+    (
+        ("cluster", "--input", "{d}/ragged.parquet", "--out", "{d}/o9", "--quality", "all"),
+        2,
+        "of length 1; expected 2",
+    ),
     (("run", "--config", "{d}/ratio.yaml"), 2, "mix.ratio 7"),
     (("run", "--config", "{d}/limit.yaml"), 2, "distill.limit -3"),
     (("run", "--config", "{d}/bad.yaml"), 2, "not valid YAML"),
@@ -218,12 +228,12 @@ def test_bad_invocations_fail_in_one_line(bad_inputs, argv, status, message):
 
 # -- a full disk names the folder it could not write ----------------------------------------------
 def test_a_full_disk_names_the_folder(tmp_path, monkeypatch, capsys):
-    import lmmixup_hf.pipeline.workflow as workflow
+    import pyarrow.parquet as pq
 
-    def full_disk(data, out_dir, name="data"):  # what pyarrow raises on a full disk: errno 28, no file name
+    def full_disk(*args, **kwargs):  # what pyarrow raises on a full disk: errno 28, no file name
         raise OSError(28, "Error writing bytes to file. Detail: [errno 28] No space left on device")
 
-    monkeypatch.setattr(workflow, "write_stage_data", full_disk)
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full_disk)
     pool = write_pool(tmp_path / "pool.jsonl", 8)
     out = tmp_path / "ingest"
     assert main(["ingest", "--input", str(pool), "--out", str(out)]) == EXIT_FAILED

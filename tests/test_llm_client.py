@@ -253,7 +253,7 @@ def test_error_names_headers_and_timeouts(openai_server, monkeypatch, tmp_path):
     assert r.text is None and r.error == "TimeoutError: no reply within 0.1 s" and slow.n_requests == 2
 
     cached = ChatClient("stub-model", base_url=server.base_url, api_key=KEY, cache_dir=tmp_path)
-    assert cached.cache._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert cached.cache.store._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
 
 
 def test_cache_buffers_writes_and_reads_its_buffer(tmp_path):

@@ -330,7 +330,8 @@ def test_the_marks_keep_the_fingerprints_finished_runs_had(tmp_path):
         "estimate",
     )  # fmt: skip
     rate = RateArgs(input="i", out="o", judge_model="j", temperature=0.5, api_key="sk-x", batch_size=3)
-    old = {k: v for k, v in dataclasses.asdict(rate).items() if k not in old_rate_operational}
+    later = ("scores_from", "score_scale")  # options the old code did not have (hashed only when set)
+    old = {k: v for k, v in dataclasses.asdict(rate).items() if k not in old_rate_operational + later}
     new = StageRun("rate", tmp_path / "a", params=rate, tags={"rubric_version": RUBRIC_VERSION})
     assert (
         new.fingerprint

@@ -222,11 +222,20 @@ def clean_run(tmp_path_factory, server, subset) -> Path:
 
 @pytest.mark.slow
 def test_end_to_end_on_40_rows(clean_run):
-    m = {s: manifest(clean_run / s) for s in STAGE_NAMES if s != "report"}
+    m = {s: manifest(clean_run / s) for s in STAGE_NAMES if s not in ("report", "curate")}  # curate: off
+    assert not (clean_run / "curate").exists()
     assert m["ingest"]["counts"]["rows_out"] == 40 and m["ingest"]["counts"]["rejected"] == 1
     split = m["split"]["counts"]
     assert split["high"] + split["low"] == m["rate"]["counts"]["rated"] == 40
     assert split["high"] > 0 and split["low"] > 0
+    # rate writes its rows once (data/); the split stage alone writes high/ and low/
+    rated = sorted((clean_run / "rate").rglob("*.parquet"))
+    assert [p.parent.name for p in rated] == ["data"] * len(rated)
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in rated) == 40
+    assert sum(p.stat().st_size for p in rated) == sum(
+        p.stat().st_size for p in (clean_run / "rate" / "data").iterdir()
+    )
+    assert not [p for p in clean_run.rglob("*") if ".tmp-" in p.name]
     assert m["cluster"]["counts"]["clustered"] + m["cluster"]["counts"]["leftovers"] == split["low"]
     clusters = m["cluster"]["counts"]["clusters"]
     d = m["distill"]["counts"]
@@ -263,7 +272,8 @@ def test_rerun_skips_every_stage(clean_run, server):
     r = lmmixup("run", "--config", str(clean_run.parent / "clean.yaml"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert server.n_requests == calls  # no judge or distiller call
-    assert r.stderr.count("up to date, skipping") == len(STAGE_NAMES) - 1  # every stage but the report
+    # every stage but the report, and curate (off unless enabled)
+    assert r.stderr.count("up to date, skipping") == len(STAGE_NAMES) - 2
     assert {p: p.stat().st_mtime_ns for p in (clean_run / "mix" / "data").glob("*.parquet")} == before
 
 
@@ -279,7 +289,7 @@ def test_kill_at_a_random_stage_then_resume(clean_run, server, subset, tmp_path)
     """SIGKILL the run shortly after a randomly chosen stage starts, rerun the same command, and
     get exactly the clean run's outputs."""
     rng = random.Random(int(os.environ.get("LMMIXUP_KILL_SEED", "9")))
-    victim = rng.choice([s for s in STAGE_NAMES if s not in ("ingest", "report")])
+    victim = rng.choice([s for s in STAGE_NAMES if s not in ("ingest", "curate", "report")])  # curate: off
     config = served_config(tmp_path, server, subset, "killed")
     env = {**os.environ, "OPENAI_API_KEY": KEY, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
@@ -357,6 +367,8 @@ def test_split_by_top_share_ranks_by_score_then_expected(tmp_path):
     assert sorted(rows(tmp_path / "split" / "low", "data"), key=lambda r: r["id"])[0]["id"] == "r0"
     m = manifest(tmp_path / "split")
     assert m["counts"] == {"rows_in": 8, "high": 3, "low": 4, "unscored": 1, "rejected": 1}
+    (bad,) = [json.loads(x) for x in (tmp_path / "split" / "rejected.jsonl").read_text().splitlines()]
+    assert (bad["line"], bad["field"], json.loads(bad["raw"])["id"]) == (5, "rating", "r4")
 
 
 @pytest.mark.slow
@@ -419,3 +431,18 @@ def test_in_memory_chain_gives_the_rows_of_lmmixup_run(clean_run, server, subset
     same(distilled, "distill", cols=("id", "prompt", "completion", "member_ids"))
     same(scored, "longtail", cols=("id", "long_tail"))
     assert [(r["id"], r["origin"]) for r in mixed] == [(r["id"], r["origin"]) for r in rows(clean_run / "mix")]
+
+
+def test_split_and_filter_of_an_empty_rated_stage(tmp_path):
+    """Nothing distilled means an empty rerate output: filter (and split) write empty outputs."""
+    from datasets import Dataset, Features, Value
+
+    from lmmixup_hf.pipeline.split import FilterArgs, SplitArgs, filter_rated, split_rated
+    from lmmixup_hf.pipeline.workflow import StageRun
+
+    features = Features({"id": Value("string"), "rating": {"score": Value("int64"), "raw": Value("int64")}})
+    StageRun("rerate", tmp_path / "rerate").finish(Dataset.from_dict({"id": [], "rating": []}, features=features))
+    kept = filter_rated(FilterArgs(input=str(tmp_path / "rerate"), out=str(tmp_path / "filter")))
+    assert len(kept) == 0 and manifest(tmp_path / "filter")["complete"]
+    high = split_rated(SplitArgs(input=str(tmp_path / "rerate"), out=str(tmp_path / "split")))
+    assert len(high) == 0 and len(rows(tmp_path / "split" / "low", "data")) == 0

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from datasets import Dataset
 from openai_server import Faults, judge_responder, last_user_text, messages_key, scripted_overall, server_factory
@@ -123,14 +124,11 @@ def test_rate_cli_faults_failures_retry_and_secret(openai_server, tmp_path):
         assert rec["rating"]["judge"] == "openai:stub-judge" and rec["rating"]["expected"] is not None
         assert json.loads(rec["rating"]["reply"])["overall"] == raw
 
-    # splits: high/low and per source partition the rated rows
-    high, low = read_stage_data(out, "high"), read_stage_data(out, "low")
-    assert len(high) + len(low) == len(data)
-    assert all(r["rating"]["score"] >= 4 for r in high) and all(r["rating"]["score"] < 4 for r in low)
-    for src in SOURCES:
-        n_src = sum(1 for r in data if r["source"] == src)
-        parts = [read_stage_data(out / "by_source" / src, name) for name in ("high", "low")]
-        assert sum(len(p) for p in parts) == n_src and all(r["source"] == src for p in parts for r in p)
+    # the rated rows are written once, under data/ (`split` owns high/low); per source: the summary
+    parquet = sorted(out.rglob("*.parquet"))
+    assert {p.parent.relative_to(out).as_posix() for p in parquet} == {"data"}
+    assert sum(pq.ParquetFile(p).metadata.num_rows for p in parquet) == len(data)
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
     summary = json.loads((out / "summary.json").read_text())
     assert sum(summary["all"]["histogram"]) == len(data) and summary["all"]["failed"] == 3
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -194,6 +194,9 @@ class CrashingJudge:
             os._exit(1)
         return self.judge.rate_many(items, **kwargs)
 
+    def flush(self):  # the Judge protocol: a Ray actor commits the reply cache after each batch
+        self.judge.flush()
+
 
 class PoisonedJudge(CrashingJudge):
     """Its process dies on every batch holding the poisoned row."""

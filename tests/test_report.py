@@ -146,3 +146,28 @@ def test_report_cli_and_errors(finished_run, tmp_path):
 def test_find_costs_skips_params():
     m = {"params": {"max_tokens": 5}, "usage": {"prompt_tokens": 3, "cost_usd": 0.5}, "counts": {"rows": 2}}
     assert find_costs(m) == {"usage.prompt_tokens": 3.0, "usage.cost_usd": 0.5}
+
+
+def test_report_escapes_row_text_in_both_forms():
+    """Row text is data, never markup: the packaged template is autoescaped; markdown cells also
+    escape pipes and keep line breaks inside the table row."""
+    from lmmixup_hf.pipeline.report import Example, render
+
+    ex = Example(7, [("<script>alert(1)</script> a|b", "line 1\nline 2")], "kept")
+    context = {
+        "title": "run <b>x</b>",
+        "headline": "h & h",
+        "stage_header": ["stage"],
+        "stage_rows": [["<i>x</i>|y"]],
+        "reason_rows": [],
+        "plots": [],
+        "plots_dir": "report",
+        "examples": [ex],
+        "css": "td{color:red}",
+    }
+    page, md = render(True, images={}, **context), render(False, **context)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<title>run &lt;b&gt;x&lt;/b&gt;</title>" in page and "<td>&lt;i&gt;x&lt;/i&gt;|y</td>" in page
+    assert "<style>td{color:red}</style>" in page  # our own stylesheet is not escaped
+    assert "<script>" not in md and "| &lt;i&gt;x&lt;/i&gt;\\|y |" in md
+    assert "a\\|b<br>**A:** line 1 line 2" in md  # `short` folds whitespace; the pair's own <br> stays

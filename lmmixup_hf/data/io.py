@@ -1,4 +1,7 @@
-"""Read pools into ``datasets.Dataset`` with validation and quarantine; write stage outputs atomically.
+"""Read pools into ``datasets.Dataset`` with validation and quarantine.
+
+Stage folders (atomic parquet shards) live in :mod:`lmmixup_hf.data.stage_io` and are re-exported
+here, where the rest of the package has always imported them from.
 
 Reading streams: rows are validated one at a time and appended in batches to an Arrow file that
 the returned dataset memory-maps, so a multi-GB JSONL never sits in Python memory at once.
@@ -6,13 +9,8 @@ the returned dataset memory-maps, so a multi-GB JSONL never sits in Python memor
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
 import re
-import shutil
-import socket
-import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -22,8 +20,19 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from datasets import Dataset, concatenate_datasets, load_from_disk
+from datasets import Dataset, load_from_disk
 
+from lmmixup_hf.data.arrow_files import (  # noqa: F401  (re-exported)
+    BATCH_BYTES,
+    DATASET_BATCH_ROWS,
+    ROW_GROUP_BYTES,
+    ROW_GROUP_ROWS,
+    arrow_dataset,
+    batch_rows,
+    dataset_batches,
+    materialise,
+    scratch_dir,
+)
 from lmmixup_hf.data.schema import (
     BASE_COLUMNS,
     COMPLETION_KEYS,
@@ -31,19 +40,24 @@ from lmmixup_hf.data.schema import (
     EXTRA,
     ID,
     PROMPT_KEYS,
-    LmmixupError,
+    PoolFormatError,  # noqa: F401  (re-exported)
     RowError,
     normalize_record,
 )
+from lmmixup_hf.data.stage_io import (  # noqa: F401  (re-exported: the stage folders' API)
+    StageWriter,
+    iter_stage_batches,
+    read_stage_data,
+    stage_files,
+    write_json,
+    write_jsonl,
+    write_stage_data,
+)
+from lmmixup_hf.data.validate import iter_validated
 
 MANIFEST_NAME = "manifest.json"  # a stage folder's manifest (see workflow)
 POOL_SCHEMA = pa.schema([(c, pa.string()) for c in BASE_COLUMNS] + [(EXTRA, pa.string())])
-_BATCH = 10_000
 _RAW_PREVIEW = 500
-
-
-class PoolFormatError(LmmixupError):
-    """The input is not a pool at all (wrong format, unreadable, no usable rows)."""
 
 
 @dataclass
@@ -120,7 +134,7 @@ def read_pool(
             ds = load_from_disk(str(path))
             if not isinstance(ds, Dataset):
                 ds = ds[split]
-            return _validate(_iter_dataset(ds, path), path, quarantine, max_chars, default_source or "")
+            return materialise(_validate_arrow(dataset_batches(ds), path, quarantine, max_chars, default_source or ""))
         raise PoolFormatError(f"{path}: a folder, but neither a stage output (data/*.parquet) nor a saved dataset")
     if not path.exists():
         if _looks_like_hub_id(str(source)):
@@ -128,16 +142,39 @@ def read_pool(
         raise PoolFormatError(f"{source}: no such file or folder")
 
     default_source = default_source if default_source is not None else _source_from_name(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return materialise(_validate_arrow(_parquet_batches(path), path, quarantine, max_chars, default_source))
+    return _validate(_iter_rows(path, quarantine), path, quarantine, max_chars, default_source)
+
+
+def iter_pool(
+    source: str | Path,
+    *,
+    quarantine: Quarantine | None = None,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    split: str = "train",
+    default_source: str | None = None,
+) -> Iterator[pa.Table]:
+    """:func:`read_pool` as a stream of validated Arrow tables, for stages whose memory must stay
+    bounded by a batch (ingest). Parquet is read, validated and handed on batch by batch; the
+    other inputs are read by :func:`read_pool` (memory-mapped) and handed on in batches."""
+    quarantine = quarantine if quarantine is not None else Quarantine()
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() in (".parquet", ".pq"):
+        default_source = default_source if default_source is not None else _source_from_name(path)
+        yield from _validate_arrow(_parquet_batches(path), path, quarantine, max_chars, default_source)
+        return
+    ds = read_pool(source, quarantine=quarantine, max_chars=max_chars, split=split, default_source=default_source)
+    yield from dataset_batches(ds)
+
+
+def _iter_rows(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, Any]]:
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
-        rows = _iter_jsonl(path, quarantine)
-    elif suffix == ".json":
-        rows = _iter_json(path, quarantine)
-    elif suffix in (".parquet", ".pq"):
-        rows = _iter_parquet(path)
-    else:
-        raise PoolFormatError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .jsonl, .json or .parquet")
-    return _validate(rows, path, quarantine, max_chars, default_source)
+        return _iter_jsonl(path, quarantine)
+    if suffix == ".json":
+        return _iter_json(path, quarantine)
+    raise PoolFormatError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .jsonl, .json or .parquet")
 
 
 def normalize(
@@ -147,9 +184,33 @@ def normalize(
     default_source: str = "",
     name: str = "<rows>",
 ) -> tuple[Dataset, Quarantine]:
-    """The ingest core: any in-memory rows (a ``Dataset`` from ``load_dataset``, a list of dicts)
-    onto the data contract; bad rows come back in the quarantine with their index and reason."""
+    """The ingest core: any in-memory rows onto the data contract (``id``, ``prompt``,
+    ``completion``, ``source``, ``task_type``); a bad row is never dropped silently but comes
+    back in the quarantine with its position and reason.
+
+    Args:
+        rows: A ``Dataset`` (e.g. from ``load_dataset``) or any iterable of dicts.
+        max_chars: Longest accepted prompt or completion, in characters.
+        default_source: ``source`` of rows that name none.
+        name: What the quarantine calls the input (the "file" of each rejected row).
+
+    Returns:
+        ``(pool, quarantine)``: the valid rows, and a :class:`Quarantine` of the others
+        (line = 1-based position, field, reason).
+
+    Example:
+        >>> pool, rejected = normalize(
+        ...     [{"prompt": "What is 2+2?", "completion": "4", "source": "math"}, {"prompt": "Hi", "completion": ""}]
+        ... )
+        >>> pool.num_rows, pool[0]["task_type"]
+        (1, 'qa')
+        >>> [(r.line, r.field, r.reason) for r in rejected.rows]
+        [(2, 'completion', 'empty')]
+    """
     quarantine = Quarantine()
+    if isinstance(rows, Dataset):
+        batches = _validate_arrow(dataset_batches(rows), Path(name), quarantine, max_chars, default_source)
+        return materialise(batches), quarantine
     numbered = ((i + 1, row) for i, row in enumerate(rows))
     return _validate(numbered, Path(name), quarantine, max_chars, default_source), quarantine
 
@@ -171,12 +232,9 @@ def _read_hub(repo_id: str, split: str, quarantine: Quarantine, max_chars: int, 
         ds = load_dataset(repo_id, split=split)
     except Exception as e:  # offline, private, missing: one clear message
         raise PoolFormatError(f"{repo_id}: could not load from the Hub ({type(e).__name__}: {e})") from None
-    return _validate(_iter_dataset(ds, Path(repo_id)), Path(repo_id), quarantine, max_chars, default_source or "")
-
-
-def _iter_dataset(ds: Dataset, path: Path) -> Iterator[tuple[int, Any]]:
-    for i, row in enumerate(ds):
-        yield i + 1, row
+    return materialise(
+        _validate_arrow(dataset_batches(ds), Path(repo_id), quarantine, max_chars, default_source or "")
+    )
 
 
 def _iter_jsonl(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, Any]]:
@@ -218,7 +276,8 @@ def _iter_json(path: Path, quarantine: Quarantine) -> Iterator[tuple[int, Any]]:
         yield i + 1, row  # "line" is the 1-based index in the array
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+def _parquet_batches(path: Path) -> Iterator[pa.Table]:
+    """A parquet pool in batches of about :data:`BATCH_BYTES` (fewer rows when rows are wide)."""
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
@@ -229,11 +288,39 @@ def _iter_parquet(path: Path) -> Iterator[tuple[int, Any]]:
             f"{path}: not a pool: a pool needs a prompt column ({', '.join(PROMPT_KEYS)} or messages) and a "
             f"completion column ({', '.join(COMPLETION_KEYS)}); this file has {', '.join(sorted(columns)) or 'none'}"
         )
-    n = 0
-    for batch in pf.iter_batches(batch_size=_BATCH):
-        for row in batch.to_pylist():
-            n += 1
-            yield n, row
+    meta = pf.metadata
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    rows = batch_rows(size, meta.num_rows)
+    for batch in pf.iter_batches(batch_size=rows):
+        yield pa.Table.from_batches([batch])
+
+
+def _validate_arrow(
+    batches: Iterable[pa.Table], path: Path, quarantine: Quarantine, max_chars: int, default_source: str
+) -> Iterator[pa.Table]:
+    """Vectorised validation (:mod:`lmmixup_hf.data.validate`) of Arrow input: the good rows,
+    batch by batch; bad rows (duplicate ids included) go to the quarantine as the row reader does."""
+    n_rejected_before = len(quarantine)
+    n_good = 0
+    schema: pa.Schema | None = None
+
+    def reject(line: int, field: str | None, reason: str, raw: Any) -> None:
+        quarantine.add(path, line, field, reason, raw)
+
+    for table in iter_validated(iter(batches), max_chars=max_chars, default_source=default_source, reject=reject):
+        schema = schema or table.schema
+        n_good += table.num_rows
+        yield table if table.schema == schema else table.cast(schema)
+    if n_good == 0:
+        _no_rows(path, quarantine.rows[n_rejected_before:])
+
+
+def _no_rows(path: Path, bad: list[Rejected]) -> None:
+    if not bad:
+        raise PoolFormatError(f"{path}: no records")
+    first = bad[0]
+    where = f"line {first.line}" + (f", field {first.field!r}" if first.field else "")
+    raise PoolFormatError(f"{path}: not a pool: all {len(bad)} rows are unusable (first: {where}: {first.reason})")
 
 
 def _validate(
@@ -242,7 +329,7 @@ def _validate(
     """Normalise rows into an Arrow file, quarantining the bad ones (including duplicate ids)."""
     n_rejected_before = len(quarantine)
     seen: dict[str, int] = {}
-    out_path = _scratch_dir() / f"pool-{uuid.uuid4().hex}.arrow"
+    out_path = scratch_dir() / f"pool-{uuid.uuid4().hex}.arrow"
     batch: list[dict[str, Any]] = []
     n_good = 0
     with pa.OSFile(str(out_path), "wb") as sink, pa.ipc.new_stream(sink, POOL_SCHEMA) as writer:
@@ -260,18 +347,13 @@ def _validate(
             rec.setdefault(EXTRA, None)
             batch.append(rec)
             n_good += 1
-            if len(batch) >= _BATCH:
+            if len(batch) >= DATASET_BATCH_ROWS:
                 writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=POOL_SCHEMA))
                 batch = []
         if batch:
             writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=POOL_SCHEMA))
     if n_good == 0:
-        bad = quarantine.rows[n_rejected_before:]
-        if not bad:
-            raise PoolFormatError(f"{path}: no records")
-        first = bad[0]
-        where = f"line {first.line}" + (f", field {first.field!r}" if first.field else "")
-        raise PoolFormatError(f"{path}: not a pool: all {len(bad)} rows are unusable (first: {where}: {first.reason})")
+        _no_rows(path, quarantine.rows[n_rejected_before:])
     return lift_extra(Dataset.from_file(str(out_path)))
 
 
@@ -324,104 +406,3 @@ def lift_extra(ds: Dataset, chunk: int = 50_000) -> Dataset:
     from datasets.table import InMemoryTable
 
     return Dataset(InMemoryTable(table))
-
-
-_SCRATCH: Path | None = None
-
-
-def _scratch_dir() -> Path:
-    """A process-private folder for the Arrow files that datasets memory-map, removed at exit; the
-    folders of processes that died before their exit handler ran (SIGKILL, OOM) go on the next use."""
-    global _SCRATCH
-    if _SCRATCH is None:
-        _sweep_scratch(Path(tempfile.gettempdir()))
-        _SCRATCH = Path(tempfile.mkdtemp(prefix=f"lmmixup-{os.getpid()}-"))
-        (_SCRATCH / _OWNER).write_text(socket.gethostname())
-        atexit.register(shutil.rmtree, _SCRATCH, True)
-    return _SCRATCH
-
-
-_OWNER = ".owner"
-
-
-def _sweep_scratch(root: Path) -> None:
-    """Remove ``lmmixup-<pid>-*`` scratch folders whose process is gone: only this host's (the owner
-    file names it), and only when no process has that pid."""
-    host = socket.gethostname()
-    for folder in root.glob("lmmixup-*-*"):
-        pid, owner = folder.name.split("-")[1], folder / _OWNER
-        try:
-            if not pid.isdigit() or owner.read_text() != host:
-                continue
-            os.kill(int(pid), 0)  # raises when there is no such process
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except OSError:  # no owner file (not ours), or a live process of another user
-            continue
-
-
-# -- stage outputs ------------------------------------------------------------------------------
-def read_stage_data(out_dir: str | Path, name: str = "data") -> Dataset:
-    """Memory-map the parquet shards a stage wrote under ``<out_dir>/<name>/``."""
-    files = sorted(str(p) for p in (Path(out_dir) / name).glob("*.parquet"))
-    if not files:
-        raise PoolFormatError(f"{out_dir}: no {name}/*.parquet (did the stage finish?)")
-    nonempty = [f for f in files if pq.ParquetFile(f).metadata.num_rows]
-    if not nonempty:  # an empty stage output (e.g. no row passed a filter): keep its schema
-        from datasets.table import InMemoryTable
-
-        return Dataset(InMemoryTable(pq.read_table(files[0])))
-    parts = [Dataset.from_parquet(f, cache_dir=str(_scratch_dir() / "hf")) for f in nonempty]
-    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
-
-
-def write_stage_data(ds: Dataset, out_dir: str | Path, name: str = "data", shard_rows: int = 500_000) -> list[str]:
-    """Write ``ds`` as parquet shards into ``<out_dir>/<name>/``, replacing what was there atomically."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    n_shards = max(1, -(-len(ds) // shard_rows))
-    names = []
-    for i in range(n_shards):
-        fname = f"train-{i:05d}-of-{n_shards:05d}.parquet"
-        ds.select(range(i * shard_rows, min(len(ds), (i + 1) * shard_rows))).to_parquet(str(tmp / fname))
-        names.append(fname)
-    final = out_dir / name
-    if final.exists():
-        old = out_dir / f".{name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return [str(final / n) for n in names]
-
-
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write JSON lines atomically (temp file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return n
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write one JSON document atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -5,10 +5,10 @@ A row is high quality when its compressed judge score (0-5) is at least the conf
 when it is among the best-rated ``top_share`` of rows. A row with no score (the judge failed on it)
 is neither: callers quarantine it, never count it as low.
 
-These are stage cores: a ``Dataset`` in, datasets out, no files, no arguments parsing.
+These are stage cores: a ``Dataset`` in, datasets out, no files, no arguments parsing::
 
->>> parts = split_by_quality(rated, threshold=4)
->>> parts.high, parts.low, parts.unscored      # two Datasets and the indices with no score
+    parts = split_by_quality(rated, threshold=4)
+    parts.high, parts.low, parts.unscored      # two Datasets and the indices with no score
 """
 
 from __future__ import annotations
@@ -79,7 +79,26 @@ def high_quality_mask(
 def split_by_quality(
     ds: Dataset, threshold: int = HIGH_QUALITY_THRESHOLD, top_share: float | None = None
 ) -> QualitySplit:
-    """Split rated rows into high and low quality; rows with no score are returned apart."""
+    """Split rated rows into high and low quality by the one quality rule; rows with no score
+    (the judge failed) are returned apart, never counted as low.
+
+    Args:
+        ds: Rows with a ``rating`` struct (its ``score`` is 0-5, or null).
+        threshold: High quality means ``score >= threshold`` (the paper: 4, i.e. raw >= 8).
+        top_share: Instead of the threshold, the best-rated share of the rows (score, then the
+            judge's expected score), for weak judges whose scores bunch together.
+
+    Returns:
+        ``QualitySplit(high, low, unscored)``: two Datasets and the input indices with no score.
+
+    Example:
+        >>> from datasets import Dataset
+        >>> scores = [(9, 5), (5, 1), (8, 4), (None, None)]
+        >>> ds = Dataset.from_list([{"id": str(i), "rating": {"raw": r, "score": s}} for i, (r, s) in enumerate(scores)])
+        >>> high, low, unscored = split_by_quality(ds)
+        >>> list(high["id"]), list(low["id"]), unscored.tolist()
+        (['0', '2'], ['1'], [3])
+    """
     scores = rating_scores(ds)
     tiebreak = rating_field(ds, "expected") if top_share is not None else None
     high = high_quality_mask(scores, threshold, top_share, tiebreak)

@@ -69,6 +69,10 @@ class LmmixupError(Exception):
     exit_code = EXIT_USAGE
 
 
+class PoolFormatError(LmmixupError):
+    """The input is not a pool at all (wrong format, unreadable, no usable rows)."""
+
+
 class ServiceError(LmmixupError):
     """A service we depend on failed (the Hub, an endpoint): not the input's fault."""
 

@@ -3,10 +3,10 @@
 Every engine takes chat messages (built by :mod:`lmmixup_hf.distiller.prompts`) and returns one
 :class:`Generation` per conversation, in order. Decoding is greedy unless a temperature is given,
 and stops at EOS and at ``</answer>`` (the end of the output contract), so no tokens are spent
-after the answer.
+after the answer::
 
->>> engine = make_engine("transformers", "smollm2-135m-offline")
->>> engine.generate([build_messages("Q: a\\nA: b", "qa")], max_new_tokens=256)[0].text
+    engine = make_engine("transformers", "smollm2-135m-offline")
+    engine.generate([build_messages("Q: a\\nA: b", "qa")], max_new_tokens=256)[0].text
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Protocol, get_args, runtime_checkable
 
 from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.models.registry import resolve_model
@@ -50,9 +50,12 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:best], True) if best is not None else (text, False)
 
 
-class Engine:
-    """The interface: ``generate(conversations, ...) -> list[Generation]`` plus a tokenizer that can
-    apply the model's chat template (used to keep prompts within the token budget)."""
+@runtime_checkable
+class Engine(Protocol):
+    """What the distill core and the executors need of an engine: ``generate(conversations, ...) ->
+    list[Generation]``, a tokenizer that can apply the model's chat template (used to keep prompts
+    within the token budget), ``describe()`` for the manifest (usage included) and ``flush()``.
+    The engines below subclass it for the defaults; any object with these members is an engine."""
 
     name = "engine"
     model: str
@@ -66,15 +69,20 @@ class Engine:
         repetition_penalty: float = 1.0,
         stop: Sequence[str] = STOP,
     ) -> list[Generation]:
+        """One :class:`Generation` per conversation, in order."""
         raise NotImplementedError
 
     @property
     def tokenizer(self) -> Any:
+        """The model's tokenizer (``apply_chat_template``, ``encode``)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
         """What goes into the manifest (never secrets)."""
         return {"engine": self.name, "model": self.model}
+
+    def flush(self) -> None:
+        """Commit anything buffered (a reply cache), e.g. before a worker may be stopped."""
 
 
 # -- transformers ---------------------------------------------------------------------------------
@@ -354,6 +362,10 @@ class OpenAIEngine(Engine):
     def tokenizer(self) -> Any:
         return self._tok
 
+    def flush(self) -> None:
+        """Commit the reply cache's buffered writes."""
+        self.client.flush()
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
@@ -421,7 +433,23 @@ def _load_tokenizer(name: str) -> Any:
 
 
 def make_engine(name: str, model: str, **options: Any) -> Engine:
-    """Build an engine by name; options that do not apply to that engine are ignored."""
+    """Build a distiller engine by name, so one config switches between local and served models.
+
+    Args:
+        name: ``transformers`` (in process), ``vllm`` (in process, GPU) or ``openai`` (any
+            OpenAI-compatible server, e.g. ``vllm serve``).
+        model: A Hub id, a local folder or an offline alias (``smollm2-135m-offline``).
+        **options: Engine options (``device``, ``base_url``, ``max_concurrency``, ...); those
+            that do not apply to the chosen engine are ignored.
+
+    Returns:
+        An :class:`Engine`: ``generate(conversations, ...)`` returns one :class:`Generation` each.
+
+    Example:
+        >>> engine = make_engine("openai", "my-distiller", base_url="http://127.0.0.1:8000/v1", api_key="sk-local")
+        >>> engine.describe()["engine"], engine.describe()["base_url"]
+        ('openai', 'http://127.0.0.1:8000/v1')
+    """
     import inspect
 
     classes = {"transformers": TransformersEngine, "vllm": VLLMEngine, "openai": OpenAIEngine}

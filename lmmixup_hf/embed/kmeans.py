@@ -1,5 +1,5 @@
 """Spherical k-means (cosine) in torch: the coarse cells of ``cluster`` and of the partitioned kNN
-search (``neighbors.partition_knn``)."""
+search (``partition.build_partition``)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 Exact search is a blocked torch matmul + topk: memory is bounded by ``query_block x key_block``
 scores and never holds an N x N matrix. For very large N, ``partition`` (k-means cells searched as
 BLAS blocks, then one neighbour-descent step; torch only) and faiss IVF or HNSW (when installed)
-serve the same API, and :func:`checked_knn` measures their recall against exact search.
+serve the same API, and :func:`checked_knn` measures their recall against exact search. The
+backends live in ``device``, ``partition`` and ``ann``; this module is the one entry point.
 """
 
 from __future__ import annotations
@@ -18,28 +19,37 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from lmmixup_hf.data.schema import LmmixupError
-from lmmixup_hf.embed.kmeans import coarse_cells
+from lmmixup_hf.embed.ann import _faiss, ann_search, build_ann, set_effort
+from lmmixup_hf.embed.device import _as_tensor, resolve_device
+from lmmixup_hf.embed.partition import (
+    Partition,
+    _drop_rows,
+    build_partition,
+    partition_search,
+    refine_self,
+)
+
+__all__ = [
+    "AUTO_MIN_KEYS",
+    "MAX_SCORE_ERROR",
+    "MIN_RECALL",
+    "AnnCheck",
+    "Backend",
+    "Partition",
+    "ann_search",
+    "build_ann",
+    "build_partition",
+    "checked_knn",
+    "knn",
+    "partition_search",
+    "refine_self",
+    "resolve_device",
+    "set_effort",
+]
 
 logger = logging.getLogger(__name__)
 
 Backend = Literal["exact", "partition", "ivf", "hnsw", "auto"]
-
-
-def resolve_device(device: str | None) -> str:
-    """The torch device for kNN and k-means: ``None`` means cuda when available, else cpu (mps is
-    left out: its float32 matmul and topk are not faster here). A device torch cannot use is an error."""
-    if device is None or device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise LmmixupError(f"device {device!r} is not available here ({str(e).splitlines()[0]})") from None
-    return device
-
-
-def _as_tensor(x: np.ndarray, device: str) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
 
 
 def knn(
@@ -121,229 +131,6 @@ def _exact(
 def _block_scores(q: torch.Tensor, kt: torch.Tensor) -> torch.Tensor:
     """The only place scores are materialised: one ``query_block x key_block`` matrix at a time."""
     return q @ kt.T
-
-
-def _has_faiss() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _faiss(
-    queries: np.ndarray, keys: np.ndarray, k: int, exclude_self: bool, kind: str, nprobe: int
-) -> tuple[np.ndarray, np.ndarray]:
-    index = build_ann(keys, kind)
-    set_effort(index, kind, nprobe if kind == "ivf" else max(64, 2 * k))
-    return ann_search(index, kind, queries, k, exclude_self)
-
-
-def build_ann(keys: np.ndarray, kind: str):
-    """A faiss index over L2-normalised ``keys``: IVF-Flat (inner product; ``nlist`` = 4 sqrt(N),
-    trained on up to 64 rows per list, at least 39) or HNSW32 (L2 on unit vectors: |a - b|^2 = 2 - 2 cos)."""
-    try:
-        import faiss
-    except ImportError:
-        raise LmmixupError(f"kNN backend {kind!r} needs faiss: pip install 'lmmixup-hf[faiss]'") from None
-    keys = np.ascontiguousarray(keys, dtype=np.float32)
-    d = keys.shape[1]
-    if kind == "hnsw":
-        # faiss's inner-product HNSW misses neighbours far more often than the L2 graph
-        index = faiss.IndexHNSWFlat(d, 32)
-        index.hnsw.efConstruction = 80
-    elif kind == "ivf":
-        nlist = max(1, min(int(4 * math.sqrt(keys.shape[0])), keys.shape[0] // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        rng = np.random.default_rng(0)
-        index.train(keys[rng.choice(keys.shape[0], min(keys.shape[0], nlist * 64), replace=False)])
-    else:
-        raise ValueError(f"unknown ANN kind {kind!r}; use ivf or hnsw")
-    index.add(keys)
-    return index
-
-
-def set_effort(index, kind: str, effort: int) -> int:
-    """Search effort: ``nprobe`` lists for IVF (capped at nlist), ``efSearch`` for HNSW."""
-    if kind == "ivf":
-        index.nprobe = effort = max(1, min(effort, index.nlist))
-    else:
-        index.hnsw.efSearch = effort
-    return effort
-
-
-def ann_search(index, kind: str, queries: np.ndarray, k: int, exclude_self: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``(sims, ids)`` best first from a :func:`build_ann` index; with ``exclude_self`` the queries
-    are the indexed rows and each drops its own id (or, if not found, its weakest neighbour)."""
-    queries = np.ascontiguousarray(queries, dtype=np.float32)
-    extra = 1 if exclude_self else 0
-    sims, idx = index.search(queries, k + extra)
-    if kind == "hnsw":
-        sims = 1.0 - sims / 2.0
-    if exclude_self:
-        own = idx == np.arange(queries.shape[0])[:, None]
-        drop = np.where(own.any(1), own.argmax(1), k)
-        keep = np.ones_like(idx, dtype=bool)
-        keep[np.arange(idx.shape[0]), drop] = False
-        sims = sims[keep].reshape(-1, k)
-        idx = idx[keep].reshape(-1, k)
-    return sims.astype(np.float32), idx.astype(np.int64)
-
-
-# -- partitioned exact search (no faiss) ------------------------------------------------------------
-@dataclass
-class Partition:
-    """Keys grouped into spherical k-means cells: ``order[starts[c]:starts[c + 1]]`` are the keys of cell ``c``."""
-
-    centres: torch.Tensor
-    order: np.ndarray
-    starts: np.ndarray
-
-    @property
-    def nlist(self) -> int:
-        return int(self.centres.shape[0])
-
-
-def build_partition(
-    keys: np.ndarray, *, cell_size: int | None = None, seed: int = 0, device: str | None = None
-) -> Partition:
-    """Spherical k-means cells over ``keys``: about sqrt(N) cells of sqrt(N) rows (at least 64),
-    trained on a sample of 64 rows per cell; each key in the cell of its nearest centre."""
-    n = keys.shape[0]
-    cell_size = cell_size or max(64, int(math.sqrt(n)))
-    with torch.inference_mode():
-        centres, cell = coarse_cells(_as_tensor(keys, resolve_device(device)), cell_size, seed=seed)
-    order = np.argsort(cell, kind="stable")
-    return Partition(centres, order, np.searchsorted(cell[order], np.arange(centres.shape[0] + 1)))
-
-
-def partition_search(
-    part: Partition,
-    keys: np.ndarray,
-    queries: np.ndarray,
-    k: int,
-    nprobe: int,
-    *,
-    query_ids: np.ndarray | None = None,
-    query_block: int = 8192,
-    device: str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of each query among the keys of its ``nprobe`` nearest cells (what faiss IVF-Flat
-    computes), organised by cell: every cell's keys meet all the queries that probe it in one matmul,
-    so the work runs as BLAS blocks instead of a per-query list scan. ``query_ids``: the queries are
-    these rows of ``keys`` (a self-search), so each drops its own id."""
-    device = resolve_device(device)
-    nprobe = max(1, min(nprobe, part.nlist))
-    extra = 1 if query_ids is not None else 0
-    n = queries.shape[0]
-    kt, qt = _as_tensor(keys, device), _as_tensor(queries, device)
-    centres = part.centres.to(device)
-    best_s = torch.full((n, k + extra), -math.inf, device=device)
-    best_i = torch.full((n, k + extra), -1, dtype=torch.long, device=device)
-    with torch.inference_mode():
-        probes = (
-            torch.cat([torch.topk(qt[i : i + 8192] @ centres.T, nprobe, dim=1).indices for i in range(0, n, 8192)])
-            .cpu()
-            .numpy()
-        )
-        by_cell = np.argsort(probes.ravel(), kind="stable")
-        qstarts = np.searchsorted(probes.ravel()[by_cell], np.arange(part.nlist + 1))
-        for c in range(part.nlist):
-            kids = torch.from_numpy(part.order[part.starts[c] : part.starts[c + 1]]).to(device)
-            if len(kids) == 0:
-                continue
-            kb = kt[kids]
-            rows = by_cell[qstarts[c] : qstarts[c + 1]] // nprobe
-            for lo in range(0, len(rows), query_block):
-                r = torch.from_numpy(rows[lo : lo + query_block]).to(device)
-                s, i = torch.topk(qt[r] @ kb.T, min(k + extra, len(kids)), dim=1)
-                s, pos = torch.topk(torch.cat([best_s[r], s], 1), k + extra, dim=1)
-                best_i[r] = torch.gather(torch.cat([best_i[r], kids[i]], 1), 1, pos)
-                best_s[r] = s
-    out_s, out_i = best_s.cpu().numpy(), best_i.cpu().numpy()
-    if query_ids is not None:
-        return _drop_rows(out_s, out_i, query_ids, k)
-    return out_s, out_i
-
-
-def refine_self(
-    x: np.ndarray,
-    sims: np.ndarray,
-    ids: np.ndarray,
-    *,
-    rounds: int = 2,
-    hops: int = 8,
-    block: int = 1024,
-    device: str | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """``rounds`` neighbour-descent steps of a self-kNN (NN-descent's update): each row's candidates
-    are its neighbours, its reverse neighbours (rows that found it, up to k) and the first ``hops``
-    neighbours of each of its neighbours; new ones are scored exactly and the best k kept. A group
-    split across cells is repaired once one member on each side found one on the other; the second
-    round spreads what the first found (measured: the worst sampled row's score error at 300k
-    planted rows went from 0.04 after one round to 0.0004 after two)."""
-    for _ in range(rounds):
-        sims, ids = _descent_step(x, sims, ids, hops=hops, block=block, device=device)
-    return sims, ids
-
-
-def _descent_step(
-    x: np.ndarray, sims: np.ndarray, ids: np.ndarray, *, hops: int, block: int, device: str | None
-) -> tuple[np.ndarray, np.ndarray]:
-    n, k = ids.shape
-    if n == 0 or k == 0:
-        return sims, ids
-    device = resolve_device(device)
-    reverse = _reverse_neighbours(ids, k)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    xt = _as_tensor(x, device)
-    out_s, out_i = sims.copy(), ids.copy()
-    hops = min(hops, k)
-    with torch.inference_mode():
-        for lo in range(0, n, block):
-            own = ids[lo : lo + block]
-            rows = np.arange(lo, lo + len(own))
-            nbrs = np.where(own[:, :, None] >= 0, ids[np.maximum(own, 0), :hops], -1).reshape(len(own), -1)
-            # sort by (id, not own): a candidate already among the row's neighbours keeps its known
-            # similarity and only new, unique candidates are scored
-            cand = np.concatenate([own, reverse[lo : lo + block], nbrs], axis=1)
-            key = np.sort(2 * cand + (np.arange(cand.shape[1]) >= k), axis=1)
-            cand, new = key // 2, (key % 2).astype(bool)
-            new &= (cand >= 0) & (cand != rows[:, None])
-            new[:, 1:] &= cand[:, 1:] != cand[:, :-1]
-            # compact the new candidates to the left: as many columns as the row with the most
-            width = max(1, int(new.sum(1).max()))
-            col = np.cumsum(new, axis=1) - 1
-            fresh = np.full((len(own), width), -1, np.int64)
-            fresh[np.nonzero(new)[0], col[new]] = cand[new]
-            valid = torch.from_numpy(fresh >= 0).to(device)
-            safe = np.maximum(fresh, 0)
-            gathered = (
-                torch.from_numpy(x[safe]).to(device) if device == "cpu" else xt[torch.from_numpy(safe).to(device)]
-            )
-            scores = torch.bmm(gathered, xt[lo : lo + len(own), :, None])[:, :, 0].masked_fill_(~valid, -math.inf)
-            both_s = torch.cat([torch.from_numpy(sims[lo : lo + block]).to(device), scores], 1)
-            s, pos = torch.topk(both_s, k, dim=1)
-            out_s[lo : lo + len(own)] = s.cpu().numpy()
-            out_i[lo : lo + len(own)] = np.take_along_axis(np.concatenate([own, fresh], 1), pos.cpu().numpy(), 1)
-    return out_s, out_i
-
-
-def _reverse_neighbours(ids: np.ndarray, width: int) -> np.ndarray:
-    """``(n, width)``: up to ``width`` rows that have each row among their neighbours, -1 padded."""
-    n, k = ids.shape
-    src = np.repeat(np.arange(n), k)
-    dst = ids.ravel()
-    ok = dst >= 0
-    src, dst = src[ok], dst[ok]
-    order = np.argsort(dst, kind="stable")
-    src, dst = src[order], dst[order]
-    first = np.searchsorted(dst, np.arange(n))
-    rank = np.arange(len(dst)) - first[dst]
-    keep = rank < width
-    out = np.full((n, width), -1, np.int64)
-    out[dst[keep], rank[keep]] = src[keep]
-    return out
 
 
 # -- ANN that checks itself ---------------------------------------------------------------------
@@ -562,11 +349,3 @@ def _exact_for(
         return knn(queries[q], keys, k, device=device)
     s, i = knn(queries[q], keys, k + 1, device=device)
     return _drop_rows(s, i, q, k)
-
-
-def _drop_rows(s: np.ndarray, i: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    own = i == rows[:, None]
-    drop = np.where(own.any(1), own.argmax(1), i.shape[1] - 1)
-    keep = np.ones_like(i, dtype=bool)
-    keep[np.arange(len(rows)), drop] = False
-    return s[keep].reshape(len(rows), -1)[:, :k], i[keep].reshape(len(rows), -1)[:, :k]

@@ -17,50 +17,41 @@ the ``openai`` package's names (``RateLimitError``, ``InternalServerError``, ...
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import hashlib
 import json
 import logging
 import os
 import random
-import re
-import sqlite3
-import threading
-import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from lmmixup_hf.models.aio import TokenBucket, map_bounded, run_sync, usage_bar
+from lmmixup_hf.models.cache import ResponseCache, request_key
+from lmmixup_hf.models.errors import APIStatusFailure, _BadResponse, _error_text, _is_retryable, _retry_after
+from lmmixup_hf.models.pricing import BATCH_DISCOUNT, DEFAULT_PRICES, Usage, UsageMeter, batch_price_for, price_for
+
+__all__ = [
+    "BATCH_DISCOUNT",
+    "DEFAULT_PRICES",
+    "APIStatusFailure",
+    "ChatClient",
+    "ChatResult",
+    "ResponseCache",
+    "TokenBucket",
+    "Usage",
+    "UsageMeter",
+    "batch_price_for",
+    "map_bounded",
+    "price_for",
+    "request_key",
+    "run_sync",
+    "usage_bar",
+]
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
-# USD per 1M tokens (input, output), from the providers' public price lists. Matched by the longest
-# prefix of the model name (``gpt-4o-mini-2024-07-18`` -> ``gpt-4o-mini``); extend or override
-# with ``ChatClient(prices={...})``.
-DEFAULT_PRICES: dict[str, tuple[float, float]] = {
-    "gpt-4o-mini": (0.15, 0.60),
-    "gpt-4o": (2.50, 10.00),
-    "gpt-4.1-nano": (0.10, 0.40),
-    "gpt-4.1-mini": (0.40, 1.60),
-    "gpt-4.1": (2.00, 8.00),
-    "gpt-5-nano": (0.05, 0.40),
-    "gpt-5-mini": (0.25, 2.00),
-    "gpt-5": (1.25, 10.00),
-    "o4-mini": (1.10, 4.40),
-    "o3-mini": (1.10, 4.40),
-    "o3": (2.00, 8.00),
-    "gpt-4-turbo": (10.00, 30.00),
-    "gpt-3.5-turbo": (0.50, 1.50),
-}
-
-_RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 _NOT_SENT = ("cache_tag",)
-# parameters that may carry credentials; they never enter a cache key (``max_tokens`` is not one of them)
-_SECRET = re.compile(
-    r"(api[_-]?key|secret|password|authorization|access[_-]?token|auth[_-]?token|^extra_headers$)", re.I
-)  # parameters that shape the cache key but are not sent to the server
 
 
 @dataclass
@@ -76,274 +67,6 @@ class ChatResult:
         return self.error is None and self.text is not None
 
 
-def price_for(model: str, prices: dict[str, Any] | None = None) -> tuple[float, float] | None:
-    """(input, output) USD per 1M tokens for ``model``, or None when unknown."""
-    table: dict[str, Any] = {**DEFAULT_PRICES, **(prices or {})}
-    name = model.rsplit("/", 1)[-1].lower()
-    if name in table:
-        found = table[name]
-    else:
-        keys = [k for k in table if name.startswith(k.lower())]
-        if not keys:
-            return None
-        found = table[max(keys, key=len)]
-    if isinstance(found, dict):
-        return float(found.get("input", 0.0)), float(found.get("output", 0.0))
-    return float(found[0]), float(found[1])
-
-
-# Batch jobs (OpenAI's Batch API) are billed at half the synchronous price. A price-table entry may
-# give its own batch prices as ``{"input": .., "output": .., "batch_input": .., "batch_output": ..}``.
-BATCH_DISCOUNT = 0.5
-
-
-def batch_price_for(model: str, prices: dict[str, Any] | None = None) -> tuple[float, float] | None:
-    """(input, output) USD per 1M tokens for ``model`` in a batch job, or None when unknown."""
-    price = price_for(model, prices)
-    if price is None:
-        return None
-    name = model.rsplit("/", 1)[-1].lower()
-    entry = {**DEFAULT_PRICES, **(prices or {})}.get(name)
-    if isinstance(entry, dict) and "batch_input" in entry:
-        return float(entry["batch_input"]), float(entry.get("batch_output", 0.0))
-    return price[0] * BATCH_DISCOUNT, price[1] * BATCH_DISCOUNT
-
-
-class UsageMeter:
-    """Thread-safe counters for requests, tokens and cost; ``as_dict()`` goes into manifests."""
-
-    def __init__(self, model: str, prices: dict[str, Any] | None = None):
-        self.model = model
-        self.price = price_for(model, prices)
-        self.note = None if self.price else f"no price known for model {model!r}; cost counted as 0"
-        self._lock = threading.Lock()
-        self.n_requests = self.n_cached = self.n_failed = self.n_retries = 0
-        self.prompt_tokens = self.completion_tokens = 0
-        self.cost_usd = 0.0
-
-    def add(self, result: ChatResult) -> None:
-        with self._lock:
-            if result.cached:
-                self.n_cached += 1
-                return
-            self.n_requests += 1
-            if not result.ok:
-                self.n_failed += 1
-            p, c = int(result.usage.get("prompt_tokens", 0)), int(result.usage.get("completion_tokens", 0))
-            self.prompt_tokens += p
-            self.completion_tokens += c
-            if self.price:
-                self.cost_usd += (p * self.price[0] + c * self.price[1]) / 1e6
-
-    def retried(self) -> None:
-        with self._lock:
-            self.n_retries += 1
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {
-            "model": self.model,
-            "n_requests": self.n_requests,
-            "n_cached": self.n_cached,
-            "n_failed_requests": self.n_failed,
-            "n_retries": self.n_retries,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cost_usd": round(self.cost_usd, 6),
-            "price_per_1m_tokens": list(self.price) if self.price else None,
-        }
-        if self.note:
-            d["note"] = self.note
-        return d
-
-
-class TokenBucket:
-    """An asyncio token bucket: ``rate`` units per second, bursts up to ``capacity``."""
-
-    def __init__(self, per_minute: float, burst_seconds: float = 1.0):
-        self.rate = per_minute / 60.0
-        self.capacity = max(1.0, self.rate * burst_seconds)
-        self.tokens = self.capacity
-        self.stamp = time.monotonic()
-        self._lock: asyncio.Lock | None = None
-
-    async def acquire(self, n: float = 1.0) -> None:
-        n = min(float(n), self.capacity)  # a request larger than the bucket waits for a full bucket
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        async with self._lock:
-            while True:
-                now = time.monotonic()
-                self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-                self.stamp = now
-                if self.tokens >= n:
-                    self.tokens -= n
-                    return
-                await asyncio.sleep((n - self.tokens) / self.rate)
-
-
-class ResponseCache:
-    """SQLite map from a request hash to its successful result. Only the hash of the request is
-    stored, so neither the prompt's secrets nor any credential ever lands on disk.
-
-    Writes are buffered and committed together (every ``flush_every`` replies or ``flush_seconds``,
-    and on :meth:`flush`): one transaction per reply cost more CPU than the request itself. A kill
-    loses at most the buffered replies, which are then asked again; the rows' checkpoints are
-    separate and unaffected."""
-
-    def __init__(self, path: str | Path, flush_every: int = 256, flush_seconds: float = 2.0):
-        self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.flush_every, self.flush_seconds = flush_every, flush_seconds
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        self._pending: dict[str, str | None] = {}  # key -> JSON value, or None for a deletion
-        self._flushed_at = time.monotonic()
-        with self._conn() as c:
-            c.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # no fsync per commit: in WAL mode a crash of the process loses nothing, and a power cut at
-            # worst the last replies, which are asked again. With fsync, each write blocked the event
-            # loop for ~6 ms, which capped a cached run at ~170 replies/s whatever the concurrency
-            conn.execute("PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
-
-    def get(self, key: str) -> dict | None:
-        with self._lock:
-            if key in self._pending:
-                value = self._pending[key]
-                return json.loads(value) if value is not None else None
-        row = self._conn().execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def _buffer(self, key: str, value: str | None) -> None:
-        with self._lock:
-            self._pending[key] = value
-            due = len(self._pending) >= self.flush_every or time.monotonic() - self._flushed_at >= self.flush_seconds
-        if due:
-            self.flush()
-
-    def delete(self, key: str) -> None:
-        self._buffer(key, None)
-
-    def put(self, key: str, value: dict) -> None:
-        self._buffer(key, json.dumps(value, ensure_ascii=False))
-
-    def flush(self) -> None:
-        """Commit the buffered writes in one transaction."""
-        with self._lock:
-            pending, self._pending = self._pending, {}
-            self._flushed_at = time.monotonic()
-        if not pending:
-            return
-        with self._conn() as c:
-            c.executemany("DELETE FROM responses WHERE key = ?", [(k,) for k, v in pending.items() if v is None])
-            c.executemany(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?)", [(k, v) for k, v in pending.items() if v is not None]
-            )
-
-
-def request_key(model: str, messages: Sequence[dict], params: dict[str, Any]) -> str:
-    """The cache key: (model, params, messages). Secret-looking params never enter it."""
-    payload = json.dumps(
-        {
-            "model": model,
-            "params": {k: v for k, v in params.items() if not _SECRET.search(k)},
-            "messages": list(messages),
-        },
-        sort_keys=True,
-        ensure_ascii=False,
-        default=str,
-    )
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-# the ``openai`` package's exception names per status, so error messages read the same as with its client
-_STATUS_NAMES = {
-    400: "BadRequestError",
-    401: "AuthenticationError",
-    403: "PermissionDeniedError",
-    404: "NotFoundError",
-    409: "ConflictError",
-    422: "UnprocessableEntityError",
-    429: "RateLimitError",
-}
-
-
-class APIStatusFailure(Exception):
-    """A reply with an error status. ``name`` is what the ``openai`` package would call it."""
-
-    def __init__(self, status_code: int, message: str, headers: Any = None):
-        super().__init__(f"Error code: {status_code} - {message}")
-        self.status_code, self.message, self.headers = status_code, message, headers or {}
-
-    @property
-    def name(self) -> str:
-        default = "InternalServerError" if self.status_code >= 500 else "APIStatusError"
-        return _STATUS_NAMES.get(self.status_code, default)
-
-    @classmethod
-    def from_body(cls, status_code: int, raw: bytes, headers: Any) -> APIStatusFailure:
-        text = raw.decode("utf-8", "replace").strip()
-        try:
-            body = json.loads(text)
-        except ValueError:
-            return cls(status_code, text[:500], headers)
-        error = body.get("error", body) if isinstance(body, dict) else None
-        message = error.get("message") if isinstance(error, dict) else None
-        return cls(status_code, message if isinstance(message, str) and message else text[:500], headers)
-
-
-def _retry_after(exc: Exception) -> float | None:
-    """Seconds the server asked us to wait (``retry-after-ms`` or ``Retry-After``: seconds or a date)."""
-    headers = getattr(exc, "headers", None) or getattr(getattr(exc, "response", None), "headers", None)
-    if not headers:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return float(ms) / 1000.0
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
-
-
-def _is_retryable(exc: Exception) -> bool:
-    import aiohttp
-
-    if isinstance(exc, APIStatusFailure):
-        return exc.status_code in _RETRYABLE_STATUS or exc.status_code >= 500
-    if isinstance(exc, aiohttp.InvalidURL):
-        return False
-    # timeouts, refused or dropped connections, a 200 whose body is not valid JSON, an empty choice list ...
-    retryable = (asyncio.TimeoutError, aiohttp.ClientError, ConnectionError, json.JSONDecodeError, _BadResponse)
-    return isinstance(exc, retryable)
-
-
-def _error_text(exc: Exception, timeout: float) -> str:
-    if isinstance(exc, APIStatusFailure):
-        return f"{exc.name}: {exc}"
-    if isinstance(exc, asyncio.TimeoutError):
-        return f"TimeoutError: no reply within {timeout:g} s"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _ssl_context() -> Any:
     """Like the ``openai`` client: certifi's CA bundle unless SSL_CERT_FILE/SSL_CERT_DIR say otherwise."""
     import ssl
@@ -356,10 +79,6 @@ def _ssl_context() -> Any:
         except ImportError:
             pass
     return ssl.create_default_context()
-
-
-class _BadResponse(Exception):
-    """The server answered 200 but with nothing usable in it."""
 
 
 def _split_request(model: str, messages: list[dict], params: dict[str, Any]) -> tuple[dict, dict]:
@@ -502,9 +221,13 @@ class ChatClient:
             )
         return self._session
 
-    async def aclose(self) -> None:
+    def flush(self) -> None:
+        """Commit the response cache's buffered writes (e.g. before a worker may be stopped)."""
         if self.cache is not None:
             self.cache.flush()
+
+    async def aclose(self) -> None:
+        self.flush()
         if self._session is not None and self._session_loop is asyncio.get_running_loop():
             await self._session.close()
         self._session = self._session_loop = None
@@ -619,75 +342,3 @@ class ChatClient:
         ``on_result(i, result)`` runs as each request finishes, e.g. to checkpoint it."""
         with usage_bar(len(batch), desc, self.usage, disable=not show_progress) as progress:
             return run_sync(self.acomplete_many(batch, on_result=on_result, progress=progress, **params))
-
-
-async def map_bounded(
-    fn: Callable[[int], Awaitable[T]],
-    n: int,
-    concurrency: int,
-    *,
-    on_result: Callable[[int, T], None] | None = None,
-    progress: Callable[[T], None] | None = None,
-) -> list[T]:
-    """``[await fn(i) for i in range(n)]`` with at most ``concurrency`` running at once. A fixed pool
-    of workers pulls indices, so memory stays bounded however large ``n`` is."""
-    results: list[Any] = [None] * n
-    indices = iter(range(n))
-
-    async def worker() -> None:
-        for i in indices:
-            res = await fn(i)
-            results[i] = res
-            if on_result is not None:
-                on_result(i, res)
-            if progress is not None:
-                progress(res)
-
-    await asyncio.gather(*(worker() for _ in range(min(max(1, concurrency), max(1, n)))))
-    return results
-
-
-@contextmanager
-def usage_bar(total: int, desc: str, usage: UsageMeter, disable: bool = False) -> Iterator[Callable[[Any], None]]:
-    """A tqdm bar whose postfix shows live tokens, cost, failures and cache hits."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="row", disable=disable, dynamic_ncols=True)
-
-    def progress(_: Any = None) -> None:
-        bar.update(1)
-        bar.set_postfix(
-            tokens=usage.tokens,
-            cost=f"${usage.cost_usd:.4f}",
-            failed=usage.n_failed,
-            cached=usage.n_cached,
-            refresh=False,
-        )
-
-    try:
-        yield progress
-    finally:
-        bar.close()
-
-
-def run_sync(coro: Any) -> Any:
-    """Run a coroutine to completion, also from code that already runs inside an event loop
-    (notebooks): then it runs on a private loop in a helper thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]

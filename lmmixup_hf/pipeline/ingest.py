@@ -1,4 +1,7 @@
-"""``lmmixup ingest``: validate a pool onto the data contract, quarantining bad rows."""
+"""``lmmixup ingest``: validate a pool onto the data contract, quarantining bad rows.
+
+Streams: a parquet pool is read, validated (vectorised) and written batch by batch, so memory is
+bounded by a batch whatever the pool's size."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 
-from lmmixup_hf.data.io import read_pool
+from lmmixup_hf.data.io import StageWriter, iter_pool
 from lmmixup_hf.data.schema import DEFAULT_MAX_CHARS
 from lmmixup_hf.execution.base import Executor
 from lmmixup_hf.options import Options
@@ -31,7 +34,10 @@ def ingest(args: IngestArgs, executor: Executor | None = None) -> Dataset:
     if run.is_complete():
         logger.info("ingest: up to date, skipping (%s)", args.out)
         return run.load()
-    ds = read_pool(args.input, quarantine=run.quarantine, max_chars=args.max_chars, default_source=args.source)
-    run.finish(ds, counts={"rows_in": len(ds) + len(run.quarantine), "rows_out": len(ds)})
-    logger.info("ingest: %d rows kept, %s", len(ds), run.quarantine.summary())
-    return ds
+    rows = iter_pool(args.input, quarantine=run.quarantine, max_chars=args.max_chars, default_source=args.source)
+    with StageWriter(run.out_dir, mirror=True) as out:
+        for table in rows:
+            out.write(table)
+    run.finish(None, counts={"rows_in": out.rows + len(run.quarantine), "rows_out": out.rows})
+    logger.info("ingest: %d rows kept, %s", out.rows, run.quarantine.summary())
+    return out.dataset()

@@ -6,18 +6,17 @@ the judge only about the rest. Failed rows are recorded with their error (``fail
 scored, and retried on the next run; the stage counts as complete only when none is left. The
 judging itself is :mod:`lmmixup_hf.stages.rate`; this module adds the files around it.
 
-Outputs under ``--out``: ``data/`` (rated rows with a ``rating`` struct), ``high/`` and ``low/``
-(:func:`~lmmixup_hf.data.quality.high_quality_mask`), ``by_source/<source>/{high,low}/``,
-``summary.{json,md,png}``, ``failed.jsonl``, ``rejected.jsonl`` and ``manifest.json`` (with token
-usage and cost)."""
+Outputs under ``--out``: ``data/`` (the rated rows with a ``rating`` struct, written once),
+``summary.{json,md,png}`` (score histograms overall and per source, with the high-quality share),
+``failed.jsonl``, ``rejected.jsonl`` and ``manifest.json`` (with token usage and cost). The rows are
+divided into high and low quality by ``split``, which owns that rule's output."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,24 +25,22 @@ from typing import Any, Literal
 import numpy as np
 from datasets import Dataset
 
-from lmmixup_hf.data.io import read_pool, write_json, write_jsonl, write_stage_data
+from lmmixup_hf.data.io import read_pool, write_jsonl
 from lmmixup_hf.data.quality import high_quality_mask
 from lmmixup_hf.data.schema import (
     HIGH_QUALITY_THRESHOLD,
     ID,
     RATING,
-    SCORE_MAX,
-    SCORE_MIN,
     SOURCE,
     LmmixupError,
 )
 from lmmixup_hf.execution.base import Executor, LocalExecutor
 from lmmixup_hf.judge.judges import KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
-from lmmixup_hf.models.llm_client import request_key
 from lmmixup_hf.options import OptionError, Options
+from lmmixup_hf.pipeline.rate_summary import summarize, write_summary
+from lmmixup_hf.pipeline.registry import stage
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.plotting import figure
-from lmmixup_hf.stages.rate import JudgeBatch, add_usage, items_table, judge_items, ratings_of, with_ratings
+from lmmixup_hf.stages.rate import judge_items, judge_on, with_ratings
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +187,23 @@ class RateArgs(Options):
             "fingerprint": False,
         },
     )
+    scores_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Skip the judge and take the scores the input rows carry: `rating` (a rating struct: its score, "
+            "else its raw compressed) or the name of a numeric column (see --score_scale). Rows without a usable "
+            "score are quarantined.",
+            "fingerprint": "non-default",  # added after rated runs existed: they stay up to date
+        },
+    )
+    score_scale: Literal["raw", "score"] = field(
+        default="raw",
+        metadata={
+            "help": "Scale of the --scores_from column: raw (the judge's 1-10, compressed by clip(raw, 4, 9) - 4) "
+            "or score (already 0-5).",
+            "fingerprint": "non-default",
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -205,10 +219,6 @@ class RateArgs(Options):
             value = getattr(self, key)
             if (value == "batch" if key == "mode" else value) and self.engine != "openai":
                 raise OptionError(key, f"needs engine openai (engine is {self.engine!r})", value)
-
-
-def _safe_name(source: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", source).strip("._") or "unknown"
 
 
 class Checkpoint:
@@ -267,7 +277,7 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
     """Run the stage (or return its output when it is up to date). ``executor`` runs the judging
     (default: here; see :mod:`lmmixup_hf.pipeline.executors`)."""
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
-    if args.engine == "openai" and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
+    if args.engine == "openai" and not args.scores_from and not (args.base_url or os.environ.get("OPENAI_BASE_URL")):
         if not (args.api_key or os.environ.get("OPENAI_API_KEY")):  # fail now, not once per row
             raise LmmixupError("the OpenAI API needs a key: set OPENAI_API_KEY (or --base_url for a local server)")
     version = "reference" if args.rubric == "reference" else RUBRIC_VERSION
@@ -284,6 +294,8 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         raise LmmixupError(
             f"{args.input}: no column(s) {', '.join(missing)}; columns are {', '.join(ds.column_names)}"
         )
+    if args.scores_from:
+        return _carried(run, args, ds)
 
     # the items; a row without the text to rate is rejected with its reason, not dropped
     items, unratable = judge_items(ds, fields, args.rubric, args.reference_field)
@@ -308,7 +320,9 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         return None
     if args.mode == "batch" or args.batch_file_only or args.batch_results:
         try:
-            batch_usage = _rate_batch(args, run, items, ids, todo, ckpt)
+            from lmmixup_hf.pipeline.rate_batch import rate_batch
+
+            batch_usage = rate_batch(args, run, items, ids, todo, ckpt)
         finally:
             ckpt.close()
         if batch_usage is None:  # --batch_file_only: the requests are written, nothing is rated yet
@@ -335,36 +349,45 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
     )
-    usage: dict[str, Any] = {}
+    from tqdm.auto import tqdm
+
+    executor = executor or LocalExecutor()
+    part = stage(executor.stage or "rate").parts[0]  # rate's, or rerate's when the pipeline runs it
+    usage: dict[str, Any] = {"executor": executor.name, "mode": "sync"}
     try:
-        if todo:
-            usage = _judge(executor or LocalExecutor(), make, [items[i] for i in todo], todo, ids, ckpt, args.progress)
+        with tqdm(total=len(todo), desc=f"rate ({executor.name})", unit="row", disable=not args.progress) as bar:
+            for i, r in judge_on(executor, make, [items[i] for i in todo], todo, part, usage):
+                ckpt.add(i, ids[i], r)
+                bar.update(1)
     finally:
         ckpt.close()
     return _finish(run, args, ds, items, ckpt.done, {**usage, "estimate": estimate["numbers"]})
 
 
-def _judge(executor: Executor, make: Any, items: list, todo: list, ids: Any, ckpt: Checkpoint, progress: bool) -> dict:
-    """Judge ``items`` (the rows ``todo``) with :class:`JudgeBatch` on the executor, each finished
-    batch into the checkpoint; the judges' summed usage."""
-    from tqdm.auto import tqdm
+def _carried(run: StageRun, args: RateArgs, ds: Dataset) -> Dataset:
+    """Ratings the rows already carry (``--scores_from``), through the same outputs as the judge's:
+    rows without a usable score are quarantined with the reason, never scored 0."""
+    from lmmixup_hf.stages.rate import carried_scores
 
-    from lmmixup_hf.pipeline.registry import stage
-
-    part = stage(executor.stage or "rate").parts[0]  # rate's, or rerate's when the pipeline runs it
-    usage: dict[str, Any] = {}
-    table = items_table(items, todo)
-    with tqdm(total=len(items), desc=f"rate ({executor.name})", unit="row", disable=not progress) as bar:
-        for out in executor.map_batches(partial(JudgeBatch, make), table, part):
-            for i, r, used in ratings_of(out):
-                if r is None:
-                    add_usage(usage, used)
-                    continue
-                ckpt.add(i, ids[i], r)
-                bar.update(1)
-    if "cost_usd" in usage:
-        usage["cost_usd"] = round(usage["cost_usd"], 6)
-    return {**usage, "executor": executor.name, "mode": "sync"}
+    try:
+        raw, score, bad = carried_scores(ds, args.scores_from, args.score_scale)
+    except LmmixupError as e:
+        raise LmmixupError(f"{args.input}: {e}") from None
+    ids = ds[ID]
+    for i, reason in bad:
+        run.quarantine.add(str(args.input), i + 1, args.scores_from, reason, {ID: ids[i]})
+    judge = f"carried:{args.scores_from}"
+    ok = np.flatnonzero(~np.isnan(score))
+    done = {
+        int(i): {
+            "ok": True,
+            "rating": {"raw": None if np.isnan(r) else int(round(r)), "score": int(s), "judge": judge},
+        }
+        for i, r, s in zip(ok, raw[ok], score[ok])
+    }
+    logger.info("rate: %d rows carry a score in %r, %d do not (quarantined)", len(done), args.scores_from, len(bad))
+    usage = {"mode": "carried", "column": args.scores_from}  # the manifest names where the scores came from
+    return _finish(run, args, ds, dict.fromkeys(done), done, usage, engine="carried", judge_model=judge)
 
 
 def estimate_cost(args: RateArgs, todo: Sequence[JudgeItem]) -> dict[str, Any]:
@@ -410,127 +433,6 @@ def estimate_cost(args: RateArgs, todo: Sequence[JudgeItem]) -> dict[str, Any]:
     return {"line": line, "numbers": numbers}
 
 
-def _rate_batch(
-    args: RateArgs,
-    run: StageRun,
-    items: Mapping[int, JudgeItem],
-    ids: Sequence[str],
-    todo: Sequence[int],
-    ckpt: Checkpoint,
-) -> dict[str, Any] | None:
-    """Batch mode: rate ``todo`` through a batch API (or a batch output file from elsewhere) into the
-    same checkpoint as the synchronous path. Returns the usage, or None with ``--batch_file_only``."""
-    from lmmixup_hf.judge.batch import (
-        BatchRunner,
-        BatchState,
-        Chunk,
-        batch_requests,
-        batch_usage,
-        iter_jsonl,
-        rating_of,
-        read_results,
-        write_inputs,
-    )
-    from lmmixup_hf.judge.judges import OpenAIJudge, build_judge_messages
-    from lmmixup_hf.models.llm_client import ChatResult
-
-    judge = OpenAIJudge(
-        args.judge_model,
-        json_mode=args.json_mode,
-        logprobs=args.logprobs,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        cache_dir=_cache_dir(args.cache_dir),
-    )
-    cache, prices = judge.client.cache, _load_prices(args.prices)
-    usage = batch_usage(args.judge_model, prices)
-    row_of = {ids[i]: i for i in items}
-
-    def record(custom_id: str, rating: Rating) -> None:
-        i = row_of.get(custom_id)
-        if i is None:
-            logger.warning("rate: a batch reply for unknown row id %r; ignored", custom_id)
-        elif not (ckpt.done.get(i) or {}).get("ok"):  # a late reply never replaces a score: nothing twice
-            ckpt.add(i, custom_id, rating)
-
-    def cache_key(messages: list[dict], attempt: int) -> str:
-        """The synchronous judge's cache key for this request (attempts after an unusable reply run hotter)."""
-        params = {**judge.params, "temperature": max(float(args.temperature), 0.7)} if attempt else judge.params
-        return request_key(args.judge_model, messages, {**params, "cache_tag": f"{RUBRIC_VERSION}|{attempt}"})
-
-    def misses() -> Iterator[tuple[str, list[dict], int]]:
-        """(row id, messages, attempt) of the rows to send, built one at a time; a row whose reply is
-        cached (from either mode) is recorded on the way and needs no request."""
-        for i in todo:
-            attempt = int(str((ckpt.done.get(i) or {}).get("error") or "").startswith("unparseable reply"))
-            messages = build_judge_messages(items[i])
-            if cache is not None:
-                hit = cache.get(cache_key(messages, attempt))
-                if hit is not None:
-                    result = ChatResult(hit["text"], None, hit.get("usage", {}), hit.get("logprobs"), cached=True)
-                    usage.add(result)
-                    record(ids[i], rating_of(result, judge.name))
-                    continue
-            yield ids[i], messages, attempt
-
-    lines = batch_requests(misses(), args.judge_model, judge.params)
-    if args.batch_file_only:
-        path = Path(args.out) / "batch_input.jsonl"
-        n = write_jsonl(path, lines)
-        logger.info(
-            "rate: wrote %d requests to %s; run them elsewhere (e.g. `vllm run-batch -i %s -o results.jsonl "
-            "--model %s`), then rerun this command with --batch_results results.jsonl",
-            n,
-            path,
-            path,
-            args.judge_model,
-        )
-        return None
-    if args.batch_results:
-        files = [Path(p.strip()) for p in args.batch_results.split(",") if p.strip()]
-        for f in files:
-            if not f.is_file():
-                raise LmmixupError(f"--batch_results: {f}: no such file")
-        results = read_results(files)
-        for cid, messages, attempt in misses():
-            result = results.get(cid) or ChatResult(None, f"no reply for this row in {args.batch_results}")
-            usage.add(result)
-            rating = rating_of(result, judge.name)
-            if rating.ok and cache is not None:
-                value = {"text": result.text, "usage": result.usage, "logprobs": result.logprobs}
-                cache.put(cache_key(messages, attempt), value)
-            record(cid, rating)
-        if cache is not None:
-            cache.flush()
-        return {**usage.as_dict(), "mode": "batch"}
-
-    state = BatchState(run.work_dir)
-    queued = {line["custom_id"] for chunk in state.pending for _, line in iter_jsonl(state.folder / chunk.input)}
-    new = (line for line in lines if line["custom_id"] not in queued)
-    prefix = f"batch-{state.rounds:03d}"
-    written = [(p, n) for p, n in write_inputs(new, state.folder, prefix) if n]
-    if written:
-        state.chunks += [Chunk(p.name, n) for p, n in written]
-        state.rounds += 1
-        state.save()
-    runner = BatchRunner(
-        state,
-        model=args.judge_model,
-        judge=judge.name,
-        base_url=args.base_url,
-        api_key=args.api_key,
-        poll_interval=args.batch_poll_interval,
-        max_retries=args.max_retries,
-        timeout=args.timeout,
-        cache=cache,
-        usage=usage,
-        show_progress=args.progress,
-        temperature=args.temperature,
-    )
-    runner.run(record)
-    return {**usage.as_dict(), "mode": "batch"}
-
-
 def _finish(
     run: StageRun,
     args: RateArgs,
@@ -538,7 +440,11 @@ def _finish(
     items: Mapping[int, JudgeItem],
     done: Mapping[int, Mapping[str, Any]],
     usage: Mapping[str, Any],
+    engine: str | None = None,
+    judge_model: str | None = None,
 ) -> Dataset:
+    """Write the rated rows, failed.jsonl, the summary and the manifest (``engine``/``judge_model``:
+    what the manifest names as the judge, when it is not the options' own)."""
     out, failed = with_ratings(ds, items, done)
     rated = sorted(set(items) - set(failed))
     structs = out[RATING] if len(out) else []
@@ -557,13 +463,8 @@ def _finish(
     )
     scores = np.asarray([s["score"] for s in structs], dtype=np.int64)
     sources = np.asarray(out[SOURCE] if len(out) else [], dtype=object)
-    high_mask = high_quality_mask(scores, args.threshold)  # the one definition of high quality
-    splits = {"high": out.select(np.flatnonzero(high_mask)), "low": out.select(np.flatnonzero(~high_mask))}
+    high_mask = high_quality_mask(scores, args.threshold)  # the one definition of high quality (for the summary)
     summary = summarize(scores, sources, high_mask, failed_sources=[ds[i][SOURCE] for i in failed])
-    for src in summary["by_source"]:
-        in_src = sources == src
-        for name, mask in (("high", in_src & high_mask), ("low", in_src & ~high_mask)):
-            write_stage_data(out.select(np.flatnonzero(mask)), Path(args.out) / "by_source" / _safe_name(src), name)
     write_summary(Path(args.out), summary, args.threshold)
     counts = {
         "rows": len(items),
@@ -575,12 +476,11 @@ def _finish(
     run.finish(
         out,
         counts=counts,
-        splits=splits,
         extra={
             "usage": dict(usage),
             "judge": {
-                "engine": args.engine,
-                "model": args.judge_model,
+                "engine": engine or args.engine,
+                "model": judge_model or args.judge_model,
                 "rubric": args.rubric,
                 "rubric_version": RUBRIC_VERSION,
             },
@@ -597,62 +497,3 @@ def _finish(
         usage,
     )
     return out
-
-
-def _stats(scores: np.ndarray, high: np.ndarray, n_failed: int) -> dict[str, Any]:
-    hist = np.bincount(scores, minlength=SCORE_MAX + 1)[SCORE_MIN : SCORE_MAX + 1] if len(scores) else np.zeros(6, int)
-    return {
-        "n": int(len(scores)),
-        "failed": int(n_failed),
-        "mean_score": round(float(scores.mean()), 4) if len(scores) else None,
-        "high": int(high.sum()),
-        "high_share": round(float(high.mean()), 4) if len(scores) else None,
-        "histogram": [int(x) for x in hist],
-    }
-
-
-def summarize(scores: np.ndarray, sources: np.ndarray, high: np.ndarray, failed_sources: Sequence[str] = ()) -> dict:
-    """Score histograms (0..5) overall and per source."""
-    failed = np.asarray(failed_sources, dtype=object)
-    names = sorted({*sources.tolist(), *failed.tolist()})
-    return {
-        "all": _stats(scores, high, len(failed)),
-        "by_source": {s: _stats(scores[sources == s], high[sources == s], int((failed == s).sum())) for s in names},
-    }
-
-
-def write_summary(out: Path, summary: Mapping[str, Any], threshold: int) -> None:
-    """summary.json, a markdown table (summary.md) and a histogram per source (summary.png)."""
-    write_json(out / "summary.json", {"threshold": threshold, **summary})
-    header = f"| source | rated | failed | mean score | high (score >= {threshold}) | "
-    header += " | ".join(f"score {s}" for s in range(SCORE_MIN, SCORE_MAX + 1)) + " |"
-    lines = [header, "|" + " --- |" * (5 + SCORE_MAX - SCORE_MIN + 1)]
-    rows = [*summary["by_source"].items(), ("**all**", summary["all"])]
-    for name, st in rows:
-        share = f"{st['high']} ({st['high_share']:.1%})" if st["high_share"] is not None else "0"
-        mean = f"{st['mean_score']:.2f}" if st["mean_score"] is not None else "-"
-        lines.append(
-            f"| {name or '(none)'} | {st['n']} | {st['failed']} | {mean} | {share} | "
-            + " | ".join(str(x) for x in st["histogram"])
-            + " |"
-        )
-    (out / "summary.md").write_text("# Rating summary\n\n" + "\n".join(lines) + "\n", encoding="utf-8")
-
-    sources = list(summary["by_source"].items())
-    with figure(out / "summary.png", (max(6, 1.2 * (SCORE_MAX + 1)), 4)) as (fig, ax):
-        width = 0.8 / max(1, len(sources))
-        x = np.arange(SCORE_MIN, SCORE_MAX + 1)
-        for k, (name, st) in enumerate(sources):
-            ax.bar(
-                x + (k - (len(sources) - 1) / 2) * width,
-                st["histogram"],
-                width,
-                label=f"{name or '(none)'} (n={st['n']})",
-            )
-        ax.axvline(threshold - 0.5, color="grey", linestyle="--", linewidth=1)
-        ax.set_xticks(x)
-        ax.set_xlabel("score (0-5)")
-        ax.set_ylabel("rows")
-        ax.set_title("Judge scores by source")
-        if sources:
-            ax.legend(fontsize="small")

@@ -13,7 +13,7 @@ dataclass.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -30,7 +30,9 @@ class Stage:
     """One stage, declared once.
 
     ``inputs`` maps an option of ``args`` to what the pipeline wires into it: ``"<stage>"`` (that
-    stage's folder), ``"<stage>/<sub>"`` (a split it writes), :data:`RUN_INPUT` or :data:`RUN_DIR`.
+    stage's folder), ``"<stage>/<sub>"`` (a split it writes), :data:`RUN_INPUT` or :data:`RUN_DIR`;
+    a tuple of them means the first whose stage is on (an opt-in stage, ``defaults={"enabled":
+    False}``, may be off).
     A stage with ``folder=True`` writes ``<run>/<name>/`` through its ``out`` option. ``defaults``
     are values the pipeline prefers over the command's own (a config section still overrides them).
     ``parts`` are its row-parallel pieces (see :class:`~lmmixup_hf.execution.base.Part`).
@@ -41,7 +43,7 @@ class Stage:
     args: str  # the arguments dataclass in ``module``
     func: str
     help: str
-    inputs: Mapping[str, str] = field(default_factory=dict)
+    inputs: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     parts: tuple[Part, ...] = ()
     folder: bool = True
@@ -50,11 +52,18 @@ class Stage:
         object.__setattr__(self, "inputs", MappingProxyType(dict(self.inputs)))
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
 
-    def wiring(self, run_dir: str | Path, input_path: str) -> dict[str, str]:
-        """The options the pipeline sets itself: where this stage reads and writes."""
+    def wiring(self, run_dir: str | Path, input_path: str, off: Collection[str] = ()) -> dict[str, str]:
+        """The options the pipeline sets itself: where this stage reads and writes (``off``: the
+        stages that do not run, so an input falls back to the next one named)."""
         run_dir = Path(run_dir)
         where = {RUN_INPUT: input_path, RUN_DIR: str(run_dir)}
-        wired = {opt: where.get(src) or str(run_dir / src) for opt, src in self.inputs.items()}
+
+        def source(src: str | tuple[str, ...]) -> str:
+            if isinstance(src, tuple):
+                src = next(s for s in src if s.split("/")[0] not in off)
+            return where.get(src) or str(run_dir / src)
+
+        wired = {opt: source(src) for opt, src in self.inputs.items()}
         return {**wired, "out": str(run_dir / self.name)} if self.folder else wired
 
     def part(self, name: str) -> Part:
@@ -69,7 +78,7 @@ class Stage:
 # reports each rating as it arrives, so the local blocks are large (a block boundary waits for
 # its slowest request); on Ray a block is one actor call.
 JUDGE_BLOCK = 16384
-EMBED = Part("embed", 512)  # the embedding done by cluster and longtail: one pool for both
+EMBED = Part("embed", 512)  # the embedding done by curate, cluster and longtail: one pool
 
 STAGES: tuple[Stage, ...] = (
     Stage(
@@ -90,12 +99,22 @@ STAGES: tuple[Stage, ...] = (
         parts=(Part("rate", 64, local_batch_size=JUDGE_BLOCK),),
     ),
     Stage(
+        "curate",
+        "lmmixup_hf.pipeline.curate",
+        "CurateArgs",
+        "curate",
+        "Estimate the judge's noise and correct the scores its neighbours contradict (off in `run` by default).",
+        inputs={"input": "rate"},
+        defaults={"enabled": False},  # opt-in: `curate: {enabled: true}`
+        parts=(EMBED,),
+    ),
+    Stage(
         "split",
         "lmmixup_hf.pipeline.split",
         "SplitArgs",
         "split_rated",
         "Split rated rows into high/ and low/ quality.",
-        inputs={"input": "rate"},
+        inputs={"input": ("curate", "rate")},  # the curated scores when curate is on
     ),
     Stage(
         "cluster",

@@ -25,7 +25,7 @@ import dataclasses
 import importlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,10 +43,10 @@ from lmmixup_hf.pipeline.workflow import MANIFEST, errors_name, input_status
 logger = logging.getLogger(__name__)
 
 
-def wiring(name: str, run_dir: Path, input_path: str) -> dict[str, Any]:
+def wiring(name: str, run_dir: Path, input_path: str, off: Collection[str] = ()) -> dict[str, Any]:
     """The options the pipeline sets itself: where each stage reads and writes (as declared in
-    :mod:`lmmixup_hf.pipeline.registry`)."""
-    return stage_named(name).wiring(run_dir, input_path)
+    :mod:`lmmixup_hf.pipeline.registry`; ``off``: opt-in stages that are not on)."""
+    return stage_named(name).wiring(run_dir, input_path, off)
 
 
 # Top-level keys that become every stage's default for an option of the same name.
@@ -162,9 +162,11 @@ def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config")
     cls = getattr(_import(stage), stage.args)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     section = dict(cfg.sections.get(stage.name, {}))
-    if stage.name == "rerate":  # the same judge as `rate` unless told otherwise
-        section = {**cfg.sections.get("rate", {}), **section}
-    wired = wiring(stage.name, cfg.run_dir, cfg.input)
+    if stage.name == "rerate":  # the same judge as `rate` unless told otherwise; distilled rows carry no scores
+        carried = ("scores_from", "score_scale")
+        section = {**{k: v for k, v in cfg.sections.get("rate", {}).items() if k not in carried}, **section}
+    off = [s.name for s in STAGES if not _enabled(cfg, s)]
+    wired = wiring(stage.name, cfg.run_dir, cfg.input, off)
     missing = sorted(set(wired) - fields)
     if missing:
         raise LmmixupError(f"stage {stage.name}: {stage.module}.{stage.args} has no option(s) {', '.join(missing)}")
@@ -183,6 +185,11 @@ def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config")
 
     command = command_of(stage)
     return OptionsParser(cls, prog=f"lmmixup {command}").parse_dict(values, name, what=f"`lmmixup {command}`")
+
+
+def _enabled(cfg: RunConfig, stage: Stage) -> bool:
+    """An opt-in stage (declared with ``enabled`` off) is on when its section says so."""
+    return bool(cfg.sections.get(stage.name, {}).get("enabled", stage.defaults.get("enabled", True)))
 
 
 class _MissingStage(LmmixupError):
@@ -233,7 +240,7 @@ def run(args: RunArgs) -> int:
             if s in stages:
                 raise
             logger.warning("%s (not selected, so not needed now)", e)
-    _require_upstream(stages[0], cfg.run_dir)
+    _require_upstream(stages[0], cfg.run_dir, skip={n for n, a in all_args.items() if not getattr(a, "enabled", True)})
 
     import datasets
 
@@ -298,10 +305,11 @@ def _record_partial(run_dir: Path, partial: Mapping[str, str], allowed: bool, ex
     write_json(run_dir / "run.json", {"partial_stages": dict(partial), "allow_partial": allowed, **executor})
 
 
-def _require_upstream(first: Stage, run_dir: Path) -> None:
-    """With --from/--only, the stages before must have finished: their output is our input."""
+def _require_upstream(first: Stage, run_dir: Path, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """With --from/--only, the stages before must have finished: their output is our input
+    (stages that are off, ``skip``, write nothing)."""
     for stage in STAGES[: STAGE_NAMES.index(first.name)]:
-        if stage.name != "report" and not (run_dir / stage.name / MANIFEST).exists():
+        if stage.name != "report" and stage.name not in skip and not (run_dir / stage.name / MANIFEST).exists():
             raise LmmixupError(
                 f"stage {first.name} needs the output of {stage.name} ({run_dir / stage.name} has no {MANIFEST}); "
                 f"run without --from/--only first"

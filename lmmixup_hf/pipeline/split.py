@@ -7,13 +7,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from datasets import Dataset
 
-from lmmixup_hf.data.io import read_stage_data, write_json, write_stage_data
-from lmmixup_hf.data.quality import split_by_quality
-from lmmixup_hf.data.schema import HIGH_QUALITY_THRESHOLD, RATING
+from lmmixup_hf.data.io import StageWriter, arrow_dataset, iter_stage_batches, read_stage_data, stage_files, write_json
+from lmmixup_hf.data.quality import high_quality_mask, rating_field, rating_scores
+from lmmixup_hf.data.schema import HIGH_QUALITY_THRESHOLD, RATING, LmmixupError
 from lmmixup_hf.execution.base import Executor
 from lmmixup_hf.options import Options
 from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, content_fingerprint
@@ -41,41 +43,80 @@ class SplitArgs(Options):
 
 
 def split_rated(args: SplitArgs, executor: Executor | None = None) -> Dataset:
-    """Split rated rows into ``high/`` and ``low/`` (:func:`~lmmixup_hf.data.quality.split_by_quality`).
+    """Split rated rows into ``high/`` and ``low/`` (the rule of :func:`~lmmixup_hf.data.quality.split_by_quality`).
     Each half is a stage folder of its own (data/ + manifest), so later stages read it like any
-    other. Unscored rows (the judge failed) are quarantined, never counted as low."""
+    other. Unscored rows (the judge failed) are quarantined, never counted as low. Streams: the
+    scores are read first (one column), then the rows go through batch by batch."""
     run = StageRun("split", args.out, inputs=[args.input], params=args)
     if run.is_complete():
         logger.info("split: up to date, skipping (%s)", args.out)
         return read_stage_data(Path(args.out) / "high")
-    ds = read_stage_data(args.input)
-    parts = split_by_quality(ds, args.threshold, args.top_share)
-    _quarantine_unscored(run, args.input, ds, parts.unscored)
-    for name, part in (("high", parts.high), ("low", parts.low)):
-        write_stage_data(part, run.out_dir / name)
+    files = stage_files(args.input)
+    scores = _scores(files)
+    tiebreak = rating_field(_ratings(files), "expected") if args.top_share is not None else None
+    high = high_quality_mask(scores, args.threshold, args.top_share, tiebreak)
+    unscored = np.isnan(scores)
+    parts = {"high": high, "low": ~unscored & ~high}
+    schema = pq.read_schema(files[0])
+    writers = {name: StageWriter(run.out_dir / name, mirror=name == "high", schema=schema) for name in parts}
+    try:
+        _route(run, args.input, files, unscored, {writers[name]: mask for name, mask in parts.items()})
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    for name, writer in writers.items():
+        writer.commit()
         write_json(
             run.out_dir / name / MANIFEST,
             {
                 "stage": f"split/{name}",
                 "fingerprint": f"{run.fingerprint}-{name}",
                 "output_fingerprint": content_fingerprint(run.out_dir / name),
-                "counts": {"rows_out": len(part)},
+                "counts": {"rows_out": writer.rows},
                 **({"partial_inputs": run.partial_inputs} if run.partial_inputs else {}),
             },
         )
+    n_high, n_low = writers["high"].rows, writers["low"].rows
     run.finish(
         None,
-        counts={"rows_in": len(ds), "high": len(parts.high), "low": len(parts.low), "unscored": len(parts.unscored)},
+        counts={"rows_in": len(scores), "high": n_high, "low": n_low, "unscored": int(unscored.sum())},
         extra={"threshold": args.threshold, "top_share": args.top_share},
     )
     rule = f"top {args.top_share:.0%}" if args.top_share is not None else f"score >= {args.threshold}"
-    logger.info("split: %d high, %d low (%s)", len(parts.high), len(parts.low), rule)
-    return parts.high
+    logger.info("split: %d high, %d low (%s)", n_high, n_low, rule)
+    return writers["high"].dataset()
 
 
-def _quarantine_unscored(run: StageRun, path: str, ds: Dataset, unscored: Any) -> None:
-    for i in unscored:
-        run.quarantine.add(path, int(i) + 1, RATING, "no score (the judge failed on this row)", ds[int(i)])
+def _ratings(files: list[str]) -> Dataset:
+    """Just the ``rating`` column of a stage output (a few bytes a row), for the quality rule."""
+    schema = pq.read_schema(files[0])
+    if RATING not in schema.names:
+        raise LmmixupError(f"no `{RATING}` column: rate the rows first (columns: {', '.join(schema.names)})")
+    tables = list(iter_stage_batches(files, columns=[RATING]))
+    if not tables:  # an empty stage output (e.g. nothing was distilled): no rows, the same column
+        tables = [pa.schema([schema.field(RATING)]).empty_table()]
+    return arrow_dataset(pa.concat_tables(tables))
+
+
+def _scores(files: list[str]) -> np.ndarray:
+    return rating_scores(_ratings(files))
+
+
+def _route(
+    run: StageRun, path: str, files: list[str], unscored: np.ndarray, outputs: dict[StageWriter, np.ndarray]
+) -> None:
+    """One pass over the input: each batch's rows go to the writers whose mask selects them;
+    unscored rows go to the quarantine (with their row number and the row)."""
+    start = 0
+    for table in iter_stage_batches(files):
+        end = start + table.num_rows
+        for writer, mask in outputs.items():
+            writer.write(table.filter(pa.array(mask[start:end])))
+        for i in np.flatnonzero(unscored[start:end]):
+            row = table.slice(int(i), 1).to_pylist()[0]
+            run.quarantine.add(path, start + int(i) + 1, RATING, "no score (the judge failed on this row)", row)
+        start = end
 
 
 @dataclass
@@ -90,19 +131,36 @@ class FilterArgs(Options):
 
 def filter_rated(args: FilterArgs, executor: Executor | None = None) -> Dataset:
     """Keep rows scored >= ``min_score`` (the same rule as the split). Rows under it go to
-    ``below/``; rows with no score (the judge failed) are quarantined with a reason, never a 0."""
+    ``below/``; rows with no score (the judge failed) are quarantined with a reason, never a 0.
+    Streams, as the split does."""
     run = StageRun("filter", args.out, inputs=[args.input], params=args)
     if run.is_complete():
         logger.info("filter: up to date, skipping (%s)", args.out)
         return run.load()
-    ds = read_stage_data(args.input)
-    kept, below, unscored = split_by_quality(ds, threshold=args.min_score)
-    _quarantine_unscored(run, args.input, ds, unscored)
+    files = stage_files(args.input)
+    scores = _scores(files)
+    kept = high_quality_mask(scores, threshold=args.min_score)
+    unscored = np.isnan(scores)
+    schema = pq.read_schema(files[0])
+    data = StageWriter(run.out_dir, mirror=True, schema=schema)
+    below = StageWriter(run.out_dir, "below", schema=schema)
+    try:
+        _route(run, args.input, files, unscored, {data: kept, below: ~unscored & ~kept})
+    except BaseException:
+        data.abort()
+        below.abort()
+        raise
+    data.commit()
+    below.commit()
     run.finish(
-        kept,
-        counts={"rows_in": len(ds), "rows_out": len(kept), "below_threshold": len(below), "unscored": len(unscored)},
+        None,
+        counts={
+            "rows_in": len(scores),
+            "rows_out": data.rows,
+            "below_threshold": below.rows,
+            "unscored": int(unscored.sum()),
+        },
         extra={"min_score": args.min_score},
-        splits={"below": below},
     )
-    logger.info("filter: kept %d of %d rows with score >= %d", len(kept), len(ds), args.min_score)
-    return kept
+    logger.info("filter: kept %d of %d rows with score >= %d", data.rows, len(scores), args.min_score)
+    return data.dataset()

@@ -7,9 +7,9 @@ budget, and counted). The engine's responses are parsed into ``think``/``output`
 ``parse_error``. A generation that failed for a reason outside the reply (transport, 429, 5xx,
 timeout) is marked ``finish_reason="error"`` (:func:`failed_mask`): it is no verdict on the cluster,
 so ``lmmixup distill`` retries it on the next run instead of quarantining it. Leftover rows
-(``cluster_id < 0``) are skipped.
+(``cluster_id < 0``) are skipped::
 
->>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
+    distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
 
 No files: ``lmmixup distill`` (:mod:`lmmixup_hf.pipeline.distill`) adds the per-chunk checkpoints
 and the manifest around it.
@@ -246,11 +246,28 @@ def distill_rows(
     limit: int | None = None,
     **changes: Any,
 ) -> tuple[Dataset, Dataset]:
-    """Distil every cluster (or the first ``limit``, as ``lmmixup distill --limit``) of a clustered
-    Dataset in memory: ``(distilled, unparsed)``. Generations that failed (``finish_reason="error"``)
-    come back in ``unparsed`` with their error; ``lmmixup distill`` retries them instead.
+    """Distil every cluster of a clustered Dataset in memory: one fused, parsed row per cluster.
 
-    >>> distilled, unparsed = distill_rows(clustered, make_engine("transformers", "org/distiller"))
+    Args:
+        clustered: Rows with a ``cluster_id`` (``cluster_rows(...).rows``).
+        engine: The distiller (:func:`~lmmixup_hf.distiller.engines.make_engine`).
+        options: The generation options (:class:`GenerationOptions`: ``max_new_tokens``,
+            ``temperature``, ``top_p``, ...; default their defaults).
+        batch: Clusters per ``engine.generate`` call.
+        limit: Distil only the first ``limit`` clusters (as ``lmmixup distill --limit``).
+        **changes: Generation options changed from ``options``; a bad one raises ``OptionError``.
+
+    Returns:
+        ``(distilled, unparsed)``: the parsed rows (``prompt``/``completion`` split out of the
+        output, ``member_ids``, ``think``, ``raw_response``), and the clusters whose reply could not
+        be parsed, each with its ``parse_error`` (never dropped silently). Generations that failed
+        (``finish_reason="error"``) come back in ``unparsed`` with their error; ``lmmixup distill``
+        retries them instead.
+
+    Example::
+
+        engine = make_engine("transformers", "org/distiller")
+        distilled, unparsed = distill_rows(clusters.rows, engine, max_new_tokens=512)
     """
     options = resolve(GenerationOptions, options, changes)
     clusters, members = cluster_members(clustered)

@@ -193,12 +193,35 @@ def longtail_rows(
     search: Search | None = None,
     **changes: Any,
 ) -> tuple[Dataset, Dataset | None, dict[str, dict]]:
-    """The longtail core: ``long_tail_raw`` and ``long_tail`` columns on ``ds`` (and on
-    ``reference``, on the same scale when ``normalize="joint"``), plus what each kNN search did.
-    ``options`` (:class:`LongtailOptions`) may be changed by keyword (``k=10``); ``search`` replaces
-    the exact kNN search (the one min-max over its results stays here).
+    """The longtail core: how rare each row is, as the mean cosine distance to its ``k`` nearest
+    neighbours (``long_tail_raw``) min-max scaled to 0-1 (``long_tail``).
 
-    >>> scored, reference_scored, checks = longtail_rows(distilled, x, original_high, y)"""
+    Args:
+        ds: The rows to score (the distilled rows).
+        embeddings: Their ``(len(ds), d)`` unit vectors.
+        reference: Rows scored alongside (the original high-quality rows), or None.
+        reference_embeddings: Their unit vectors.
+        options: The long-tail options (:class:`LongtailOptions`; default their defaults): ``k``
+            neighbours per row; ``normalize`` ``joint`` (one min-max over both sets, so their scores
+            compare) or ``per_file`` (each set on its own); the kNN ``backend`` (``exact``,
+            ``partition``, ``ivf``, ``hnsw``, ``auto``).
+        device: Where the search runs (default: cuda when available).
+        search: Replaces the exact kNN search (e.g. the Ray executor's); the min-max stays here.
+        **changes: Options changed from ``options`` (``k=10``); a bad one raises ``OptionError``.
+
+    Returns:
+        ``(scored, reference_scored, checks)``: ``ds`` and ``reference`` with the two columns
+        (``reference_scored`` is None without a reference), and what each kNN search did.
+
+    Example:
+        >>> import numpy as np
+        >>> from datasets import Dataset
+        >>> x = np.array([[1, 0], [0.99, 0.14], [0, 1]], np.float32)
+        >>> x /= np.linalg.norm(x, axis=1, keepdims=True)
+        >>> scored, _, checks = longtail_rows(Dataset.from_dict({"id": ["a", "b", "c"]}), x, k=1)
+        >>> np.round(scored["long_tail"], 2).tolist()  # the lone row is the rarest
+        [0.0, 0.0, 1.0]
+    """
     o = resolve(LongtailOptions, options, changes)
     if (
         reference is not None

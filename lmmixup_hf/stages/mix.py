@@ -19,9 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
-from datasets import Dataset, Features, Value, concatenate_datasets
+from datasets import Dataset, Features, Value
 
+from lmmixup_hf.data.io import arrow_dataset
+from lmmixup_hf.data.quality import rating_field
 from lmmixup_hf.data.schema import COMPLETION, ID, LONG_TAIL, PROMPT, RATING, SOURCE, LmmixupError, text_of
 from lmmixup_hf.embed.embeddings import precomputed_embeddings
 from lmmixup_hf.options import Options, resolve
@@ -67,14 +71,19 @@ def greedy_dedup(
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+def _long_tail(ds: Dataset) -> np.ndarray:
+    """The ``long_tail`` column as float64, NaN where missing (read from Arrow, no Python per row)."""
+    col = ds.select_columns([LONG_TAIL]).with_format("arrow")[: len(ds)].column(LONG_TAIL)
+    return np.asarray(pc.fill_null(pc.cast(col, pa.float64()), np.nan).to_numpy(), np.float64)
+
+
 def rank_original(ds: Dataset) -> np.ndarray:
     """Rating score, then long-tail, both descending, when present; else the input order."""
     keys = []
     if LONG_TAIL in ds.column_names:
-        lt = np.asarray([np.nan if v is None else v for v in ds[LONG_TAIL]], np.float64)
-        keys.append(-np.nan_to_num(lt, nan=-np.inf))
+        keys.append(-np.nan_to_num(_long_tail(ds), nan=-np.inf))
     if RATING in ds.column_names:
-        keys.append(-np.asarray([-1 if r is None or r.get("score") is None else r["score"] for r in ds[RATING]]))
+        keys.append(-np.nan_to_num(rating_field(ds, "score"), nan=-1))
     return np.lexsort(keys) if keys else np.arange(len(ds))  # lexsort: last key is the primary one
 
 
@@ -82,8 +91,7 @@ def rank_distilled(ds: Dataset) -> np.ndarray:
     """Long-tail score, descending (the rarest distilled rows first)."""
     if LONG_TAIL not in ds.column_names:
         raise LmmixupError(f"no `{LONG_TAIL}` column in the distilled rows; score them first with `lmmixup longtail`")
-    lt = np.asarray([np.nan if v is None else v for v in ds[LONG_TAIL]], np.float64)
-    return np.argsort(-np.nan_to_num(lt, nan=-np.inf), kind="stable")
+    return np.argsort(-np.nan_to_num(_long_tail(ds), nan=-np.inf), kind="stable")
 
 
 def _texts(ds: Dataset, order: np.ndarray) -> list[str]:
@@ -91,11 +99,21 @@ def _texts(ds: Dataset, order: np.ndarray) -> list[str]:
     return [text_of({PROMPT: prompts[i], COMPLETION: completions[i]}) for i in order]
 
 
-def _project(ds: Dataset, order: np.ndarray, origin: str) -> Dataset:
-    ds = ds.select(order)
-    lt = list(ds[LONG_TAIL]) if LONG_TAIL in ds.column_names else [None] * len(ds)
-    cols = {c: list(ds[c]) for c in KEEP_COLUMNS}
-    return Dataset.from_dict({**cols, LONG_TAIL: lt, ORIGIN: [origin] * len(ds)}, features=MIX_FEATURES)
+def _gather(ds: Dataset, order: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows ``order`` of ``ds``'s ``columns``, gathered by Arrow from the (memory-mapped) table."""
+    table = ds.data.table.select(columns)
+    if ds._indices is not None:  # a selected view: map through its indices
+        order = np.asarray(ds._indices.column(0))[order]
+    return table.take(pa.array(order, pa.int64()))
+
+
+def _project(ds: Dataset, order: np.ndarray, origin: str) -> pa.Table:
+    """The selected rows in the mix's columns, as Arrow (a column gather, no Python per row)."""
+    table = _gather(ds, order, list(KEEP_COLUMNS))
+    lt = _long_tail(ds)[order] if LONG_TAIL in ds.column_names else np.full(len(order), np.nan)
+    table = table.append_column(LONG_TAIL, pa.array(lt, pa.float64(), mask=np.isnan(lt)))
+    table = table.append_column(ORIGIN, pa.array(np.full(len(order), origin, dtype=object), pa.string()))
+    return table.cast(MIX_FEATURES.arrow_schema)
 
 
 @dataclass
@@ -129,12 +147,42 @@ def mix_rows(
     embed: Callable[[list[str]], np.ndarray] | None = None,
     **changes: Any,
 ) -> tuple[Dataset, dict[str, Any]]:
-    """The mix as a core: ``total`` rows, ``round(total * ratio)`` of them distilled, near-duplicates
-    removed (originals win), shuffled with ``seed`` (:class:`MixOptions`, or changed by keyword:
-    ``mix_rows(orig, dist, total=100, ratio=0.5)``). Returns the rows and the counts.
+    """The mix as a core: ``total`` rows, ``round(total * ratio)`` of them distilled (the rarest
+    first), near-duplicates removed (originals win), shuffled with ``seed``.
 
-    Dedup needs vectors: an ``embedding`` column when both inputs have one, else ``embed(texts)``.
-    Raises :class:`LmmixupError` when rows run out, unless ``allow_fewer``."""
+    Args:
+        original: The original high-quality rows.
+        distilled: The distilled rows, with a ``long_tail`` score.
+        options: The mix options (:class:`MixOptions`; default their defaults): ``total`` rows in
+            the mix, ``ratio`` share of distilled rows, ``dedup_threshold`` cosine above which a row
+            is a near-duplicate (None: no dedup), shuffle ``seed``, ``allow_fewer`` (write fewer
+            rows when either side runs out, instead of an error).
+        embed: ``embed(texts) -> unit vectors`` for the dedup, when the inputs carry no
+            ``embedding`` column.
+        **changes: Options changed from ``options`` (``total=100, ratio=0.5``); a bad one raises
+            ``OptionError``.
+
+    Returns:
+        ``(mixed, stats)``: the rows with their ``origin``, and the counts (and any shortfall).
+
+    Raises:
+        LmmixupError: When rows run out and ``allow_fewer`` is not set.
+
+    Example:
+        >>> import numpy as np
+        >>> from lmmixup_hf.data.io import normalize
+        >>> original, _ = normalize([{"prompt": "What is DNA?", "completion": "A molecule."},
+        ...                          {"prompt": "Name a prime.", "completion": "7"}])
+        >>> distilled, _ = normalize([{"prompt": "Why is the sky blue?", "completion": "Rayleigh scattering."},
+        ...                           {"prompt": "What is DNA?", "completion": "A molecule."}])
+        >>> distilled = distilled.add_column("long_tail", [0.4, 0.9])
+        >>> def letters(texts):  # a toy embedding: letter counts
+        ...     v = np.array([[t.lower().count(c) for c in "abcdefghijklmnopqrstuvwxyz?. "] for t in texts], float)
+        ...     return v / np.linalg.norm(v, axis=1, keepdims=True)
+        >>> mixed, stats = mix_rows(original, distilled, total=2, ratio=0.5, embed=letters)
+        >>> sorted(zip(mixed["origin"], mixed["prompt"]))  # the distilled copy of an original is dropped
+        [('distilled', 'Why is the sky blue?'), ('original', 'What is DNA?')]
+    """
     o = resolve(MixOptions, options, changes)
     total, ratio, dedup_threshold, seed, allow_fewer = o.total, o.ratio, o.dedup_threshold, o.seed, o.allow_fewer
     n_dist = round(total * ratio)
@@ -172,8 +220,8 @@ def mix_rows(
             raise LmmixupError(msg + "; lower --total, change --ratio or pass --allow_fewer")
         logger.warning("mix: %s; writing %d rows", msg, len(o_sel) + len(d_sel))
 
-    mixed = concatenate_datasets([_project(original, o_sel, "original"), _project(distilled, d_sel, "distilled")])
-    mixed = mixed.select(np.random.default_rng(seed).permutation(len(mixed)))
+    both = pa.concat_tables([_project(original, o_sel, "original"), _project(distilled, d_sel, "distilled")])
+    mixed = arrow_dataset(both.take(pa.array(np.random.default_rng(seed).permutation(both.num_rows))))
     counts = {
         "rows": len(mixed),
         "original": len(o_sel),
@@ -186,22 +234,30 @@ def mix_rows(
 
 def _vectors(ds: Dataset, order: np.ndarray, embed: Callable[[list[str]], np.ndarray] | None) -> np.ndarray:
     """Unit vectors of ``ds``'s rows in ``order``: its ``embedding`` column, or ``embed`` on the texts."""
-    x = precomputed_embeddings(ds.select(order)) if len(order) else None
+    x = precomputed_embeddings(ds) if len(order) else None  # every row's, checked, then ranked
     if x is not None:
-        return x
+        return x[order]
     if embed is None:
         raise LmmixupError("dedup needs an `embedding` column or an embedding model")
     return embed(_texts(ds, order))
 
 
 def to_messages(mixed: Dataset) -> Dataset:
-    """The conversational form of a mix (TRL's ``messages``)."""
-    return mixed.map(
-        lambda r: {
-            MESSAGES: [{"role": "user", "content": r[PROMPT]}, {"role": "assistant", "content": r[COMPLETION]}]
-        },
-        remove_columns=[PROMPT, COMPLETION],
+    """The conversational form of a mix (TRL's ``messages``), built as Arrow list<struct> columns."""
+    table = mixed.with_format("arrow")[: len(mixed)]
+    n = table.num_rows
+    roles = pa.array(np.tile(np.array(["user", "assistant"], dtype=object), n), pa.string())
+    contents = (
+        pc.take(
+            pa.concat_arrays([table.column(PROMPT).combine_chunks(), table.column(COMPLETION).combine_chunks()]),
+            pa.array(np.stack([np.arange(n), np.arange(n) + n], axis=1).reshape(-1)),
+        )
+        if n
+        else pa.array([], pa.string())
     )
+    turns = pa.StructArray.from_arrays([roles, contents], names=["role", "content"])
+    messages = pa.ListArray.from_arrays(pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)), turns)
+    return arrow_dataset(table.drop_columns([PROMPT, COMPLETION]).append_column(MESSAGES, messages))
 
 
 def _scanned(keep: np.ndarray, n: int, quota: int) -> int:

@@ -1,7 +1,7 @@
-"""The rate core: the judge's item for every row, ratings attached as a struct, failures by index.
+"""The rate core: the judge's item for every row, ratings attached as a struct, failures by index::
 
->>> judge = make_judge("openai", "gpt-4o-mini")
->>> rated, failed, unratable = rate_rows(dataset, judge)
+    judge = make_judge("openai", "gpt-4o-mini")
+    rated, failed, unratable = rate_rows(dataset, judge)
 
 No files: ``lmmixup rate`` (:mod:`lmmixup_hf.pipeline.rate`) adds checkpoints, batch jobs,
 summaries and the manifest around it.
@@ -14,18 +14,28 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 from datasets import Dataset, Value
 
+from lmmixup_hf.data.quality import rating_field
 from lmmixup_hf.data.schema import (
     COMPLETION,
     PROMPT,
     RATING,
+    RAW_MAX,
+    RAW_MIN,
+    SCORE_MAX,
+    SCORE_MIN,
     TASK_TYPE,
+    LmmixupError,
 )
+from lmmixup_hf.execution.base import Executor, LocalExecutor, Part
 from lmmixup_hf.judge.judges import DIMENSIONS, JudgeItem, Rating, reference_kind
+from lmmixup_hf.judge.protocol import Judge
 
 logger = logging.getLogger(__name__)
 
@@ -101,25 +111,40 @@ def with_ratings(
 
 def rate_rows(
     ds: Dataset,
-    judge: Any,
+    judge: Judge,
     *,
     fields: Sequence[str] = (PROMPT, COMPLETION),
     rubric: str = "general",
     reference_field: str | None = None,
     show_progress: bool = False,
 ) -> RatedRows:
-    """Rate a Dataset in memory with a judge from :func:`~lmmixup_hf.judge.judges.make_judge`:
+    """Rate a Dataset in memory: a ``rating`` struct per row. Failed rows are returned by
+    index, never scored; ``lmmixup rate`` adds checkpoints, retries and batch jobs.
 
-    >>> judge = make_judge("openai", "gpt-4o-mini")
-    >>> rated, failed, unratable = rate_rows(load_dataset("json", data_files="pool.jsonl")["train"], judge)
+    Args:
+        ds: The rows to rate.
+        judge: A :class:`~lmmixup_hf.judge.protocol.Judge`, e.g. from
+            :func:`~lmmixup_hf.judge.judges.make_judge`.
+        fields: Columns shown to the judge, in order.
+        rubric: ``general``, a task type (``qa``, ``mcq``, ...), ``auto`` (each row's
+            ``task_type``) or ``reference`` (the reference script's prompt).
+        reference_field: A column with a reference answer shown after the item, or None.
+        show_progress: Show a progress bar.
 
-    Failed rows are returned by index, never scored; ``lmmixup rate`` adds checkpoints and retries."""
+    Returns:
+        ``RatedRows(rated, failed, unratable)``: the rated rows, the input indices the judge
+        failed on, and ``(index, reason)`` of rows with nothing to rate.
+
+    Example::
+
+        judge = make_judge("openai", "gpt-4o-mini")
+        rated, failed, unratable = rate_rows(load_dataset("json", data_files="pool.jsonl")["train"], judge)
+    """
     items, unratable = judge_items(ds, fields, rubric, reference_field)
     order = sorted(items)
-    judged = JudgeBatch(lambda: judge, show_progress=show_progress)(items_table([items[i] for i in order], order))
-    done = {
-        i: {"ok": r.ok, "rating": r.as_struct() if r.ok else None} for t in judged for i, r, _ in ratings_of(t) if r
-    }
+    part = Part("rate", max(1, len(order)))  # one block: the judge keeps its requests in flight across all
+    ratings = judge_on(LocalExecutor(), lambda: judge, [items[i] for i in order], order, part, {}, show_progress)
+    done = {i: {"ok": r.ok, "rating": r.as_struct() if r.ok else None} for i, r in ratings}
     rated, failed = with_ratings(ds, items, done)
     return RatedRows(rated, failed, unratable)
 
@@ -146,7 +171,7 @@ class JudgeBatch:
     batch used (requests, tokens, cost). ``lmmixup rate`` maps it over the rows through its
     executor; :func:`rate_rows` runs it on all rows at once."""
 
-    def __init__(self, make_judge: Callable[[], Any], show_progress: bool = False):
+    def __init__(self, make_judge: Callable[[], Judge], show_progress: bool = False):
         self.judge = make_judge()
         self.show_progress = show_progress
 
@@ -186,9 +211,7 @@ class JudgeBatch:
         unreported = [(i, r) for i, r in enumerate(result["ratings"]) if i not in sent]
         if unreported:
             yield _judged(cols["pos"], unreported)
-        cache = getattr(getattr(self.judge, "client", None), "cache", None)
-        if cache is not None:  # a worker may be stopped at any time after its batch is returned
-            cache.flush()
+        self.judge.flush()  # a worker may be stopped at any time after its batch is returned
         usage = json.dumps(usage_delta(before, self.judge.usage.as_dict()))
         yield pa.table({"pos": [-1], "rating": [None], "error": [None], "judge": [None], "usage": [usage]}, JUDGED)
 
@@ -218,6 +241,28 @@ def _judged(positions: list[int], ratings: list[tuple[int, Rating]]) -> pa.Table
     )
 
 
+def judge_on(
+    executor: Executor,
+    make_judge: Callable[[], Judge],
+    items: Sequence[JudgeItem],
+    positions: Sequence[int],
+    part: Part,
+    usage: dict[str, Any],
+    show_progress: bool = False,
+) -> Iterator[tuple[int, Rating]]:
+    """Judge ``items`` with :class:`JudgeBatch` on ``executor``: ``(position, rating)`` as each
+    arrives; what the judges used (requests, tokens, cost) is added up into ``usage``."""
+    make = partial(JudgeBatch, make_judge, show_progress=show_progress)
+    for out in executor.map_batches(make, items_table(items, positions), part):
+        for i, r, used in ratings_of(out):
+            if r is None:
+                add_usage(usage, used)
+            else:
+                yield i, r
+    if "cost_usd" in usage:
+        usage["cost_usd"] = round(usage["cost_usd"], 6)
+
+
 def ratings_of(judged: pa.Table) -> Iterator[tuple[int, Rating | None, dict[str, Any] | None]]:
     """``(position, rating, None)`` for each row a :class:`JudgeBatch` rated, and
     ``(-1, None, usage)`` for the row that ends a batch with what it used."""
@@ -242,3 +287,51 @@ def add_usage(total: dict[str, Any], delta: Mapping[str, Any]) -> None:
 
 def _counter(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# -- ratings the rows already carry (skip the judge) ---------------------------------------------
+SCALES = ("raw", "score")
+
+
+def carried_scores(
+    ds: Dataset, column: str, scale: str = "raw"
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """``(raw, score, bad)`` from scores the rows carry, compressed by the judge's rule.
+
+    ``column``: ``rating`` (a rating struct: its ``score``, else its ``raw`` compressed) or a
+    numeric column on the ``scale`` ``raw`` (1-10, ``score = clip(raw, 4, 9) - 4``) or ``score``
+    (0-5, as is). ``raw``/``score`` are float64 with NaN where unknown; ``bad`` lists the rows
+    without a usable score, with the reason (they are quarantined, never scored 0)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if scale not in SCALES:
+        raise LmmixupError(f"--score_scale {scale!r}: expected one of {', '.join(SCALES)}")
+    if column not in ds.column_names:
+        raise LmmixupError(f"no column {column!r} to take scores from; columns are {', '.join(ds.column_names)}")
+    n = len(ds)
+    if column == RATING:
+        raw, score = rating_field(ds, "raw"), rating_field(ds, "score")
+        lo, hi = (RAW_MIN, RAW_MAX), (SCORE_MIN, SCORE_MAX)
+        bad_raw = ~np.isnan(raw) & ((raw < lo[0]) | (raw > lo[1]))
+        bad_score = ~np.isnan(score) & ((score < hi[0]) | (score > hi[1]))
+        score = np.where(np.isnan(score) & ~bad_raw, np.clip(np.rint(raw), 4, 9) - 4, score)
+        bad = bad_raw | bad_score
+        what = np.where(
+            bad_score, f"rating.score out of {SCORE_MIN}..{SCORE_MAX}", f"rating.raw out of {RAW_MIN}..{RAW_MAX}"
+        )
+    else:
+        col = ds.select_columns([column]).with_format("arrow")[:n].column(column)
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            raise LmmixupError(f"column {column!r} holds {col.type}, not numbers: cannot take scores from it")
+        values = np.asarray(pc.fill_null(pc.cast(col, pa.float64()), float("nan")).to_numpy(zero_copy_only=False))
+        lo, hi = (RAW_MIN, RAW_MAX) if scale == "raw" else (SCORE_MIN, SCORE_MAX)
+        bad = ~np.isnan(values) & ((values < lo) | (values > hi))
+        what = np.full(n, f"{column} out of {lo}..{hi} (--score_scale {scale})", dtype=object)
+        raw = values if scale == "raw" else np.full(n, np.nan)
+        score = np.clip(np.rint(values), 4, 9) - 4 if scale == "raw" else np.rint(values)
+    missing = np.isnan(score) & ~bad
+    reasons = [(int(i), f"no score in {column!r}") for i in np.flatnonzero(missing)]
+    reasons += [(int(i), str(what[i])) for i in np.flatnonzero(bad)]
+    score = np.where(bad, np.nan, score)
+    return np.where(np.isnan(score), np.nan, raw), score, sorted(reasons)
