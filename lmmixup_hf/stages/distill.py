@@ -327,6 +327,7 @@ class DistillBatch:
             out["part"].append(to_ipc(pa.Table.from_pylist(rows, schema=SCHEMA)))
             out["seconds"].append(time.time() - t0)
             out["engine"].append(json.dumps(self.engine.describe(), default=str))
+        self.engine.flush()  # a worker may be stopped at any time after its batch is returned
         return pa.table(out, schema=CHUNK_RESULT)
 
 
