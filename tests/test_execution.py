@@ -69,6 +69,10 @@ def test_a_declared_stage_wires_itself_from_its_declaration(tmp_path):
     assert wired == {"input": str(tmp_path / "ingest"), "reference": "pool.jsonl", "out": str(tmp_path / "shout")}
     assert stage("cluster").wiring("runs/x", "p")["input"] == str(Path("runs/x/split/low"))
     assert stage("report").wiring("runs/x", "p") == {"run_dir": "runs/x"}  # no folder of its own
+    # an opt-in stage that is off is skipped by the inputs that name it first
+    assert stage("split").wiring("r", "p")["input"] == str(Path("r/curate"))
+    assert stage("split").wiring("r", "p", off={"curate"})["input"] == str(Path("r/rate"))
+    assert stage("curate").defaults["enabled"] is False
     assert FOLDER_STAGES == tuple(s.name for s in STAGES if s.name != "report")
     assert [p.name for p in parts()] == ["rate", "embed", "cluster", "distill", "rerate", "longtail"]
 
