@@ -461,7 +461,7 @@ def test_driver_killed_mid_distill_then_rerun(clean_run, subset, tmp_path):
         r = lmmixup("run", "--config", str(config), "--to", "distill")
         assert r.returncode == 0, r.stderr[-4000:]
         clusters = manifest(clean_run / "distill")["counts"]["clusters"]
-        assert "distill: resuming" in r.stderr and f"of {clusters} clusters left to distill" in r.stderr
+        assert f"resuming, {clusters - 2 * done} of {clusters} clusters left to distill" in r.stderr
         assert "rate: up to date" in r.stderr and "cluster: up to date" in r.stderr
         assert slow.n_requests - asked <= clusters - 2 * done + 2  # only the chunks not written (+ one in flight)
         for split in ("data", "unparsed"):
