@@ -37,10 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_clustering import synthetic  # noqa: E402
 from bench_judge import stub_server  # noqa: E402
 
-from lmmixup_hf.embed.embeddings import Embedder  # noqa: E402
+from lmmixup_hf.embed.embeddings import Embedder, ExecutorEmbedder  # noqa: E402
+from lmmixup_hf.execution.base import LocalExecutor  # noqa: E402
 from lmmixup_hf.judge.judges import JudgeItem, make_judge  # noqa: E402
-from lmmixup_hf.pipeline.executors import Executor, make_executor  # noqa: E402
-from lmmixup_hf.stages.longtail import self_knn_sims  # noqa: E402
+from lmmixup_hf.pipeline.executors import make_executor  # noqa: E402
+from lmmixup_hf.pipeline.registry import stage  # noqa: E402
+from lmmixup_hf.stages.longtail import knn_on, self_knn_sims  # noqa: E402
+from lmmixup_hf.stages.rate import judge_on  # noqa: E402
 
 ONLY: str | None = None  # --only: the side to run; the other is reported as nan
 
@@ -60,14 +63,13 @@ def bench_rate(ray_exec, rows: int, latency: float, in_flight: int, actors: int)
         local_make = partial(make_judge, "openai", "stub-judge", max_concurrency=in_flight, **common)
         ray_make = partial(make_judge, "openai", "stub-judge", max_concurrency=in_flight // actors, **common)
         got: dict[str, list] = {"local": [], "ray": []}
-        t_local, _ = timed(
-            lambda: Executor().rate(local_make, items, lambda i, r: got["local"].append(r.score), show_progress=False),
-            "local",
-        )
-        t_ray, _ = timed(
-            lambda: ray_exec.rate(ray_make, items, lambda i, r: got["ray"].append(r.score), show_progress=False),
-            "ray",
-        )
+        part, positions = stage("rate").part("rate"), list(range(rows))
+
+        def run(executor, make, side: str) -> None:
+            got[side] = [r.score for _, r in judge_on(executor, make, items, positions, part, {})]
+
+        t_local, _ = timed(lambda: run(LocalExecutor(), local_make, "local"), "local")
+        t_ray, _ = timed(lambda: run(ray_exec, ray_make, "ray"), "ray")
     assert ONLY or len(got["local"]) == len(got["ray"]) == rows
     return {
         "part": "rate",
@@ -85,9 +87,8 @@ def bench_embed(ray_exec, rows: int, threads: int, actors: int) -> dict:
     if ONLY != "ray":
         _ = local.model  # load outside the timing, as Ray's actors load theirs inside it: the bias is against Ray
     t_local, a = timed(lambda: local.encode(texts), "local")
-    from lmmixup_hf.pipeline.ray_executor import RayEmbedder
-
-    remote = RayEmbedder(ray_exec, "minilm-offline", cache=False, show_progress=False, batch_size=64)
+    part = stage("cluster").part("embed")
+    remote = ExecutorEmbedder(ray_exec, part, "minilm-offline", cache=False, show_progress=False, batch_size=64)
     t_ray, b = timed(lambda: remote.encode(texts), "ray")
     assert ONLY or np.allclose(a, b, atol=1e-5)
     return {
@@ -103,7 +104,8 @@ def bench_longtail(ray_exec, rows: int, threads: int, actors: int) -> dict:
     x = synthetic(rows, 384, group=30)
     torch.set_num_threads(threads)
     t_local, a = timed(lambda: self_knn_sims(x, 15), "local")
-    t_ray, b = timed(lambda: ray_exec.knn_search(x, None, 15), "ray")
+    search = knn_on(ray_exec, stage("longtail").part("longtail"))
+    t_ray, b = timed(lambda: search(x, None, 15), "ray")
     assert ONLY or np.allclose(a, b, atol=1e-5)
     return {
         "part": "longtail",

@@ -213,6 +213,9 @@ class _ScriptedEngine:
     def describe(self):
         return {"engine": "scripted"}
 
+    def flush(self):  # the Engine protocol's: nothing buffered here
+        pass
+
     def generate(self, conversations, **kwargs):
         from lmmixup_hf.distiller.engines import Generation
 

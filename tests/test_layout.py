@@ -24,7 +24,7 @@ def lint(tree: Path) -> subprocess.CompletedProcess:
 
 def test_the_package_keeps_its_layers():
     r = lint(ROOT)
-    assert r.returncode == 0 and "2 kept, 0 broken" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "5 kept, 0 broken" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_lower_layer_importing_a_higher_one_breaks_the_contract(tmp_path):
@@ -34,6 +34,18 @@ def test_a_lower_layer_importing_a_higher_one_breaks_the_contract(tmp_path):
     schema.write_text(schema.read_text() + "\nfrom lmmixup_hf.pipeline import run  # noqa: E402\n")
     r = lint(tmp_path)
     assert r.returncode != 0 and "lmmixup_hf.data is not allowed to import lmmixup_hf.pipeline" in r.stdout, r.stdout
+
+
+def test_the_executor_base_importing_ray_or_a_stage_breaks_the_contracts(tmp_path):
+    shutil.copytree(ROOT / "lmmixup_hf", tmp_path / "lmmixup_hf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    base = tmp_path / "lmmixup_hf" / "execution" / "base.py"
+    base.write_text(
+        base.read_text() + "\nimport ray  # noqa: E402\nfrom lmmixup_hf.stages import rate  # noqa: E402\n"
+    )
+    r = lint(tmp_path)
+    assert r.returncode != 0, r.stdout
+    assert "the executor base imports no Ray BROKEN" in r.stdout and "the executors know no stage BROKEN" in r.stdout
 
 
 MAX_LINES = 500

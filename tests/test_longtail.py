@@ -228,3 +228,23 @@ def test_longtail_rows_core_in_memory_and_the_command_stores_vectors(tmp_path):
         )
     )
     assert len(mixed) == 10
+
+
+def test_longtail_stage_with_no_rows_to_score_writes_them_unscored(tmp_path):
+    """A strict filter can leave nothing: the stage (on its own, or in `lmmixup run`) writes an empty
+    output and the reference rows unscored, never a k-NN over no rows."""
+    import datasets
+
+    from lmmixup_hf.data.io import read_stage_data, write_stage_data
+    from lmmixup_hf.pipeline.longtail import LongtailArgs, longtail
+
+    empty = tmp_path / "filter"
+    write_stage_data(datasets.Dataset.from_dict({"id": [], "prompt": [], "completion": []}), empty)
+    ref = tmp_path / "high.jsonl"
+    ref.write_text("".join(json.dumps({"id": f"h{i}", "prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(3)))
+    out = tmp_path / "longtail"
+    assert len(longtail(LongtailArgs(input=str(empty), reference=str(ref), out=str(out)))) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["rows"] == 0 and manifest["counts"]["reference_rows"] == 3 and manifest["complete"]
+    scored = read_stage_data(out, "reference")
+    assert len(scored) == 3 and all(np.isnan(v) for v in scored["long_tail"])

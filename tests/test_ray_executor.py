@@ -29,7 +29,9 @@ server, subset, clean_run = chain.server, chain.subset, chain.clean_run  # the f
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # actors get this module's helpers by value
 
 from lmmixup_hf.data.schema import LmmixupError  # noqa: E402
-from lmmixup_hf.pipeline.executors import Executor, RayOptions, make_executor  # noqa: E402
+from lmmixup_hf.execution.base import Executor, PoolOptions  # noqa: E402
+from lmmixup_hf.pipeline import registry  # noqa: E402
+from lmmixup_hf.pipeline.executors import RayOptions, make_executor  # noqa: E402
 from lmmixup_hf.pipeline.run import load_config  # noqa: E402
 
 RAY_SECTION = {
@@ -89,7 +91,12 @@ def test_bad_ray_options_name_the_key(section, message):
 def test_ray_options_defaults_and_per_part_pools():
     opts = RayOptions.from_config({"address": "auto", "distill": {"actors": 4, "num_gpus": 1}})
     assert opts.address == "auto" and opts.pool("distill").num_gpus == 1 and opts.pool("distill").actors == 4
-    assert opts.pool("rate").actors == 2 and opts.batch_size("rate") == 64 and opts.batch_size("distill") == 1
+    executor = make_executor("ray", opts)  # nothing starts before the first batch
+    assert (
+        executor.batch_size(registry.stage("rate").part("rate")) == 64
+        and executor.batch_size(registry.stage("distill").parts[0]) == 1
+    )
+    assert opts.pool("rate").actors == 2 and opts.pool("a part nobody declared") == PoolOptions()
     assert make_executor("local").name == "local" and isinstance(make_executor(), Executor)
     with pytest.raises(LmmixupError, match="executor: 'spark'"):
         make_executor("spark")
@@ -365,15 +372,19 @@ def test_a_worker_node_lost_mid_stage_costs_retries_not_rows(clean_run, server):
     from ray.cluster_utils import Cluster
 
     from lmmixup_hf.data.io import read_pool
+    from lmmixup_hf.execution.base import LocalExecutor
     from lmmixup_hf.judge.judges import make_judge
-    from lmmixup_hf.stages.rate import judge_items
+    from lmmixup_hf.stages.rate import JudgeBatch, items_table, judge_items, ratings_of
 
     ds = read_pool(str(clean_run / "ingest"))
     items, _ = judge_items(ds, ["prompt", "completion"])
-    items = [items[i] for i in sorted(items)]
-    make = partial(make_judge, "openai", "stub-judge", base_url=server.base_url, api_key=KEY, cache_dir=None)
-    local: dict[int, dict] = {}
-    Executor().rate(make, items, lambda i, r: local.update({i: r.as_struct()}), show_progress=False)
+    table = items_table([items[i] for i in sorted(items)], list(range(len(items))))
+    judge = partial(make_judge, "openai", "stub-judge", base_url=server.base_url, api_key=KEY, cache_dir=None)
+    make = partial(JudgeBatch, judge)
+    part = registry.stage("rate").part("rate")
+    local = {
+        i: r.as_struct() for t in LocalExecutor().map_batches(make, table, part) for i, r, _ in ratings_of(t) if r
+    }
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
@@ -381,14 +392,14 @@ def test_a_worker_node_lost_mid_stage_costs_retries_not_rows(clean_run, server):
     try:
         seen: list[int] = []
         got: dict[int, dict] = {}
-
-        def on_result(i, rating):
-            seen.append(i)
-            got[i] = rating.as_struct()
-            if len(seen) == 8:
-                cluster.remove_node(nodes[0])  # mid-stage: 8 of 40 rows in
-
-        executor.rate(make, items, on_result, show_progress=False)
+        for out in executor.map_batches(make, table, part):
+            for i, rating, _ in ratings_of(out):
+                if rating is None:
+                    continue
+                seen.append(i)
+                got[i] = rating.as_struct()
+                if len(seen) == 8:
+                    cluster.remove_node(nodes[0])  # mid-stage: 8 of 40 rows in
         assert len(ray.nodes()) == 3 and sum(n["Alive"] for n in ray.nodes()) == 2
     finally:
         executor.close()
@@ -466,6 +477,8 @@ def test_cluster_groups_and_knn_search_on_ray_equal_the_local_ones(private_ray):
     similarities (self-search without the row itself, and a search against other keys)."""
     from lmmixup_hf.embed.neighbors import knn
     from lmmixup_hf.stages.cluster import ClusterOptions, cluster_sources
+    from lmmixup_hf.stages.cluster_groups import sources_on
+    from lmmixup_hf.stages.longtail import knn_on
 
     executor, _ = private_ray
     rng = np.random.default_rng(0)
@@ -474,14 +487,14 @@ def test_cluster_groups_and_knn_search_on_ray_equal_the_local_ones(private_ray):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     sources = np.asarray(rng.choice(["a", "b", "c"], 600), dtype=object)
 
-    ray_ex = executor.for_stage("cluster")
     options = ClusterOptions(max_size=5)
-    on_ray, local = ray_ex.map_sources(sources, x, options), cluster_sources(sources, x, options)
+    map_sources = sources_on(executor.for_stage("cluster"), registry.stage("cluster").part("cluster"))
+    on_ray, local = map_sources(sources, x, options), cluster_sources(sources, x, options)
     assert on_ray.keys() == local.keys() == {"a", "b", "c"}
     for src in local:
         assert np.array_equal(on_ray[src].labels, local[src].labels) and on_ray[src].rounds == local[src].rounds
         assert (local[src].labels >= 0).any()
 
-    search = executor.for_stage("longtail").knn_search
+    search = knn_on(executor.for_stage("longtail"), registry.stage("longtail").part("longtail"))
     np.testing.assert_allclose(search(x, None, 15), knn(x, None, 15)[0], atol=1e-5)
     np.testing.assert_allclose(search(x[:50], x[50:], 15), knn(x[:50], x[50:], 15)[0], atol=1e-5)

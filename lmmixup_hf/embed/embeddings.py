@@ -15,12 +15,15 @@ import os
 import re
 import threading
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import pyarrow as pa
 from tqdm.auto import tqdm
 
+from lmmixup_hf.execution.base import Executor, Part, vector_column, vectors
 from lmmixup_hf.models.kvstore import KVStore
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL, cache_root, resolve_model
 
@@ -238,6 +241,51 @@ def get_embedder(model_id: str = DEFAULT_EMBEDDING_MODEL, **kwargs) -> Embedder:
         if key not in _SHARED:
             _SHARED[key] = Embedder(model_id, **kwargs)
         return _SHARED[key]
+
+
+class EncodeTexts:
+    """Batch function: ``(key, text)`` rows in, ``(key, vector)`` out, with one model per worker
+    (built once; no cache there: the driver's embedder keeps the one cache)."""
+
+    def __init__(self, model_id: str, device: str | None, batch_size: int):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one bar per worker in the driver's log is noise
+        self.embedder = Embedder(model_id, device=device, batch_size=batch_size, cache=False, show_progress=False)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vecs = self.embedder.encode_uncached([str(t) for t in batch["text"].to_pylist()])
+        return pa.table({"key": batch["key"], "vector": vector_column(vecs)})
+
+
+class ExecutorEmbedder(Embedder):
+    """The usual embedder (same cache, same vectors) whose cache misses are encoded by
+    :class:`EncodeTexts` on an executor's workers; each finished batch goes into the cache, so a
+    rerun re-encodes nothing that was done."""
+
+    def __init__(self, executor: Executor, part: Part, model_id: str, **kwargs: Any):
+        super().__init__(model_id, **kwargs)
+        self.executor, self.part = executor, part
+
+    def encode_missing(self, missing: list[tuple[str, str]], found: dict[str, np.ndarray], desc: str) -> None:
+        table = pa.table({"key": [k for k, _ in missing], "text": [t for _, t in missing]})
+        make = partial(EncodeTexts, self.model_id, self.device, self.batch_size)
+        name = f"{desc} ({self.executor.name})"
+        with tqdm(total=len(missing), desc=name, unit="text", disable=not self.show_progress) as bar:
+            for out in self.executor.map_batches(make, table, self.part):
+                self.store([str(k) for k in out["key"].to_pylist()], vectors(out["vector"]), found)
+                self.n_encoded += out.num_rows
+                bar.update(out.num_rows)
+
+
+def embedder_on(
+    executor: Executor, part: Part, model_id: str, *, device: str | None, batch_size: int
+) -> Embedder | None:
+    """The embedder a stage uses on ``executor``: None in this process (the process-wide model of
+    :func:`get_embedder`, loaded once for every stage), else an :class:`ExecutorEmbedder`."""
+    if executor.in_process:
+        return None
+    return ExecutorEmbedder(executor, part, model_id, device=device, batch_size=batch_size)
 
 
 EMBEDDING = "embedding"  # a row's own precomputed vector (list of floats), used instead of the model

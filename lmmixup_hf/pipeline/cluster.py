@@ -18,11 +18,13 @@ from datasets import Dataset
 from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.quality import high_quality_mask, rating_scores
 from lmmixup_hf.data.schema import HIGH_QUALITY_THRESHOLD, RATING, LmmixupError
+from lmmixup_hf.execution.base import Executor, LocalExecutor
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
-from lmmixup_hf.pipeline.executors import Executor
+from lmmixup_hf.pipeline.registry import stage
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.plotting import figure
 from lmmixup_hf.stages.cluster import ClusterOptions, cluster_rows
+from lmmixup_hf.stages.cluster_groups import sources_on
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +70,7 @@ def cluster(args: ClusterArgs, executor: Executor | None = None) -> Dataset:
     """``lmmixup cluster``: read, pick the low-quality rows, embed (or reuse an ``embedding``
     column), run :func:`~lmmixup_hf.stages.cluster.cluster_rows`, write the folder. ``executor``
     runs the embedding and each source's clustering (default: here)."""
-    from lmmixup_hf.embed.embeddings import row_embeddings
+    from lmmixup_hf.embed.embeddings import embedder_on, row_embeddings
 
     run = StageRun("cluster", args.out, inputs=[args.input], params=args)
     if run.is_complete():
@@ -78,11 +80,12 @@ def cluster(args: ClusterArgs, executor: Executor | None = None) -> Dataset:
     ds, skipped = select_rows(pool, args.quality, args.threshold)
     if len(ds) == 0:
         raise LmmixupError(f"{args.input}: no rows to cluster (quality={args.quality!r}, {skipped})")
-    executor = executor or Executor()
+    executor, declared = executor or LocalExecutor(), stage("cluster")
     embed = dict(device=args.device, batch_size=args.batch_size)
-    emb = row_embeddings(ds, args.embedding_model, **embed, embedder=executor.embedder(args.embedding_model, **embed))
+    embedder = embedder_on(executor, declared.part("embed"), args.embedding_model, **embed)
+    emb = row_embeddings(ds, args.embedding_model, **embed, embedder=embedder)
     options = ClusterOptions(**{f.name: getattr(args, f.name) for f in fields(ClusterOptions)})
-    out = cluster_rows(ds, emb, options, map_sources=executor.map_sources)
+    out = cluster_rows(ds, emb, options, map_sources=sources_on(executor, declared.part("cluster")))
     st = out.stats
     run.out_dir.mkdir(parents=True, exist_ok=True)
     n_clusters = st["multi_row_clusters"]

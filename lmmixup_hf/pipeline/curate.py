@@ -21,9 +21,10 @@ from datasets import Dataset
 
 from lmmixup_hf.data.io import read_pool, write_json
 from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.execution.base import Executor, LocalExecutor
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
 from lmmixup_hf.options import Options
-from lmmixup_hf.pipeline.executors import Executor
+from lmmixup_hf.pipeline.registry import stage
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.plotting import figure
 from lmmixup_hf.stages.curate import (
@@ -98,7 +99,7 @@ class CurateArgs(Options):
 
 def curate(args: CurateArgs, executor: Executor | None = None) -> Dataset | None:
     """``lmmixup curate``: read, embed (or reuse ``embedding``), curate, write data/ + diagnosis + plot."""
-    from lmmixup_hf.embed.embeddings import row_embeddings, with_embeddings
+    from lmmixup_hf.embed.embeddings import embedder_on, row_embeddings, with_embeddings
 
     if not args.enabled:
         logger.info("curate: off (enable it with `curate: {enabled: true}`)")
@@ -108,8 +109,9 @@ def curate(args: CurateArgs, executor: Executor | None = None) -> Dataset | None
         logger.info("curate: up to date, skipping (%s)", args.out)
         return run.load()
     ds = read_pool(args.input, quarantine=run.quarantine)
-    executor = executor or Executor()
-    embedder = executor.embedder(args.embedding_model, device=args.device, batch_size=args.batch_size)
+    executor = executor or LocalExecutor()
+    embed = stage("curate").part("embed")
+    embedder = embedder_on(executor, embed, args.embedding_model, device=args.device, batch_size=args.batch_size)
     x = row_embeddings(ds, args.embedding_model, device=args.device, batch_size=args.batch_size, embedder=embedder)
     try:
         out, result = curate_rows(

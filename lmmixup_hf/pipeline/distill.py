@@ -33,15 +33,23 @@ from lmmixup_hf.data.schema import (
     ID,
     MEMBER_IDS,
     PROMPT,
-    SOURCE,
-    TASK_TYPE,
     LmmixupError,
 )
 from lmmixup_hf.distiller.engines import Engine, EngineName, make_engine
 from lmmixup_hf.distiller.prompts import PROMPT_VERSION
-from lmmixup_hf.pipeline.executors import Executor
+from lmmixup_hf.execution.base import Executor, LocalExecutor
+from lmmixup_hf.pipeline.registry import stage
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.distill import SCHEMA, GenerationOptions, failed_mask, group_clusters
+from lmmixup_hf.stages.distill import (
+    SCHEMA,
+    DistillBatch,
+    GenerationOptions,
+    chunk_results,
+    chunk_table,
+    cluster_members,
+    failed_mask,
+    split_parsed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -197,16 +205,12 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
         return run.load()
 
     ds = _load_clusters(args.input)
-    cluster_ids = np.asarray(ds[CLUSTER_ID], dtype=np.int64)
-    ids = np.asarray([str(x) for x in ds[ID]])
-    clusters = list(group_clusters(cluster_ids, ids))
-    n_leftover = int((cluster_ids < 0).sum())
+    clusters, members = cluster_members(ds)
+    n_leftover = int((np.asarray(ds[CLUSTER_ID], dtype=np.int64) < 0).sum())
     if args.limit is not None:
         clusters = clusters[: args.limit]
     if not clusters:
         raise LmmixupError(f"{args.input}: no clusters with cluster_id >= 0")
-    columns = [c for c in (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE) if c in ds.column_names]
-    members_table = ds.select_columns(columns)
 
     step = args.checkpoint_every
     chunks = [clusters[i : i + step] for i in range(0, len(clusters), step)]
@@ -226,7 +230,7 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
         bar.update(len(runs[k]))
 
     if engine is not None:  # a loaded model lives in this process
-        executor, make = Executor(), lambda: engine
+        executor, make = LocalExecutor(), lambda: engine
     else:
         options = {k: v for k, v in asdict(args).items() if k not in ("engine", "model")}
         # resolved here, so engines built elsewhere (Ray actors on other nodes) use the driver's endpoint
@@ -235,22 +239,21 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
         if str(args.cache_dir).lower() == "none":  # as `lmmixup rate` spells "no cache"
             options["cache_dir"] = None
         make = partial(make_engine, args.engine, args.model, **options)
-    described = (executor or Executor()).distill(make, members_table, runs, todo, generation, finished) if todo else {}
+    executor = executor or LocalExecutor()
+    described: dict[str, Any] = {}
+    table = chunk_table(members, runs, todo)
+    for out in executor.map_batches(partial(DistillBatch, make, generation), table, stage("distill").part("distill")):
+        for k, rows, seconds, engine_info in chunk_results(out):
+            finished(k, rows, seconds)
+            described = described or {**engine_info, "executor": executor.name}
     bar.close()
 
     parts = [_part(work, k) for k in range(len(chunks))]
     table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else SCHEMA.empty_table()
-    result = Dataset(InMemoryTable(table))
-    ok = np.asarray(result["parse_ok"], dtype=bool)
-    failed = failed_mask(table)
-    good = result.select(np.flatnonzero(ok))
-    bad = result.select(np.flatnonzero(~ok & ~failed))
+    good, bad, failed = split_parsed(table)
     write_jsonl(
         Path(args.out) / FAILED,
-        (
-            {ID: r[ID], CLUSTER_ID: r[CLUSTER_ID], MEMBER_IDS: r[MEMBER_IDS], "error": r["parse_error"]}
-            for r in result.select(np.flatnonzero(failed)).select_columns([ID, CLUSTER_ID, MEMBER_IDS, "parse_error"])
-        ),
+        ({ID: r[ID], CLUSTER_ID: r[CLUSTER_ID], MEMBER_IDS: r[MEMBER_IDS], "error": r["parse_error"]} for r in failed),
     )
     for row in bad:
         run.quarantine.add(
@@ -260,6 +263,7 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
             row["parse_error"],
             {ID: row[ID], CLUSTER_ID: row[CLUSTER_ID], "raw_response": row["raw_response"]},
         )
+    result = Dataset(InMemoryTable(table))
 
     seconds = sum(json.loads(p.with_suffix(".json").read_text())["seconds"] for p in parts)
     p_tok, c_tok = int(np.sum(result["prompt_tokens"])), int(np.sum(result["completion_tokens"]))
@@ -276,7 +280,7 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
         "leftover_rows": n_leftover,
         "distilled": len(good),
         "unparsed": len(bad),
-        "failed": int(failed.sum()),
+        "failed": len(failed),
         "members_dropped": int(np.sum(result["n_dropped_members"])),
         "truncated": int(np.sum(np.asarray(result["finish_reason"]) == "length")),
     }

@@ -12,6 +12,7 @@ from datasets import Dataset
 
 from lmmixup_hf.data.io import StageWriter, iter_pool
 from lmmixup_hf.data.schema import DEFAULT_MAX_CHARS
+from lmmixup_hf.execution.base import Executor
 from lmmixup_hf.options import Options
 from lmmixup_hf.pipeline.workflow import StageRun
 
@@ -28,7 +29,7 @@ class IngestArgs(Options):
     source: str | None = field(default=None, metadata={"help": "Default `source` (default: the file name)."})
 
 
-def ingest(args: IngestArgs) -> Dataset:
+def ingest(args: IngestArgs, executor: Executor | None = None) -> Dataset:
     run = StageRun("ingest", args.out, inputs=[args.input], params=args)
     if run.is_complete():
         logger.info("ingest: up to date, skipping (%s)", args.out)

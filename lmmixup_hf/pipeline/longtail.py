@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from datasets import Dataset
 
-from lmmixup_hf.data.io import read_pool
-from lmmixup_hf.data.schema import LmmixupError
+from lmmixup_hf.data.io import read_pool, read_stage_data
+from lmmixup_hf.data.schema import LONG_TAIL, LmmixupError
+from lmmixup_hf.execution.base import Executor, LocalExecutor
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
-from lmmixup_hf.pipeline.executors import Executor
+from lmmixup_hf.pipeline.registry import stage
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.longtail import LONG_TAIL_RAW, REFERENCE_SPLIT, LongtailOptions, longtail_rows
+from lmmixup_hf.stages.longtail import LONG_TAIL_RAW, REFERENCE_SPLIT, LongtailOptions, knn_on, longtail_rows
 
 logger = logging.getLogger(__name__)
 
@@ -49,18 +51,22 @@ def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
     """``lmmixup longtail``: read both sets, embed them once (or reuse ``embedding`` columns), run
     :func:`~lmmixup_hf.stages.longtail.longtail_rows`, write ``data/`` and ``reference/``.
     ``executor`` runs the embedding and the exact kNN searches (default: here)."""
-    from lmmixup_hf.embed.embeddings import row_embeddings, with_embeddings
+    from lmmixup_hf.embed.embeddings import embedder_on, row_embeddings, with_embeddings
 
     inputs = [args.input] + ([args.reference] if args.reference else [])
     run = StageRun("longtail", args.out, inputs=inputs, params=args)
     if run.is_complete():
         logger.info("longtail: up to date, skipping (%s)", args.out)
         return run.load()
+    if _n_rows(args.input) == 0:
+        return _nothing_to_score(run, args)
     ds = read_pool(args.input, quarantine=run.quarantine)
     ref = read_pool(args.reference, quarantine=run.quarantine) if args.reference else None
-    executor = executor or Executor()
+    executor, declared = executor or LocalExecutor(), stage("longtail")
     embed = dict(model_id=args.embedding_model, device=args.device, batch_size=args.batch_size)
-    embed["embedder"] = executor.embedder(args.embedding_model, device=args.device, batch_size=args.batch_size)
+    embed["embedder"] = embedder_on(
+        executor, declared.part("embed"), args.embedding_model, device=args.device, batch_size=args.batch_size
+    )
     x = row_embeddings(ds, **embed)
     y = row_embeddings(ref, **embed) if ref is not None else None
     if y is not None and y.shape[1] != x.shape[1]:
@@ -74,7 +80,7 @@ def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
         normalize=args.normalize,
         backend=args.backend,
         device=args.device,
-        search=executor.knn_search,
+        search=knn_on(executor, declared.part("longtail")),
     )
     # the vectors travel with the rows, so the mix (and anyone after) never encodes these texts again
     out = with_embeddings(out, x)
@@ -91,4 +97,37 @@ def longtail(args: LongtailArgs, executor: Executor | None = None) -> Dataset:
         splits={REFERENCE_SPLIT: ref_out} if ref_out is not None else {},
     )
     logger.info("longtail: scored %d rows (k=%d, %s)", len(out), args.k, args.normalize)
+    return out
+
+
+def _n_rows(stage_dir: str) -> int | None:
+    """Rows in a stage folder's data (None: not a stage folder)."""
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(stage_dir) / "data").glob("*.parquet"))
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files) if files else None
+
+
+def _nothing_to_score(run: StageRun, args: LongtailArgs) -> Dataset:
+    """A weak distiller or a strict filter can leave nothing to score. k-NN over no rows has no
+    answer, so the stage writes its (empty) output unscored, and the mix goes on with the original
+    rows only."""
+    from datasets import Value
+
+    def unscored(ds: Dataset) -> Dataset:
+        nan = [float("nan")] * len(ds)
+        for col in (LONG_TAIL_RAW, LONG_TAIL):
+            ds = ds.remove_columns([col]) if col in ds.column_names else ds
+            ds = ds.add_column(col, nan, feature=Value("float64"))
+        return ds
+
+    reference = unscored(read_pool(args.reference, quarantine=run.quarantine)) if args.reference else None
+    out = unscored(read_stage_data(args.input))
+    run.finish(
+        out,
+        counts={"rows": 0, "reference_rows": len(reference) if reference is not None else 0},
+        extra={"skipped": "no input rows: nothing to score"},
+        splits={REFERENCE_SPLIT: reference} if reference is not None else {},
+    )
+    logger.warning("longtail: no rows reached this stage; nothing to score (a mix will hold original rows only)")
     return out

@@ -11,6 +11,7 @@ from datasets import Dataset
 
 from lmmixup_hf.data.io import read_pool
 from lmmixup_hf.data.schema import LONG_TAIL, LmmixupError
+from lmmixup_hf.execution.base import Executor
 from lmmixup_hf.models.registry import DEFAULT_EMBEDDING_MODEL
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.stages.mix import MESSAGES, MixOptions, mix_rows, to_messages
@@ -36,7 +37,7 @@ class MixArgs(MixOptions):
     )
 
 
-def mix(args: MixArgs) -> Dataset:
+def mix(args: MixArgs, executor: Executor | None = None) -> Dataset:
     """``lmmixup mix``: read both inputs, run :func:`mix_rows`, write ``data/`` and ``messages/``."""
     from lmmixup_hf.embed.embeddings import get_embedder
 

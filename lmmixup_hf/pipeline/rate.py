@@ -34,12 +34,13 @@ from lmmixup_hf.data.schema import (
     SOURCE,
     LmmixupError,
 )
+from lmmixup_hf.execution.base import Executor, LocalExecutor
 from lmmixup_hf.judge.judges import KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
 from lmmixup_hf.options import OptionError, Options
-from lmmixup_hf.pipeline.executors import Executor
 from lmmixup_hf.pipeline.rate_summary import summarize, write_summary
+from lmmixup_hf.pipeline.registry import stage
 from lmmixup_hf.pipeline.workflow import StageRun
-from lmmixup_hf.stages.rate import judge_items, with_ratings
+from lmmixup_hf.stages.rate import judge_items, judge_on, with_ratings
 
 logger = logging.getLogger(__name__)
 
@@ -348,16 +349,16 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         max_tokens=args.max_tokens,
         batch_size=args.batch_size,
     )
-    usage: dict[str, Any] = {}
+    from tqdm.auto import tqdm
+
+    executor = executor or LocalExecutor()
+    part = stage(executor.stage or "rate").parts[0]  # rate's, or rerate's when the pipeline runs it
+    usage: dict[str, Any] = {"executor": executor.name, "mode": "sync"}
     try:
-        if todo:
-            usage = (executor or Executor()).rate(
-                make,
-                [items[i] for i in todo],
-                on_result=lambda k, r: ckpt.add(todo[k], ids[todo[k]], r),
-                show_progress=args.progress,
-            )
-            usage = {**usage, "mode": "sync"}
+        with tqdm(total=len(todo), desc=f"rate ({executor.name})", unit="row", disable=not args.progress) as bar:
+            for i, r in judge_on(executor, make, [items[i] for i in todo], todo, part, usage):
+                ckpt.add(i, ids[i], r)
+                bar.update(1)
     finally:
         ckpt.close()
     return _finish(run, args, ds, items, ckpt.done, {**usage, "estimate": estimate["numbers"]})

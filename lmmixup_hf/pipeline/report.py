@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from lmmixup_hf.data.schema import CLUSTER_ID, LONG_TAIL, RATING, LmmixupError
+from lmmixup_hf.execution.base import Executor
 from lmmixup_hf.options import Options
 from lmmixup_hf.pipeline.report_collect import (
     STAGES,
@@ -134,7 +135,7 @@ grid-template-columns:1fr 1fr;gap:1em}.m{background:#f8f8f8;border-left:3px soli
 margin:4px 0;font-size:13px}pre{white-space:pre-wrap;font-size:12px}"""
 
 
-def report(args: ReportArgs) -> dict[str, Any]:
+def report(args: ReportArgs, executor: Executor | None = None) -> dict[str, Any]:
     """Write ``report.html`` and ``report.md`` into the run folder; return the numbers shown."""
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():

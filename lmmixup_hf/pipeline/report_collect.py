@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lmmixup_hf.data.schema import CLUSTER_ID, COMPLETION, ID, PROMPT, RATING
-from lmmixup_hf.pipeline.registry import STAGE_NAMES
+from lmmixup_hf.pipeline.registry import FOLDER_STAGES
 from lmmixup_hf.pipeline.workflow import MANIFEST, REJECTED
 
-STAGES = tuple(s for s in STAGE_NAMES if s != "report")  # the stages that write a folder
+STAGES = FOLDER_STAGES  # the stages that write a folder, as declared
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:

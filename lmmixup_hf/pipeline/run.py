@@ -23,53 +23,31 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from datasets import Dataset
 
-from lmmixup_hf.data.io import read_stage_data, write_json
+from lmmixup_hf.data.io import write_json
 from lmmixup_hf.data.schema import EXIT_OK, EXIT_PARTIAL, LmmixupError
 from lmmixup_hf.options import Options, from_mapping, suggest
 from lmmixup_hf.pipeline.executors import RayOptions
 from lmmixup_hf.pipeline.registry import STAGE_NAMES, STAGES, Stage
-from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, errors_name, input_status
+from lmmixup_hf.pipeline.registry import stage as stage_named
+from lmmixup_hf.pipeline.workflow import MANIFEST, errors_name, input_status
 
 logger = logging.getLogger(__name__)
 
 
-def wiring(name: str, run_dir: Path, input_path: str, curated: bool = False) -> dict[str, Any]:
-    """The options the pipeline sets itself: where each stage reads and writes. ``curated``: the
-    curate stage is on, so the split reads its output instead of the judge's."""
-    d = {s: str(run_dir / s) for s in STAGE_NAMES}
-    return {
-        "ingest": {"input": input_path, "out": d["ingest"]},
-        "rate": {"input": d["ingest"], "out": d["rate"]},
-        "curate": {"input": d["rate"], "out": d["curate"]},
-        "split": {"input": d["curate"] if curated else d["rate"], "out": d["split"]},
-        "cluster": {"input": str(Path(d["split"]) / "low"), "out": d["cluster"]},
-        "distill": {"input": d["cluster"], "out": d["distill"]},
-        "rerate": {"input": d["distill"], "out": d["rerate"]},
-        "filter": {"input": d["rerate"], "out": d["filter"]},
-        "longtail": {"input": d["filter"], "reference": str(Path(d["split"]) / "high"), "out": d["longtail"]},
-        # the originals as the longtail stage scored them (on the distilled rows' scale), ranked by
-        # quality then long-tail, as the reference's ori_highqual_longtail file
-        "mix": {"original": str(Path(d["longtail"]) / "reference"), "distilled": d["longtail"], "out": d["mix"]},
-        "report": {"run_dir": str(run_dir)},
-    }[name]
+def wiring(name: str, run_dir: Path, input_path: str, off: Collection[str] = ()) -> dict[str, Any]:
+    """The options the pipeline sets itself: where each stage reads and writes (as declared in
+    :mod:`lmmixup_hf.pipeline.registry`; ``off``: opt-in stages that are not on)."""
+    return stage_named(name).wiring(run_dir, input_path, off)
 
-
-# Defaults the pipeline prefers over a stage's own (a config section still overrides them).
-STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cluster": {"quality": "all"},  # its input is already the low split
-    "curate": {"enabled": False},  # opt-in: `curate: {enabled: true}`
-}
 
 # Top-level keys that become every stage's default for an option of the same name.
 SHARED_KEYS = ("embedding_model", "seed", "device", "batch_size", "num_proc")
@@ -187,7 +165,8 @@ def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config")
     if stage.name == "rerate":  # the same judge as `rate` unless told otherwise; distilled rows carry no scores
         carried = ("scores_from", "score_scale")
         section = {**{k: v for k, v in cfg.sections.get("rate", {}).items() if k not in carried}, **section}
-    wired = wiring(stage.name, cfg.run_dir, cfg.input, curated=_enabled(cfg, "curate"))
+    off = [s.name for s in STAGES if not _enabled(cfg, s)]
+    wired = wiring(stage.name, cfg.run_dir, cfg.input, off)
     missing = sorted(set(wired) - fields)
     if missing:
         raise LmmixupError(f"stage {stage.name}: {stage.module}.{stage.args} has no option(s) {', '.join(missing)}")
@@ -197,7 +176,7 @@ def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config")
                 f"{config_path}: {stage.name}.{key}: set by the pipeline (each stage reads the previous stage's output)"
             )
     shared = {key: getattr(cfg, key) for key in SHARED_KEYS if getattr(cfg, key) is not None and key in fields}
-    defaults = {k: v for k, v in STAGE_DEFAULTS.get(stage.name, {}).items() if k in fields}
+    defaults = {k: v for k, v in stage.defaults.items() if k in fields}
     values = {**shared, **defaults, **section, **wired}
 
     def name(key: str) -> str:  # what the user wrote: a top-level shared key or the stage's section key
@@ -208,9 +187,9 @@ def stage_args(stage: Stage, cfg: RunConfig, config_path: str | Path = "config")
     return OptionsParser(cls, prog=f"lmmixup {command}").parse_dict(values, name, what=f"`lmmixup {command}`")
 
 
-def _enabled(cfg: RunConfig, name: str) -> bool:
-    """An opt-in stage (``enabled`` off in :data:`STAGE_DEFAULTS`) is on when its section says so."""
-    return bool(cfg.sections.get(name, {}).get("enabled", STAGE_DEFAULTS.get(name, {}).get("enabled", True)))
+def _enabled(cfg: RunConfig, stage: Stage) -> bool:
+    """An opt-in stage (declared with ``enabled`` off) is on when its section says so."""
+    return bool(cfg.sections.get(stage.name, {}).get("enabled", stage.defaults.get("enabled", True)))
 
 
 class _MissingStage(LmmixupError):
@@ -292,10 +271,8 @@ def _run_stages(cfg: RunConfig, stages: list[Stage], all_args: Mapping[str, Any]
         t0 = time.time()
         logger.info("[%d/%d] %s: %s", i, len(stages), stage.name, stage.help)
         func: Callable[..., Any] = getattr(_import(stage), stage.func)
-        if not _skip_empty(stage, all_args[stage.name]):
-            takes_executor = "executor" in inspect.signature(func).parameters
-            with errors_name(cfg.run_dir / stage.name):  # e.g. a full disk: which stage's folder
-                func(all_args[stage.name], **({"executor": executor.for_stage(stage.name)} if takes_executor else {}))
+        with errors_name(cfg.run_dir / stage.name):  # e.g. a full disk: which stage's folder
+            func(all_args[stage.name], executor=executor.for_stage(stage.name))
         stage_dir = cfg.run_dir / stage.name
         logger.info(
             "[%d/%d] %s: done in %.1f s%s", i, len(stages), stage.name, time.time() - t0, _count_note(stage_dir)
@@ -326,46 +303,6 @@ def _record_partial(run_dir: Path, partial: Mapping[str, str], allowed: bool, ex
     """``run.json``: which stages were partial, whether the run went on anyway (the report shows it),
     and where the parallel work ran."""
     write_json(run_dir / "run.json", {"partial_stages": dict(partial), "allow_partial": allowed, **executor})
-
-
-def _skip_empty(stage: Stage, args: Any) -> bool:
-    """A weak distiller or a strict filter can leave nothing to score. k-NN over no rows has no
-    answer, so the pipeline writes the longtail stage's (empty) output itself, under the stage's
-    own fingerprint, and the mix goes on with the original rows only."""
-    if stage.name != "longtail" or _n_rows(args.input) != 0:
-        return False
-    from datasets import Value
-
-    from lmmixup_hf.data.io import read_pool
-
-    run = StageRun("longtail", args.out, inputs=[args.input, args.reference], params=args)
-    if run.is_complete():
-        logger.info("longtail: up to date, skipping (%s)", args.out)
-        return True
-
-    def unscored(ds: Dataset) -> Dataset:
-        nan = [float("nan")] * len(ds)
-        for col in ("long_tail_raw", "long_tail"):
-            ds = ds.remove_columns([col]) if col in ds.column_names else ds
-            ds = ds.add_column(col, nan, feature=Value("float64"))
-        return ds
-
-    reference = unscored(read_pool(args.reference, quarantine=run.quarantine))
-    run.finish(
-        unscored(read_stage_data(args.input)),
-        counts={"rows": 0, "reference_rows": len(reference)},
-        extra={"skipped": "no input rows: nothing to score"},
-        splits={"reference": reference},
-    )
-    logger.warning("longtail: no distilled rows reached this stage; the mix will hold original rows only")
-    return True
-
-
-def _n_rows(stage_dir: str | Path) -> int | None:
-    import pyarrow.parquet as pq
-
-    files = sorted((Path(stage_dir) / "data").glob("*.parquet"))
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files) if files else None
 
 
 def _require_upstream(first: Stage, run_dir: Path, skip: frozenset[str] | set[str] = frozenset()) -> None:

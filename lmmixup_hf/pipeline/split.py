@@ -16,6 +16,7 @@ from datasets import Dataset
 from lmmixup_hf.data.io import StageWriter, arrow_dataset, iter_stage_batches, read_stage_data, stage_files, write_json
 from lmmixup_hf.data.quality import high_quality_mask, rating_field, rating_scores
 from lmmixup_hf.data.schema import HIGH_QUALITY_THRESHOLD, RATING, LmmixupError
+from lmmixup_hf.execution.base import Executor
 from lmmixup_hf.options import Options
 from lmmixup_hf.pipeline.workflow import MANIFEST, StageRun, content_fingerprint
 
@@ -41,7 +42,7 @@ class SplitArgs(Options):
     )
 
 
-def split_rated(args: SplitArgs) -> Dataset:
+def split_rated(args: SplitArgs, executor: Executor | None = None) -> Dataset:
     """Split rated rows into ``high/`` and ``low/`` (the rule of :func:`~lmmixup_hf.data.quality.split_by_quality`).
     Each half is a stage folder of its own (data/ + manifest), so later stages read it like any
     other. Unscored rows (the judge failed) are quarantined, never counted as low. Streams: the
@@ -128,7 +129,7 @@ class FilterArgs(Options):
     )
 
 
-def filter_rated(args: FilterArgs) -> Dataset:
+def filter_rated(args: FilterArgs, executor: Executor | None = None) -> Dataset:
     """Keep rows scored >= ``min_score`` (the same rule as the split). Rows under it go to
     ``below/``; rows with no score (the judge failed) are quarantined with a reason, never a 0.
     Streams, as the split does."""

@@ -17,9 +17,11 @@ and the manifest around it.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -268,15 +270,98 @@ def distill_rows(
         distilled, unparsed = distill_rows(clusters.rows, engine, max_new_tokens=512)
     """
     options = resolve(GenerationOptions, options, changes)
+    clusters, members = cluster_members(clustered)
+    clusters = clusters[:limit]
+    chunks = [clusters[i : i + batch] for i in range(0, len(clusters), batch)]
+    distilled = DistillBatch(lambda: engine, asdict(options))(chunk_table(members, chunks, range(len(chunks))))
+    records = [r for _, rows, _, _ in chunk_results(distilled) for r in rows]
+    table = pa.Table.from_pylist(records, schema=SCHEMA)
+    good = split_parsed(table)[0]
+    return good, Dataset(InMemoryTable(table.filter(pc.invert(pc.fill_null(table["parse_ok"], False)))))
+
+
+# -- the pieces the command shares with distill_rows; DistillBatch runs on a worker ----------------
+MEMBER_COLUMNS = (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE)  # what the distiller reads of a member
+
+
+def cluster_members(clustered: Dataset) -> tuple[list[tuple[int, np.ndarray]], Dataset]:
+    """The clusters (``(cluster_id, member row indices in id order)``, leftovers aside) and the
+    member columns the distiller reads."""
     cluster_ids = np.asarray(clustered[CLUSTER_ID], dtype=np.int64)
-    clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))[:limit]
-    columns = [c for c in (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE) if c in clustered.column_names]
-    members = clustered.select_columns(columns)
-    records = [
-        r
-        for i in range(0, len(clusters), batch)
-        for r in distill_chunk(members, clusters[i : i + batch], engine, options)
-    ]
-    result = Dataset(InMemoryTable(pa.Table.from_pylist(records, schema=SCHEMA)))
+    clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))
+    return clusters, clustered.select_columns([c for c in MEMBER_COLUMNS if c in clustered.column_names])
+
+
+def chunk_table(members: Dataset, chunks: Sequence[Sequence[tuple[int, Any]]], todo: Iterable[int]) -> pa.Table:
+    """One row per chunk ``k`` in ``todo``: its clusters' members as Arrow (with their cluster id),
+    so a worker distils exactly the clusters of that chunk, in one engine batch."""
+    ks, blobs = [], []
+    arrow = members.with_format("arrow")
+    for k in todo:
+        if not chunks[k]:
+            continue
+        idx = np.concatenate([np.asarray(i) for _, i in chunks[k]])
+        cids = np.concatenate([np.full(len(i), c, np.int64) for c, i in chunks[k]])
+        ks.append(k)
+        blobs.append(to_ipc(arrow[idx.tolist()].append_column(CLUSTER_ID, pa.array(cids))))
+    return pa.table({"k": pa.array(ks, pa.int64()), "members": pa.array(blobs, pa.binary())})
+
+
+class DistillBatch:
+    """Distil a batch of :func:`chunk_table` rows with one engine (built once, by ``make_engine``):
+    per chunk its records (Arrow, :data:`SCHEMA`), the seconds it took and the engine's description."""
+
+    def __init__(self, make_engine: Callable[[], Engine], generation: Mapping[str, Any]):
+        self.engine = make_engine()
+        self.generation = dict(generation)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out: dict[str, list] = {"k": [], "part": [], "seconds": [], "engine": []}
+        for k, blob in zip(batch["k"].to_pylist(), batch["members"].to_pylist()):
+            members = Dataset(InMemoryTable(from_ipc(blob)))
+            cids = np.asarray(members[CLUSTER_ID], dtype=np.int64)
+            clusters = list(group_clusters(cids, np.asarray([str(x) for x in members[ID]])))
+            t0 = time.time()
+            rows = distill_chunk(members, clusters, self.engine, **self.generation)
+            out["k"].append(k)
+            out["part"].append(to_ipc(pa.Table.from_pylist(rows, schema=SCHEMA)))
+            out["seconds"].append(time.time() - t0)
+            out["engine"].append(json.dumps(self.engine.describe(), default=str))
+        self.engine.flush()  # a worker may be stopped at any time after its batch is returned
+        return pa.table(out, schema=CHUNK_RESULT)
+
+
+CHUNK_RESULT = pa.schema(
+    [("k", pa.int64()), ("part", pa.binary()), ("seconds", pa.float64()), ("engine", pa.string())]
+)
+
+
+def chunk_results(out: pa.Table) -> Iterator[tuple[int, list[dict[str, Any]], float, dict[str, Any]]]:
+    """``(chunk, records, seconds, engine description)`` for each chunk a :class:`DistillBatch` returned."""
+    for k, blob, seconds, described in zip(*(out[c].to_pylist() for c in CHUNK_RESULT.names)):
+        yield k, from_ipc(blob).to_pylist(), seconds, json.loads(described)
+
+
+def split_parsed(records: pa.Table) -> tuple[Dataset, Dataset, Dataset]:
+    """``(distilled, unparsed, failed)``: parsed records, replies that could not be parsed (final,
+    with their ``parse_error``), and generations that failed for a reason outside the reply (to retry)."""
+    result = Dataset(InMemoryTable(records))
     ok = np.asarray(result["parse_ok"], dtype=bool)
-    return result.select(np.flatnonzero(ok)), result.select(np.flatnonzero(~ok))
+    failed = failed_mask(records)
+    return (
+        result.select(np.flatnonzero(ok)),
+        result.select(np.flatnonzero(~ok & ~failed)),
+        result.select(np.flatnonzero(failed)),
+    )
+
+
+def to_ipc(table: pa.Table) -> bytes:
+    """A table as Arrow IPC stream bytes (one value of a binary column)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(blob: bytes) -> pa.Table:
+    return pa.ipc.open_stream(blob).read_all()

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 from datasets import Dataset
 
 from lmmixup_hf.data.schema import LONG_TAIL, LmmixupError
 from lmmixup_hf.embed.neighbors import AnnCheck, checked_knn, knn, resolve_device
+from lmmixup_hf.execution.base import Executor, Part, Shared, vector_column, vectors
 from lmmixup_hf.options import Options, resolve
 
 logger = logging.getLogger(__name__)
@@ -248,3 +252,49 @@ def with_scores(ds: Dataset, raw: np.ndarray, norm: np.ndarray) -> Dataset:
     return ds.add_column(LONG_TAIL_RAW, raw.astype(np.float64).tolist()).add_column(
         LONG_TAIL, norm.astype(np.float64).tolist()
     )
+
+
+# -- the batch function: the exact kNN search of a batch of queries, on any executor ----------------
+class KnnBatch:
+    """Exact top-``k`` similarities of a batch of queries (``row``, ``query`` vectors) against keys
+    every worker shares (read once per worker). ``self_search``: the keys are the queries
+    themselves, and a row's own match is left out."""
+
+    def __init__(self, keys: Shared, k: int, self_search: bool, device: str | None = None):
+        self.keys = keys.get()  # may be read-only (the object store's); it is only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        self.k, self.self_search, self.device = k, self_search, device
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows, queries = batch["row"].to_numpy(), vectors(batch["query"])
+        if not self.self_search:
+            sims = knn(queries, self.keys, self.k, exclude_self=False, device=self.device)[0]
+            return pa.table({"row": batch["row"], "sims": vector_column(sims)})
+        k = min(self.k, self.keys.shape[0] - 1)
+        sims, idx = knn(queries, self.keys, k + 1, exclude_self=False, device=self.device)
+        keep = idx != rows[:, None]  # drop the row itself, else the (k+1)-th
+        keep[keep.all(1), -1] = False
+        return pa.table({"row": batch["row"], "sims": vector_column(sims[keep].reshape(len(rows), k))})
+
+
+def knn_on(executor: Executor, part: Part) -> Search | None:
+    """The ``search`` for :func:`longtail_rows` on ``executor``: None in this process (the core's own
+    exact search, which computes each pair of a self-search once), else :class:`KnnBatch` over
+    batches of queries with the keys shared once."""
+    if executor.in_process:
+        return None
+
+    def search(queries: np.ndarray, keys: np.ndarray | None, k: int) -> np.ndarray:
+        self_search = keys is None
+        k_eff = min(k, (len(queries) - 1) if self_search else len(keys))
+        sims = np.zeros((len(queries), max(k_eff, 0)), np.float32)
+        if k_eff <= 0 or len(queries) == 0:
+            return sims
+        shared = executor.share(np.ascontiguousarray(queries if self_search else keys, dtype=np.float32))
+        table = pa.table({"row": pa.array(np.arange(len(queries), dtype=np.int64)), "query": vector_column(queries)})
+        make = partial(KnnBatch, shared, k_eff, self_search)
+        for out in executor.map_batches(make, table, part):
+            sims[out["row"].to_numpy()] = vectors(out["sims"])
+        return sims
+
+    return search

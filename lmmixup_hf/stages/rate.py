@@ -9,11 +9,16 @@ summaries and the manifest around it.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
+import pyarrow as pa
 from datasets import Dataset, Value
 
 from lmmixup_hf.data.quality import rating_field
@@ -28,7 +33,8 @@ from lmmixup_hf.data.schema import (
     TASK_TYPE,
     LmmixupError,
 )
-from lmmixup_hf.judge.judges import DIMENSIONS, JudgeItem, reference_kind
+from lmmixup_hf.execution.base import Executor, LocalExecutor, Part
+from lmmixup_hf.judge.judges import DIMENSIONS, JudgeItem, Rating, reference_kind
 from lmmixup_hf.judge.protocol import Judge
 
 logger = logging.getLogger(__name__)
@@ -136,10 +142,151 @@ def rate_rows(
     """
     items, unratable = judge_items(ds, fields, rubric, reference_field)
     order = sorted(items)
-    ratings = judge.rate_many([items[i] for i in order], desc="rate", show_progress=show_progress)
-    done = {i: {"ok": r.ok, "rating": r.as_struct() if r.ok else None} for i, r in zip(order, ratings)}
+    part = Part("rate", max(1, len(order)))  # one block: the judge keeps its requests in flight across all
+    ratings = judge_on(LocalExecutor(), lambda: judge, [items[i] for i in order], order, part, {}, show_progress)
+    done = {i: {"ok": r.ok, "rating": r.as_struct() if r.ok else None} for i, r in ratings}
     rated, failed = with_ratings(ds, items, done)
     return RatedRows(rated, failed, unratable)
+
+
+# -- the batch function: what runs on a worker (here, or one per Ray actor) -------------------------
+def items_table(items: Sequence[JudgeItem], positions: Sequence[int]) -> pa.Table:
+    """Judge items as the rows of a batch, each with the position it is reported back under."""
+    return pa.table(
+        {
+            "pos": pa.array(positions, pa.int64()),
+            "text": [it.text for it in items],
+            "kind": [it.kind for it in items],
+            "reference": pa.array([it.reference for it in items], pa.string()),
+            "style": pa.array([it.style for it in items], pa.string()),
+        }
+    )
+
+
+class JudgeBatch:
+    """Judge a batch of :func:`items_table` rows with one judge (built once, by ``make_judge``).
+
+    Yields result tables as ratings finish (so the caller can checkpoint each at once): per row
+    the rating (a JSON struct) or the error; the last row of the batch also carries what the
+    batch used (requests, tokens, cost). ``lmmixup rate`` maps it over the rows through its
+    executor; :func:`rate_rows` runs it on all rows at once."""
+
+    def __init__(self, make_judge: Callable[[], Judge], show_progress: bool = False):
+        self.judge = make_judge()
+        self.show_progress = show_progress
+
+    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+        cols = batch.to_pydict()
+        items = [JudgeItem(*f) for f in zip(cols["text"], cols["kind"], cols["reference"], cols["style"])]
+        before = self.judge.usage.as_dict()
+        finished: queue.Queue = queue.Queue()
+        result: dict[str, Any] = {}
+
+        def work() -> None:  # the judge reports each rating as it arrives; the caller yields them
+            try:
+                result["ratings"] = self.judge.rate_many(
+                    items, on_result=lambda i, r: finished.put((i, r)), desc="rate", show_progress=self.show_progress
+                )
+            except BaseException as e:  # raised in the caller's thread below
+                result["error"] = e
+            finally:
+                finished.put(None)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        sent: set[int] = set()
+        while True:
+            got = [finished.get()]
+            while not finished.empty():
+                got.append(finished.get_nowait())
+            ready = [g for g in got if g is not None]
+            if ready:
+                sent.update(i for i, _ in ready)
+                yield _judged(cols["pos"], ready)
+            if got[-1] is None:
+                break
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        unreported = [(i, r) for i, r in enumerate(result["ratings"]) if i not in sent]
+        if unreported:
+            yield _judged(cols["pos"], unreported)
+        self.judge.flush()  # a worker may be stopped at any time after its batch is returned
+        usage = json.dumps(usage_delta(before, self.judge.usage.as_dict()))
+        yield pa.table({"pos": [-1], "rating": [None], "error": [None], "judge": [None], "usage": [usage]}, JUDGED)
+
+
+JUDGED = pa.schema(
+    [
+        ("pos", pa.int64()),
+        ("rating", pa.string()),
+        ("error", pa.string()),
+        ("judge", pa.string()),
+        ("usage", pa.string()),
+    ]
+)
+
+
+def _judged(positions: list[int], ratings: list[tuple[int, Rating]]) -> pa.Table:
+    """Result rows of :class:`JudgeBatch`: ``ratings`` are ``(index in the batch, rating)``."""
+    return pa.table(
+        {
+            "pos": [positions[i] for i, _ in ratings],
+            "rating": [json.dumps(r.as_struct()) if r.ok else None for _, r in ratings],
+            "error": [None if r.ok else (r.error or "no score in the reply") for _, r in ratings],
+            "judge": [r.judge for _, r in ratings],
+            "usage": [None] * len(ratings),
+        },
+        JUDGED,
+    )
+
+
+def judge_on(
+    executor: Executor,
+    make_judge: Callable[[], Judge],
+    items: Sequence[JudgeItem],
+    positions: Sequence[int],
+    part: Part,
+    usage: dict[str, Any],
+    show_progress: bool = False,
+) -> Iterator[tuple[int, Rating]]:
+    """Judge ``items`` with :class:`JudgeBatch` on ``executor``: ``(position, rating)`` as each
+    arrives; what the judges used (requests, tokens, cost) is added up into ``usage``."""
+    make = partial(JudgeBatch, make_judge, show_progress=show_progress)
+    for out in executor.map_batches(make, items_table(items, positions), part):
+        for i, r, used in ratings_of(out):
+            if r is None:
+                add_usage(usage, used)
+            else:
+                yield i, r
+    if "cost_usd" in usage:
+        usage["cost_usd"] = round(usage["cost_usd"], 6)
+
+
+def ratings_of(judged: pa.Table) -> Iterator[tuple[int, Rating | None, dict[str, Any] | None]]:
+    """``(position, rating, None)`` for each row a :class:`JudgeBatch` rated, and
+    ``(-1, None, usage)`` for the row that ends a batch with what it used."""
+    for pos, rating, error, judge, used in zip(*(judged[c].to_pylist() for c in JUDGED.names)):
+        if pos < 0:
+            yield pos, None, json.loads(used)
+            continue
+        r = Rating.from_struct(json.loads(rating)) if rating else Rating(None, None, judge=judge, error=error)
+        yield pos, r, None
+
+
+def usage_delta(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """What a batch added to a usage meter: counters as differences, the rest (model, price) as is."""
+    return {k: v - before.get(k, 0) if _counter(v) else v for k, v in after.items()}
+
+
+def add_usage(total: dict[str, Any], delta: Mapping[str, Any]) -> None:
+    """Add one batch's usage (:func:`usage_delta`) to ``total``."""
+    for k, v in delta.items():
+        total[k] = total.get(k, 0) + v if _counter(v) else v
+
+
+def _counter(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 # -- ratings the rows already carry (skip the judge) ---------------------------------------------
