@@ -5,9 +5,10 @@ tables, to hand back results as they finish), picklable, built by a factory once
 worker loads its model once and keeps it). The stage owns the function; an executor only decides
 where it runs:
 
-- :meth:`Executor.map_batches`: the rows in blocks of a part's batch size, each block through one
-  worker's function; result blocks come back as they finish (in no particular order on Ray; the
-  function carries whatever key the stage needs to put results back).
+- :meth:`Executor.map_batches`: the rows in blocks of a part's batch size (or ``rows_per_call``,
+  e.g. one block descriptor per call, see :mod:`lmmixup_hf.execution.blocks`), each block through
+  one worker's function; result blocks come back as they finish (in no particular order on Ray;
+  the function carries whatever key the stage needs to put results back).
 - :meth:`Executor.map_groups`: one call per distinct value of a key column, the group's rows whole.
 - :meth:`Executor.share`: a large read-only object every worker reads (``handle.get()``) instead
   of every batch carrying it.
@@ -69,7 +70,11 @@ class Executor(Protocol):
 
     def for_stage(self, stage: str) -> Executor: ...
 
-    def map_batches(self, make_fn: BatchFactory, table: pa.Table, part: Part) -> Iterator[pa.Table]: ...
+    def batch_size(self, part: Part) -> int: ...
+
+    def map_batches(
+        self, make_fn: BatchFactory, table: pa.Table, part: Part, rows_per_call: int | None = None
+    ) -> Iterator[pa.Table]: ...
 
     def map_groups(self, fn: BatchFn, table: pa.Table, key: str, part: Part) -> Iterator[pa.Table]: ...
 
@@ -145,11 +150,13 @@ class LocalExecutor:
         pool = self.pools.get(part.name)
         return (pool.batch_size if pool else None) or part.local_batch_size or part.batch_size
 
-    def map_batches(self, make_fn: BatchFactory, table: pa.Table, part: Part) -> Iterator[pa.Table]:
+    def map_batches(
+        self, make_fn: BatchFactory, table: pa.Table, part: Part, rows_per_call: int | None = None
+    ) -> Iterator[pa.Table]:
         if table.num_rows == 0:
             return
         fn = make_fn()
-        for block in blocks(table, self.batch_size(part)):
+        for block in blocks(table, rows_per_call or self.batch_size(part)):
             yield from results(fn(block))
 
     def map_groups(self, fn: BatchFn, table: pa.Table, key: str, part: Part) -> Iterator[pa.Table]:

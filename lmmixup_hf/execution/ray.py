@@ -138,12 +138,14 @@ class RayExecutor:
     def batch_size(self, part: Part) -> int:
         return self.options.pool(part.name).batch_size or part.batch_size
 
-    def map_batches(self, make_fn: BatchFactory, table: pa.Table, part: Part) -> Iterator[pa.Table]:
+    def map_batches(
+        self, make_fn: BatchFactory, table: pa.Table, part: Part, rows_per_call: int | None = None
+    ) -> Iterator[pa.Table]:
         if table.num_rows == 0:
             return
         ray = self.start()
         pool = self.options.pool(part.name)
-        parts = blocks(table, self.batch_size(part))
+        parts = blocks(table, rows_per_call or self.batch_size(part))
         mapped = ray.data.from_arrow(parts).map_batches(
             Worker,
             fn_constructor_kwargs={"make_fn": make_fn},
