@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -36,6 +36,7 @@ from lmmixup_hf.data.schema import (
 )
 from lmmixup_hf.execution.base import Executor, LocalExecutor
 from lmmixup_hf.judge.judges import KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
+from lmmixup_hf.judge.protocol import Judge
 from lmmixup_hf.options import OptionError, Options
 from lmmixup_hf.pipeline.rate_summary import summarize, write_summary
 from lmmixup_hf.pipeline.registry import stage
@@ -272,6 +273,31 @@ def _cache_dir(value: str | None) -> Path | None:
     return cache_root() / "llm"
 
 
+def judge_factory(args: RateArgs) -> Callable[[], Judge]:
+    """What builds the judge, wherever it runs: the endpoint and key are resolved here, so judges
+    built elsewhere (Ray actors on other nodes) use the driver's."""
+    return partial(
+        make_judge,
+        args.engine,
+        args.judge_model,
+        base_url=args.base_url or os.environ.get("OPENAI_BASE_URL"),
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+        max_concurrency=args.max_concurrency,
+        requests_per_minute=args.rpm,
+        tokens_per_minute=args.tpm,
+        max_retries=args.max_retries,
+        timeout=args.timeout,
+        retry_base_delay=args.retry_base_delay,
+        cache_dir=_cache_dir(args.cache_dir),
+        prices=_load_prices(args.prices),
+        json_mode=args.json_mode,
+        logprobs=args.logprobs,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+    )
+
+
 # -- the command: files, checkpoints, batches, summaries around the core ---------------------------
 def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
     """Run the stage (or return its output when it is up to date). ``executor`` runs the judging
@@ -284,6 +310,13 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
     run = StageRun("rate", args.out, inputs=[args.input], params=args, tags={"rubric_version": version})
     if run.is_complete():
         logger.info("rate: up to date, skipping (%s)", args.out)
+        return run.load()
+    batch = args.mode == "batch" or args.batch_file_only or args.batch_results
+    if executor is not None and not executor.in_process and not (args.scores_from or batch or args.estimate):
+        # on a cluster the workers read and write the rows themselves; the driver never holds them
+        from lmmixup_hf.pipeline.rate_blocks import rate_on_blocks
+
+        rate_on_blocks(run, args, executor, judge_factory(args), fields, progress=args.progress)
         return run.load()
 
     ds = read_pool(args.input, quarantine=run.quarantine)
@@ -318,7 +351,7 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         ckpt.close()
         print(estimate["line"], flush=True)
         return None
-    if args.mode == "batch" or args.batch_file_only or args.batch_results:
+    if batch:
         try:
             from lmmixup_hf.pipeline.rate_batch import rate_batch
 
@@ -328,27 +361,7 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         if batch_usage is None:  # --batch_file_only: the requests are written, nothing is rated yet
             return None
         return _finish(run, args, ds, items, ckpt.done, {**batch_usage, "estimate": estimate["numbers"]})
-    make = partial(
-        make_judge,
-        args.engine,
-        args.judge_model,
-        # resolved here, so judges built elsewhere (Ray actors on other nodes) use the driver's endpoint
-        base_url=args.base_url or os.environ.get("OPENAI_BASE_URL"),
-        api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
-        max_concurrency=args.max_concurrency,
-        requests_per_minute=args.rpm,
-        tokens_per_minute=args.tpm,
-        max_retries=args.max_retries,
-        timeout=args.timeout,
-        retry_base_delay=args.retry_base_delay,
-        cache_dir=_cache_dir(args.cache_dir),
-        prices=_load_prices(args.prices),
-        json_mode=args.json_mode,
-        logprobs=args.logprobs,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-    )
+    make = judge_factory(args)
     from tqdm.auto import tqdm
 
     executor = executor or LocalExecutor()

@@ -12,27 +12,51 @@ from lmmixup_hf.data.io import write_json
 from lmmixup_hf.data.schema import SCORE_MAX, SCORE_MIN
 from lmmixup_hf.plotting import figure
 
+BINS = SCORE_MAX - SCORE_MIN + 1
 
-def _stats(scores: np.ndarray, high: np.ndarray, n_failed: int) -> dict[str, Any]:
-    hist = np.bincount(scores, minlength=SCORE_MAX + 1)[SCORE_MIN : SCORE_MAX + 1] if len(scores) else np.zeros(6, int)
+
+def tally(scores: np.ndarray, sources: np.ndarray, high: np.ndarray, failed_sources: Sequence[str] = ()) -> dict:
+    """Per source: the score histogram, the high-quality count and the failed count, as one integer
+    vector (``BINS`` counts, high, failed). Tallies of parts of the rows add up (:func:`add_tally`),
+    so a summary can be made block by block without holding the rows."""
+    failed = np.asarray(failed_sources, dtype=object)
+    out: dict = {}
+    for s in {*sources.tolist(), *failed.tolist()}:
+        mine = sources == s
+        hist = np.bincount(scores[mine], minlength=SCORE_MAX + 1)[SCORE_MIN : SCORE_MAX + 1]
+        out[s] = np.concatenate([hist, [int(high[mine].sum()), int((failed == s).sum())]]).astype(np.int64)
+    return out
+
+
+def add_tally(total: dict, part: dict) -> dict:
+    """``total`` with ``part`` added to it (in place)."""
+    for s, v in part.items():
+        total[s] = total[s] + v if s in total else v.copy()
+    return total
+
+
+def _stats(counts: np.ndarray) -> dict[str, Any]:
+    hist, high, failed = counts[:BINS], int(counts[BINS]), int(counts[BINS + 1])
+    n = int(hist.sum())
     return {
-        "n": int(len(scores)),
-        "failed": int(n_failed),
-        "mean_score": round(float(scores.mean()), 4) if len(scores) else None,
-        "high": int(high.sum()),
-        "high_share": round(float(high.mean()), 4) if len(scores) else None,
+        "n": n,
+        "failed": failed,
+        "mean_score": round(float((hist * np.arange(SCORE_MIN, SCORE_MAX + 1)).sum() / n), 4) if n else None,
+        "high": high,
+        "high_share": round(high / n, 4) if n else None,
         "histogram": [int(x) for x in hist],
     }
 
 
+def summary_of(counts: dict) -> dict:
+    """Score histograms (0..5) overall and per source, from a :func:`tally`."""
+    total = sum(counts.values(), np.zeros(BINS + 2, np.int64))
+    return {"all": _stats(total), "by_source": {s: _stats(counts[s]) for s in sorted(counts)}}
+
+
 def summarize(scores: np.ndarray, sources: np.ndarray, high: np.ndarray, failed_sources: Sequence[str] = ()) -> dict:
     """Score histograms (0..5) overall and per source."""
-    failed = np.asarray(failed_sources, dtype=object)
-    names = sorted({*sources.tolist(), *failed.tolist()})
-    return {
-        "all": _stats(scores, high, len(failed)),
-        "by_source": {s: _stats(scores[sources == s], high[sources == s], int((failed == s).sum())) for s in names},
-    }
+    return summary_of(tally(np.asarray(scores, dtype=np.int64), sources, np.asarray(high, bool), failed_sources))
 
 
 def write_summary(out: Path, summary: Mapping[str, Any], threshold: int) -> None:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-from datasets import Dataset, Value
+from datasets import Dataset, Features, Value
 
 from lmmixup_hf.data.quality import rating_field
 from lmmixup_hf.data.schema import (
@@ -75,14 +75,15 @@ class RatedRows(NamedTuple):
 
 
 def judge_items(
-    ds: Dataset, fields: Sequence[str], rubric: str = "general", reference_field: str | None = None
+    ds: Dataset | pa.Table, fields: Sequence[str], rubric: str = "general", reference_field: str | None = None
 ) -> tuple[dict[int, JudgeItem], list[tuple[int, str]]]:
     """What the judge sees for each row (by input index); rows with nothing to rate come back apart
     with the reason. ``rubric``: a kind, ``auto`` (each row's task_type) or ``reference``."""
     items: dict[int, JudgeItem] = {}
     unratable: list[tuple[int, str]] = []
     columns = sorted({*fields, *([TASK_TYPE] if TASK_TYPE in ds.column_names else [])} | ({reference_field} - {None}))
-    for i, row in enumerate(ds.select_columns(columns)):
+    rows = ds.select(columns).to_pylist() if isinstance(ds, pa.Table) else ds.select_columns(columns)
+    for i, row in enumerate(rows):
         try:
             text = render_item(row, fields)
         except ValueError as e:
@@ -147,6 +148,70 @@ def rate_rows(
     done = {i: {"ok": r.ok, "rating": r.as_struct() if r.ok else None} for i, r in ratings}
     rated, failed = with_ratings(ds, items, done)
     return RatedRows(rated, failed, unratable)
+
+
+# -- the block function: a worker rates the rows it read itself (Ray), see execution.blocks ---------
+RATING_TYPE = Features({RATING: RATING_FEATURE}).arrow_schema.field(RATING).type
+# what a block part carries besides the input rows and their rating, for the command's side files
+STATUS, ERROR, LINE = "__status", "__error", "__line"  # ok | failed | unratable; why; 1-based input row
+
+
+class RateBlock:
+    """Rate the rows of one block with one judge (built once per worker): the block's rows with
+    their ``rating`` struct (null unless ok), plus :data:`STATUS`, :data:`ERROR` and :data:`LINE`.
+
+    Rows are turned into judge items by the rules of :func:`judge_items` (a row with nothing to
+    rate is carried with its reason, never dropped); with the block's ``previous`` part, its ok
+    ratings are kept and only the other rows are asked again. The completion record counts the
+    rows and carries what the judge used."""
+
+    def __init__(
+        self,
+        make_judge: Callable[[], Judge],
+        fields: Sequence[str],
+        rubric: str = "general",
+        reference_field: str | None = None,
+    ):
+        self.judge = JudgeBatch(make_judge)
+        self.fields, self.rubric, self.reference_field = list(fields), rubric, reference_field
+
+    def __call__(self, rows: pa.Table, block: Any, previous: pa.Table | None) -> tuple[pa.Table, dict[str, Any]]:
+        n = rows.num_rows
+        items, unratable = judge_items(rows, self.fields, self.rubric, self.reference_field)
+        structs: list[dict | None] = [None] * n
+        status, errors = ["unratable"] * n, [None] * n
+        for i, reason in unratable:
+            errors[i] = reason
+        if previous is not None:  # keep the ok ratings of the earlier run of this block
+            for i, (st, r) in enumerate(zip(previous[STATUS].to_pylist(), previous[RATING].to_pylist())):
+                if st == "ok" and i in items:
+                    structs[i], status[i] = r, "ok"
+        todo = [i for i in sorted(items) if structs[i] is None]
+        usage: dict[str, Any] = {}
+        if todo:
+            for out in self.judge(items_table([items[i] for i in todo], todo)):
+                for i, r, used in ratings_of(out):
+                    if r is None:
+                        add_usage(usage, used)
+                    elif r.ok:
+                        structs[i], status[i], errors[i] = r.as_struct(), "ok", None
+                    else:
+                        status[i], errors[i] = "failed", r.error or "not rated"
+        base = rows.drop_columns([RATING]) if RATING in rows.column_names else rows
+        part = (
+            base.append_column(RATING, pa.array(structs, RATING_TYPE))
+            .append_column(STATUS, pa.array(status, pa.string()))
+            .append_column(ERROR, pa.array(errors, pa.string()))
+            .append_column(LINE, pa.array(range(block.start + 1, block.start + n + 1), pa.int64()))
+        )
+        record = {
+            "rated": status.count("ok"),
+            "failed": status.count("failed"),
+            "unratable": len(unratable),
+            "asked": len(todo),
+            "usage": usage,
+        }
+        return part, record
 
 
 # -- the batch function: what runs on a worker (here, or one per Ray actor) -------------------------
