@@ -157,15 +157,31 @@ def test_ray_chain_gives_the_rows_of_the_local_chain(clean_run, server, subset, 
 
 
 # -- faults -----------------------------------------------------------------------------------------
-def checkpoint_records(path: Path) -> list[dict]:
-    """The checkpoint's whole lines (a kill may cut the last one short)."""
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
+def block_folder(stage_dir: Path):
+    """The stage's block folder (parts and completion records) under its work folder."""
+    from lmmixup_hf.execution.blocks import BlockFolder
+
+    found = list(stage_dir.glob(".work/*/blocks"))
+    assert len(found) == 1, found
+    return BlockFolder(found[0])
+
+
+def completed_rows(stage_dir: Path) -> list[str]:
+    """The ids in the parts that have a completion record (a part without one is not done)."""
+    folder = block_folder(stage_dir)
+    return [i for b in sorted(folder.records()) for i in folder.read(b, ["id"])["id"].to_pylist()]
+
+
+def settled(count, quiet: float = 3.0, limit: float = 60.0) -> int:
+    """``count()`` once it has not changed for ``quiet`` seconds: a worker of a killed driver may
+    still finish (and record) the block it holds before Ray stops it."""
+    last, since, deadline = count(), time.time(), time.time() + limit
+    while time.time() - since < quiet and time.time() < deadline:
+        time.sleep(0.2)
+        now = count()
+        if now != last:
+            last, since = now, time.time()
+    return last
 
 
 CRASH_DIR = "LMMIXUP_TEST_CRASH_DIR"
@@ -258,9 +274,6 @@ def test_an_actor_killed_mid_stage_loses_and_repeats_no_row(
 
     executor, calls = private_ray
     monkeypatch.setattr(rate_module, "make_judge", crashing_make_judge)
-    recorded: list[int] = []  # every row the driver wrote to the checkpoint
-    add = rate_module.Checkpoint.add
-    monkeypatch.setattr(rate_module.Checkpoint, "add", lambda self, i, *a: (recorded.append(i), add(self, i, *a)))
     asked = server.n_requests
     out = tmp_path / "rate"
     args = RateArgs(
@@ -276,16 +289,19 @@ def test_an_actor_killed_mid_stage_loses_and_repeats_no_row(
     )
     rate(args, executor=executor.for_stage("rate"))
     assert (calls / "call-2").exists() and len(list(calls.iterdir())) >= 40 // 8 + 1  # the crash happened
-    assert sorted(recorded) == list(range(40))  # every row once: none lost, none twice
-    assert server.n_requests - asked == 40  # the crashed batch died before asking: nothing asked twice
+    records = block_folder(out).records()
+    assert len(records) == 5 and sum(r["asked"] for r in records.values()) == 40
+    ids = [r["id"] for r in rows(clean_run / "ingest")]
+    assert completed_rows(out) == ids  # every row once, in its block: none lost, none twice
+    assert server.n_requests - asked == 40  # the crashed block died before asking: nothing asked twice
     assert manifest(out)["complete"] is True
     assert_same_rows(by_id(out), by_id(clean_run / "rate"), "rate after an actor crash")
 
 
 @pytest.mark.slow
 def test_a_batch_that_kills_every_actor_fails_the_stage_and_keeps_the_rest(server, tmp_path, monkeypatch):
-    """Retries are bounded: the stage fails with one clear line, the other rows stay checkpointed,
-    and the rerun (the row fixed) asks only for the missing batch."""
+    """Retries are bounded: the stage fails with one clear line, the other blocks stay complete,
+    and the rerun (the row fixed) asks only for the missing block."""
     from lmmixup_hf.data.schema import ServiceError
     from lmmixup_hf.pipeline import rate as rate_module
     from lmmixup_hf.pipeline.rate import RateArgs, rate
@@ -311,7 +327,7 @@ def test_a_batch_that_kills_every_actor_fails_the_stage_and_keeps_the_rest(serve
         monkeypatch.setattr(rate_module, "make_judge", poisoned_make_judge)
         with pytest.raises(ServiceError, match="rate on Ray: a batch failed after 1 retries"):
             rate(args, executor=executor.for_stage("rate"))
-        done = {r["i"] for r in checkpoint_records(next((tmp_path / "rate" / ".work").glob("*/ratings.jsonl")))}
+        done = {int(i[1:]) for i in completed_rows(tmp_path / "rate")}
         assert 13 not in done and done <= set(range(16)) and len(done) >= 4
         from lmmixup_hf.judge.judges import make_judge
 
@@ -340,73 +356,64 @@ def test_driver_killed_mid_stage_then_rerun(clean_run, subset, tmp_path):
         )
         work = tmp_path / "killed" / "rate" / ".work"
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            found = list(work.glob("*/ratings.jsonl"))
-            if found and len(found[0].read_text().splitlines()) >= 8:
-                break
+        while time.time() < deadline and proc.poll() is None and len(list(work.glob("*/blocks/part-*.json"))) < 2:
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-        done_before = len({r["i"] for r in checkpoint_records(found[0]) if r["ok"]})
-        assert 8 <= done_before < 40
+        done_before = settled(lambda: len(completed_rows(tmp_path / "killed" / "rate")))
+        assert 8 <= done_before < 40 and done_before % 4 == 0  # whole blocks of 4
         asked_before = slow.n_requests
 
         r = lmmixup("run", "--config", str(config), "--to", "rate")
         assert r.returncode == 0, r.stderr[-4000:]
-        assert f"{done_before} already rated" in r.stderr
+        assert f"{done_before} already rated" in r.stderr, [x for x in r.stderr.splitlines() if "blocks" in x]
         assert manifest(tmp_path / "killed" / "rate")["counts"]["rated"] == 40
-        assert slow.n_requests - asked_before <= 40 - done_before + 2 * 4  # at most the batches in flight again
+        assert slow.n_requests - asked_before <= 40 - done_before + 2 * 4  # at most the blocks in flight again
         assert_same_rows(by_id(tmp_path / "killed" / "rate"), by_id(clean_run / "rate"), "rate after a driver kill")
     finally:
         slow.stop()
 
 
 @pytest.mark.slow
-def test_a_worker_node_lost_mid_stage_costs_retries_not_rows(clean_run, server):
+def test_a_worker_node_lost_mid_stage_costs_retries_not_rows(clean_run, server, tmp_path):
     """Ray's simulated multi-node cluster, all on 127.0.0.1: a head with no CPUs (so every actor
-    runs on a worker node) and two 1-CPU worker nodes; one node is removed while the rows are
-    being rated. Every row still comes back exactly once, with the local executor's rating."""
+    runs on a worker node) and two 1-CPU worker nodes; one node is removed while the blocks are
+    being rated. Every block still completes exactly once, with the local executor's parts."""
     from functools import partial
 
     from ray.cluster_utils import Cluster
 
-    from lmmixup_hf.data.io import read_pool
+    from lmmixup_hf.data.stage_io import stage_files
     from lmmixup_hf.execution.base import LocalExecutor
+    from lmmixup_hf.execution.blocks import BlockFolder, map_blocks, plan_blocks
     from lmmixup_hf.judge.judges import make_judge
-    from lmmixup_hf.stages.rate import JudgeBatch, items_table, judge_items, ratings_of
+    from lmmixup_hf.stages.rate import RateBlock
 
-    ds = read_pool(str(clean_run / "ingest"))
-    items, _ = judge_items(ds, ["prompt", "completion"])
-    table = items_table([items[i] for i in sorted(items)], list(range(len(items))))
+    plan = plan_blocks(stage_files(clean_run / "ingest"), 4)
     judge = partial(make_judge, "openai", "stub-judge", base_url=server.base_url, api_key=KEY, cache_dir=None)
-    make = partial(JudgeBatch, judge)
+    make = partial(RateBlock, judge, ["prompt", "completion"])
     part = registry.stage("rate").part("rate")
-    local = {
-        i: r.as_struct() for t in LocalExecutor().map_batches(make, table, part) for i, r, _ in ratings_of(t) if r
-    }
+    list(map_blocks(LocalExecutor(), make, plan, tmp_path / "local", part))
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     executor = make_executor("ray", {"address": cluster.address, "rate": {"actors": 2, "batch_size": 4}})
     try:
-        seen: list[int] = []
-        got: dict[int, dict] = {}
-        for out in executor.map_batches(make, table, part):
-            for i, rating, _ in ratings_of(out):
-                if rating is None:
-                    continue
-                seen.append(i)
-                got[i] = rating.as_struct()
-                if len(seen) == 8:
-                    cluster.remove_node(nodes[0])  # mid-stage: 8 of 40 rows in
+        seen: list[str] = []
+        for record in map_blocks(executor, make, plan, tmp_path / "ray", part):
+            seen.append(record["block"])
+            if len(seen) == 2:
+                cluster.remove_node(nodes[0])  # mid-stage: 2 of 10 blocks in
         assert len(ray.nodes()) == 3 and sum(n["Alive"] for n in ray.nodes()) == 2
     finally:
         executor.close()
         ray.shutdown()
         cluster.shutdown()
-    assert sorted(seen) == list(range(len(items)))  # none lost, none twice
-    assert got == local
+    assert sorted(seen) == [b.id for b in plan]  # none lost, none twice
+    local, remote = BlockFolder(tmp_path / "local"), BlockFolder(tmp_path / "ray")
+    for b in plan:
+        assert remote.read(b.id).equals(local.read(b.id)), b.id
 
 
 @pytest.mark.slow
