@@ -116,7 +116,19 @@ def test_redo_hands_the_function_its_previous_part(tmp_path, calls_file):
     redo = list(map_blocks(LocalExecutor(), Shout, plan, folder, PART, redo=lambda r: r["block"] == plan[0].id))
     assert [r["block"] for r in redo] == [plan[0].id] and calls(calls_file) == [f"{plan[0].id} True"]
     record = json.loads(BlockFolder(folder).record(plan[0].id).read_text())
-    assert record == {"upper": 8, "block": plan[0].id, "rows": 8}
+    assert record == {"upper": 8, "block": plan[0].id, "start": 0, "rows": 8}
+
+
+def test_records_of_another_block_size_are_not_taken(tmp_path, calls_file):
+    """The ids are places in a plan: with another block size, id 1 names other rows, so its old
+    record completes nothing and its old part is not handed over as ``previous``."""
+    files, folder = pool(tmp_path), tmp_path / "blocks"
+    list(map_blocks(LocalExecutor(), Shout, plan_blocks(files, 4), folder, PART))
+    calls_file.unlink()
+    plan = plan_blocks(files, 5)  # 0-4 | 5-9 | 10-14 | 15-16: only block 0 starts where it did (rows differ)
+    assert len(list(map_blocks(LocalExecutor(), Shout, plan, folder, PART))) == len(plan)
+    assert all(c.endswith(" False") for c in calls(calls_file))
+    assert output(plan, folder)["n"].to_pylist() == list(range(17))
 
 
 def test_a_missing_record_is_a_clear_error(tmp_path, calls_file):

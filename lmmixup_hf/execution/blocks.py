@@ -54,6 +54,11 @@ class Block:
     def id(self) -> str:
         return f"{self.index:08d}"
 
+    def done_by(self, record: dict[str, Any] | None) -> bool:
+        """Whether ``record`` completes this block: the same rows of the input (a plan made with
+        another block size reuses the ids for other rows, and must not take their records)."""
+        return record is not None and record.get("start") == self.start and record.get("rows") == self.rows
+
 
 def plan_blocks(files: Iterable[str | Path], rows_per_block: int, limit: int | None = None) -> list[Block]:
     """The blocks of ``files`` (in order), ``rows_per_block`` rows each (the last of a file may be
@@ -109,6 +114,10 @@ class BlockFolder:
             out[p.stem.removeprefix("part-")] = json.loads(p.read_text(encoding="utf-8"))
         return out
 
+    def read_record(self, block_id: str) -> dict[str, Any] | None:
+        path = self.record(block_id)
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
     def write(self, block_id: str, table: pa.Table, record: dict[str, Any]) -> None:
         """The part, then its record, each through a temporary file and a rename."""
         _atomic(self.part(block_id), lambda tmp: pq.write_table(table, tmp))
@@ -139,9 +148,9 @@ class BlockWorker:
         ids, records = [], []
         for d in descriptors.to_pylist():
             block = Block(**d)
-            previous = self.folder.read(block.id) if self.folder.record(block.id).exists() else None
+            previous = self.folder.read(block.id) if block.done_by(self.folder.read_record(block.id)) else None
             part, record = self.fn(read_block(block), block, previous)
-            record = {**record, "block": block.id, "rows": block.rows}
+            record = {**record, "block": block.id, "start": block.start, "rows": block.rows}
             self.folder.write(block.id, part, record)
             ids.append(block.id)
             records.append(json.dumps(record))
@@ -159,7 +168,7 @@ def map_blocks(
     """Run the block function on every planned block that has no completion record yet (or whose
     record ``redo`` selects), one block per call; the records of the blocks run now, as they finish."""
     done = BlockFolder(folder).records()
-    todo = [b for b in plan if b.id not in done or (redo is not None and redo(done[b.id]))]
+    todo = [b for b in plan if not b.done_by(done.get(b.id)) or (redo is not None and redo(done[b.id]))]
     if not todo:
         return
     table = pa.Table.from_pylist([asdict(b) for b in todo])
@@ -171,7 +180,7 @@ def map_blocks(
 def block_records(plan: list[Block], folder: str | Path) -> list[dict[str, Any]]:
     """The completion records of ``plan``, in plan order; a clear error when one is missing."""
     done = BlockFolder(folder).records()
-    missing = [b.id for b in plan if b.id not in done]
+    missing = [b.id for b in plan if not b.done_by(done.get(b.id))]
     if missing:
         raise RuntimeError(f"{folder}: {len(missing)} block(s) without a completion record, e.g. {missing[0]}")
     return [done[b.id] for b in plan]

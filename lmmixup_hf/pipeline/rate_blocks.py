@@ -84,7 +84,8 @@ def rate_on_blocks(
     part = stage(executor.stage or "rate").parts[0]  # rate's, or rerate's when the pipeline runs it
     plan = plan_blocks(files, executor.batch_size(part), args.limit)
     folder = run.work_dir / BLOCKS
-    done = BlockFolder(folder).records()
+    records = BlockFolder(folder).records()
+    done = {b.id: records[b.id] for b in plan if b.done_by(records.get(b.id))}
     again = {b.id for b in plan if b.id in done and done[b.id]["failed"]}
     todo = [b for b in plan if b.id not in done or b.id in again]
     logger.info(
