@@ -16,9 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +35,8 @@ from lmmixup_hf.data.schema import (
 )
 from lmmixup_hf.execution.base import Executor, LocalExecutor
 from lmmixup_hf.judge.judges import KINDS, RUBRIC_VERSION, JudgeItem, Rating, make_judge
-from lmmixup_hf.judge.protocol import Judge
 from lmmixup_hf.options import OptionError, Options
+from lmmixup_hf.pipeline.rate_judge import _load_prices, judge_factory
 from lmmixup_hf.pipeline.rate_summary import summarize, write_summary
 from lmmixup_hf.pipeline.registry import stage
 from lmmixup_hf.pipeline.workflow import StageRun
@@ -254,50 +253,6 @@ class Checkpoint:
         self._f.close()
 
 
-def _load_prices(path: str | None) -> dict | None:
-    if not path:
-        return None
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LmmixupError(f"--prices {path}: {e}") from None
-
-
-def _cache_dir(value: str | None) -> Path | None:
-    if value and value.lower() == "none":
-        return None
-    if value:
-        return Path(value)
-    from lmmixup_hf.models.registry import cache_root
-
-    return cache_root() / "llm"
-
-
-def judge_factory(args: RateArgs) -> Callable[[], Judge]:
-    """What builds the judge, wherever it runs: the endpoint and key are resolved here, so judges
-    built elsewhere (Ray actors on other nodes) use the driver's."""
-    return partial(
-        make_judge,
-        args.engine,
-        args.judge_model,
-        base_url=args.base_url or os.environ.get("OPENAI_BASE_URL"),
-        api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
-        max_concurrency=args.max_concurrency,
-        requests_per_minute=args.rpm,
-        tokens_per_minute=args.tpm,
-        max_retries=args.max_retries,
-        timeout=args.timeout,
-        retry_base_delay=args.retry_base_delay,
-        cache_dir=_cache_dir(args.cache_dir),
-        prices=_load_prices(args.prices),
-        json_mode=args.json_mode,
-        logprobs=args.logprobs,
-        temperature=args.temperature,
-        max_tokens=args.max_tokens,
-        batch_size=args.batch_size,
-    )
-
-
 # -- the command: files, checkpoints, batches, summaries around the core ---------------------------
 def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
     """Run the stage (or return its output when it is up to date). ``executor`` runs the judging
@@ -316,7 +271,7 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         # on a cluster the workers read and write the rows themselves; the driver never holds them
         from lmmixup_hf.pipeline.rate_blocks import rate_on_blocks
 
-        rate_on_blocks(run, args, executor, judge_factory(args), fields, progress=args.progress)
+        rate_on_blocks(run, args, executor, judge_factory(args, make_judge), fields, progress=args.progress)
         return run.load()
 
     ds = read_pool(args.input, quarantine=run.quarantine)
@@ -361,7 +316,7 @@ def rate(args: RateArgs, executor: Executor | None = None) -> Dataset | None:
         if batch_usage is None:  # --batch_file_only: the requests are written, nothing is rated yet
             return None
         return _finish(run, args, ds, items, ckpt.done, {**batch_usage, "estimate": estimate["numbers"]})
-    make = judge_factory(args)
+    make = judge_factory(args, make_judge)
     from tqdm.auto import tqdm
 
     executor = executor or LocalExecutor()

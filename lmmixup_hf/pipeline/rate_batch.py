@@ -12,7 +12,8 @@ from lmmixup_hf.data.io import write_jsonl
 from lmmixup_hf.data.schema import LmmixupError
 from lmmixup_hf.judge.judges import RUBRIC_VERSION, JudgeItem, Rating
 from lmmixup_hf.models.llm_client import request_key
-from lmmixup_hf.pipeline.rate import Checkpoint, RateArgs, _cache_dir, _load_prices
+from lmmixup_hf.pipeline.rate import Checkpoint, RateArgs
+from lmmixup_hf.pipeline.rate_judge import _cache_dir, _load_prices
 from lmmixup_hf.pipeline.workflow import StageRun
 
 logger = logging.getLogger("lmmixup_hf.pipeline.rate")
