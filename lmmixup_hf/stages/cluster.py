@@ -38,6 +38,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 from datasets import Dataset
 
+from lmmixup_hf.data.arrow_files import column_values
 from lmmixup_hf.data.schema import CLUSTER_ID, ID, SOURCE
 from lmmixup_hf.options import OptionError, Options, check_order, resolve
 from lmmixup_hf.stages.clustering.common import LEFTOVER, ClusterResult, candidate_centres, cohesion, compact_labels
@@ -209,7 +210,7 @@ def cluster_rows(
         ([['a', 'b', 'c'], ['d', 'e', 'f']], 0)
     """
     opts = resolve(ClusterOptions, options, changes)
-    sources = np.asarray(list(ds[SOURCE]), dtype=object)
+    sources = column_values(ds, SOURCE).astype(object)
     labels = np.full(len(ds), LEFTOVER, np.int64)
     per_source: dict[str, dict[str, int]] = {}
     next_id = 0
@@ -233,7 +234,7 @@ def cluster_rows(
     ds = ds.add_column(CLUSTER_ID, labels.tolist())
     placed = np.flatnonzero(labels >= 0)
     rows = ds.select(placed[np.argsort(labels[placed], kind="stable")])
-    ids = np.asarray(list(ds[ID]), dtype=object)
+    ids = column_values(ds, ID).astype(object)
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.arange(next_id + 1))
     first_member = order[starts[:-1]] if next_id else np.zeros(0, np.int64)
