@@ -190,7 +190,7 @@ def judged_run(finished_run, tmp_path):
     raw = np.array([r["rating"]["score"] for r in pool], float)
     high = raw[:11] >= 4
     summary = summarize(raw[:11].astype(int), np.array([r["source"] for r in pool[:11]]), high, [pool[11]["source"]])
-    StageRun("rate", finished_run / "rate", params={"model": "judge"}).finish(
+    StageRun("rate", finished_run / "rate", params={"model": "judge", "threshold": 4}).finish(
         Dataset.from_list(pool[:11] + [{**pool[11], "rating": None}]),  # the judge failed on the last row
         counts={"rows": 12, "rated": 11, "failed": 1, "high": int(high.sum()), "low": int((~high).sum())},
         extra={
@@ -241,7 +241,7 @@ def test_report_shows_the_judge_section_when_the_run_has_it(judged_run):
     section = page[page.index("<h2>Judge</h2>") : page.index("<h2>Plots</h2>")]
     assert "judge-&lt;x&gt;" in section and "judge-<x>" not in page  # escaped like any row text
     assert "1 (8.3%)" in section  # failed rows and the failure rate
-    assert f"{summary_share(judged_run):.1%}" in section  # the high-quality share
+    assert f"{summary_share(judged_run):.1%} (score &gt;= 4)" in section  # the high-quality share
     assert "<td>without a score (passed through)</td><td>1</td>" in section
     assert "<td>changed</td><td>2</td>" in section and "<td>0.80</td>" in section  # T's diagonal
     assert f"<td>{agreement['quadratic_kappa']:.3f}</td>" in section
@@ -272,8 +272,20 @@ def test_report_judge_section_parts_and_absence(judged_run, tmp_path):
     page = (judged_run / "report.html").read_text()
     assert "<h2>Judge</h2>" in page and "Score curation" not in page and "Agreement" not in page
 
+    rep = json.loads((moved / "judge_report.json").read_text())
+    rep["self_consistency"] = {
+        "asked": 8,
+        "scored": 7,
+        "exact_agreement": 0.7143,
+        "quadratic_kappa": 0.9,
+        "parse_failure_rate": 0.125,
+    }  # what `judge-report --repeat 8` adds
+    (moved / "judge_report.json").write_text(json.dumps(rep))
     info = report(ReportArgs(run_dir=str(judged_run), judge_report=str(moved)))  # a judge report kept elsewhere
     assert info["judge"]["agreement"]["file"] == str(moved / "judge_report.json")
+    md = (judged_run / "report.md").read_text()
+    assert "| self-consistency: exact (7 of 8 re-asked rows) | 0.714 |" in md
+    assert "| parse-failure rate (replies with no score) | 12.5% |" in md
     with pytest.raises(LmmixupError, match="no such file"):
         report(ReportArgs(run_dir=str(judged_run), judge_report=str(tmp_path / "nope")))
 
