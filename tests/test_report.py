@@ -195,7 +195,7 @@ def judged_run(finished_run, tmp_path):
         counts={"rows": 12, "rated": 11, "failed": 1, "high": int(high.sum()), "low": int((~high).sum())},
         extra={
             "usage": {"total_tokens": 5400, "cost_usd": 0.0123},
-            "judge": {"engine": "openai", "model": "judge-<x>", "rubric": "general", "rubric_version": 2},
+            "judge": {"engine": "openai", "model": "judge-<x>", "rubric": "general", "rubric_version": "rubric-2"},
             "summary": summary["all"],
         },
     )
@@ -254,7 +254,7 @@ def test_report_shows_the_judge_section_when_the_run_has_it(judged_run):
     assert "## Judge" in md and "### Score curation" in md and "### Agreement with a second rating" in md
     assert "![Score transition matrix T" in md and (judged_run / "report" / "curation.png").exists()
     assert f"| quadratic-weighted kappa | {agreement['quadratic_kappa']:.3f} |" in md
-    assert "| rate | openai | judge-&lt;x&gt; | general (v2) | 12 | 11 | 1 (8.3%) |" in md
+    assert "| rate | openai | judge-&lt;x&gt; | general (rubric-2) | 12 | 11 | 1 (8.3%) |" in md
 
 
 def summary_share(run_dir) -> float:

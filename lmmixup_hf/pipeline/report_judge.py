@@ -110,7 +110,7 @@ def judge_tables(judge: dict[str, Any]) -> dict[str, Any]:
                 name,
                 _num(r["engine"]),
                 _num(r["model"]),
-                _num(r["rubric"]) + (f" (v{r['rubric_version']})" if r.get("rubric_version") else ""),
+                _num(r["rubric"]) + (f" ({r['rubric_version']})" if r.get("rubric_version") else ""),
                 _num(r["rows"]),
                 _num(r["rated"]),
                 f"{_num(r['failed'])} ({_pct(r['failure_rate'])})" if r["failure_rate"] is not None else "-",
