@@ -28,6 +28,7 @@ PRIOR = np.array([0.1, 0.15, 0.25, 0.25, 0.15, 0.1])
 
 
 def transition(rng: np.random.Generator) -> np.ndarray:
+    """Diagonal 0.5-0.7; of the rest, 60 % on the neighbouring scores, 40 % spread over the others."""
     T = np.zeros((K, K))
     for y in range(K):
         d = rng.uniform(0.5, 0.7)
@@ -37,17 +38,21 @@ def transition(rng: np.random.Generator) -> np.ndarray:
     return T
 
 
-def planted(n: int, dim: int, group: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(x, true, rated, T)``: float32 unit rows in groups of ``group``, built in place (one n x d array)."""
+def planted(
+    n: int, dim: int, group: int, seed: int = 0, noise: float = 0.5, T: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(x, true, rated, T)``: float32 unit rows in groups of ``group`` (a random centre plus
+    ``noise`` times Gaussian noise; built in place, one n x d array), one true score per group, rated
+    through ``T`` (default: :func:`transition`). The curate tests use it too, with tighter groups."""
     rng = np.random.default_rng(seed)
     g = -(-n // group)
     gid = np.arange(n) // group
     x = rng.standard_normal((n, dim), dtype=np.float32)
-    x *= 0.5
+    x *= noise
     x += rng.standard_normal((g, dim), dtype=np.float32)[gid]
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     true = rng.choice(K, g, p=PRIOR)[gid]
-    T = transition(rng)
+    T = transition(rng) if T is None else T
     rated = (rng.random(n)[:, None] > T.cumsum(1)[true]).sum(1)
     return x, true, rated, T
 

@@ -203,6 +203,19 @@ def test_size_prior_and_min_size_shape_the_clusters():
     assert (data_cluster(pairs, min_size=3, max_size=5, mean_cap=3, std_cap=1).labels == LEFTOVER).all()
 
 
+def test_the_algorithms_defaults_are_the_options_defaults():
+    """Called without options, both algorithms cluster as `lmmixup cluster` does by default."""
+    import inspect
+
+    from lmmixup_hf.stages.cluster import ClusterOptions
+
+    defaults = ClusterOptions()
+    for fn in (capacity_cluster, data_cluster):
+        shared = [p for p in inspect.signature(fn).parameters.values() if hasattr(defaults, p.name)]
+        assert len(shared) >= 9
+        assert {p.name: p.default for p in shared} == {p.name: getattr(defaults, p.name) for p in shared}
+
+
 def test_data_cluster_edge_cases():
     assert len(data_cluster(np.zeros((0, 8), np.float32)).labels) == 0
     one = np.ones((1, 8), np.float32) / np.sqrt(8)

@@ -4,6 +4,9 @@ must be left alone."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -22,33 +25,14 @@ from lmmixup_hf.stages.curate import (
     solve_hoc,
 )
 
-PRIOR = np.array([0.1, 0.15, 0.25, 0.25, 0.15, 0.1])
-
-
-def planted_T(rng: np.random.Generator) -> np.ndarray:
-    """Diagonal 0.5-0.7; of the rest, 60 % on the neighbouring scores, 40 % spread over the others."""
-    T = np.zeros((K, K))
-    for y in range(K):
-        d = rng.uniform(0.5, 0.7)
-        near = [j for j in (y - 1, y + 1) if 0 <= j < K]
-        far = [j for j in range(K) if j != y and j not in near]
-        T[y, y] = d
-        T[y, near] = 0.6 * (1 - d) / len(near)
-        T[y, far] = 0.4 * (1 - d) / len(far)
-    return T
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_curate import PRIOR, transition  # noqa: E402  (the benchmark's planted data, shared)
+from bench_curate import planted as planted_rows  # noqa: E402
 
 
 def planted(n: int = 4000, group: int = 20, dim: int = 16, seed: int = 0, T: np.ndarray | None = None):
     """``(x, true, rated, T)``: ``n // group`` tight clusters in ``dim`` dimensions, one true score each."""
-    rng = np.random.default_rng(seed)
-    g = n // group
-    gid = np.repeat(np.arange(g), group)
-    x = rng.normal(size=(g, dim))[gid] + 0.05 * rng.normal(size=(n, dim))
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    true = rng.choice(K, g, p=PRIOR)[gid]
-    T = planted_T(rng) if T is None else T
-    rated = (rng.random(n)[:, None] > T.cumsum(1)[true]).sum(1)
-    return x.astype(np.float32), true, rated, T
+    return planted_rows(n, dim, group, seed=seed, noise=0.05, T=T)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +89,7 @@ def test_deterministic_for_a_seed():
 def test_consensus_equations_match_simulated_tuples():
     """The analytic consensus is what independent judge errors on same-score tuples produce."""
     rng = np.random.default_rng(0)
-    T = planted_T(rng)
+    T = transition(rng)
     true = rng.choice(K, 200_000, p=PRIOR)
     tuples = np.stack([(rng.random(len(true))[:, None] > T.cumsum(1)[true]).sum(1) for _ in range(3)], 1)
     counted = consensus(tuples)

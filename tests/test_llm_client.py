@@ -245,12 +245,17 @@ def test_error_names_headers_and_timeouts(openai_server, monkeypatch, tmp_path):
     assert headers["openai-organization"] == "org-test" and headers["openai-project"] == "proj-test"
     assert headers["authorization"] == f"Bearer {KEY}" and headers["content-type"] == "application/json"
 
-    slow = openai_server(_echo, latency=0.5)
+    # the server sleeps far longer than the timeout, which leaves room for a loaded machine to connect
+    slow = openai_server(_echo, latency=5.0)
     client = ChatClient(
-        "stub-model", base_url=slow.base_url, api_key=KEY, timeout=0.1, max_retries=1, base_delay=0.001
+        "stub-model", base_url=slow.base_url, api_key=KEY, timeout=0.5, max_retries=1, base_delay=0.001
     )
     (r,) = client.complete_many(_batch(1), show_progress=False)
-    assert r.text is None and r.error == "TimeoutError: no reply within 0.1 s" and slow.n_requests == 2
+    assert r.text is None and r.error == "TimeoutError: no reply within 0.5 s"
+    deadline = time.monotonic() + 5  # the retry's request may reach the server after the client gave up
+    while slow.n_requests < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert slow.n_requests == 2  # the first try and one retry
 
     cached = ChatClient("stub-model", base_url=server.base_url, api_key=KEY, cache_dir=tmp_path)
     assert cached.cache.store._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL

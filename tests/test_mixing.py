@@ -103,6 +103,28 @@ def pools(tmp_path):
     return _write(tmp_path / "orig.jsonl", orig), _write(tmp_path / "dist.jsonl", dist)
 
 
+def test_rank_original_ties_missing_values_and_absent_columns():
+    """The originals' ranking, against its definition written as a Python sort: score descending
+    (no score after score 0), then long-tail descending (none after any), then input order."""
+    from lmmixup_hf.stages.mix import rank_original
+
+    rng = np.random.default_rng(0)
+    n = 200
+    score = rng.integers(0, 6, n).astype(float)
+    score[rng.random(n) < 0.1] = np.nan
+    lt = rng.choice([0.1, 0.5, 0.9], n)  # few values: many full ties
+    lt[rng.random(n) < 0.1] = np.nan
+    rating = [None if np.isnan(s) else {"score": int(s)} for s in score]
+    ds = Dataset.from_dict({"rating": rating, "long_tail": [None if np.isnan(v) else v for v in lt]})
+
+    s = np.where(np.isnan(score), -1, score)
+    t = np.where(np.isnan(lt), -np.inf, lt)
+    assert rank_original(ds).tolist() == sorted(range(n), key=lambda i: (-s[i], -t[i], i))
+    assert rank_original(ds.remove_columns("long_tail")).tolist() == sorted(range(n), key=lambda i: (-s[i], i))
+    assert rank_original(ds.remove_columns("rating")).tolist() == sorted(range(n), key=lambda i: (-t[i], i))
+    assert rank_original(Dataset.from_dict({"x": [3, 1, 2]})).tolist() == [0, 1, 2]
+
+
 def test_mix_exact_size_ratio_and_dedup(pools, tmp_path, embedder):
     orig, dist = pools
     args = MixArgs(**M, original=str(orig), distilled=str(dist), out=str(tmp_path / "mix"), total=20, ratio=0.4)

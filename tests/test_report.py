@@ -11,7 +11,7 @@ import sys
 import pytest
 from datasets import Dataset
 
-from lmmixup_hf.data.schema import compress_score
+from lmmixup_hf.data.schema import LmmixupError, compress_score
 from lmmixup_hf.pipeline.report import ReportArgs, find_costs, report
 from lmmixup_hf.pipeline.split import FilterArgs, SplitArgs, filter_rated, split_rated
 from lmmixup_hf.pipeline.workflow import StageRun
@@ -171,3 +171,128 @@ def test_report_escapes_row_text_in_both_forms():
     assert "<style>td{color:red}</style>" in page  # our own stylesheet is not escaped
     assert "<script>" not in md and "| &lt;i&gt;x&lt;/i&gt;\\|y |" in md
     assert "a\\|b<br>**A:** line 1 line 2" in md  # `short` folds whitespace; the pair's own <br> stays
+
+
+@pytest.fixture()
+def judged_run(finished_run, tmp_path):
+    """The toy run plus what the judge section reads: a rate manifest naming its judge (one row
+    failed), a curate stage (diagnosis, summary plot) and a `lmmixup judge-report` against a
+    second rating in <run>/judge_report/."""
+    import numpy as np
+
+    from lmmixup_hf.data.io import write_json
+    from lmmixup_hf.pipeline.curate import DIAGNOSIS, plot_summary
+    from lmmixup_hf.pipeline.judge_report import JudgeReportArgs, judge_report
+    from lmmixup_hf.pipeline.rate_summary import summarize
+    from lmmixup_hf.stages.curate import Curation
+
+    pool = _rows(12, "p", [9, 8, 5, 3, 6, 4])
+    raw = np.array([r["rating"]["score"] for r in pool], float)
+    high = raw[:11] >= 4
+    summary = summarize(raw[:11].astype(int), np.array([r["source"] for r in pool[:11]]), high, [pool[11]["source"]])
+    StageRun("rate", finished_run / "rate", params={"model": "judge", "threshold": 4}).finish(
+        Dataset.from_list(pool[:11] + [{**pool[11], "rating": None}]),  # the judge failed on the last row
+        counts={"rows": 12, "rated": 11, "failed": 1, "high": int(high.sum()), "low": int((~high).sum())},
+        extra={
+            "usage": {"total_tokens": 5400, "cost_usd": 0.0123},
+            "judge": {"engine": "openai", "model": "judge-<x>", "rubric": "general", "rubric_version": "rubric-2"},
+            "summary": summary["all"],
+        },
+    )
+    raw[11] = np.nan  # the failed row has no score
+    T = np.full((6, 6), 0.04) + np.eye(6) * 0.76
+    curated = raw.copy()
+    curated[[0, 3]] = [4, 2]
+    result = Curation(curated, raw, np.where(curated != raw, 0.7, 0.1), T, np.full(6, 1 / 6), np.full(6, 1 / 6), 0.01)
+    (finished_run / "curate").mkdir()
+    write_json(finished_run / "curate" / DIAGNOSIS, result.diagnosis())
+    plot_summary(finished_run / "curate" / "summary.png", result)
+    StageRun("curate", finished_run / "curate").finish(Dataset.from_list(pool), counts={"changed": 2})
+
+    other = [{**r, "rating": _rating(raw)} for r, raw in zip(pool, [9, 6, 3, 2, 5, 4] * 2, strict=True)]
+    (tmp_path / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))
+    judge_report(
+        JudgeReportArgs(
+            ratings=str(finished_run / "rate"),
+            against=str(tmp_path / "other.jsonl"),
+            out=str(finished_run / "judge_report"),
+        )
+    )
+    return finished_run
+
+
+def test_report_shows_the_judge_section_when_the_run_has_it(judged_run):
+    info = report(ReportArgs(run_dir=str(judged_run)))
+    judge = info["judge"]
+    rate = judge["ratings"]["rate"]
+    assert (rate["model"], rate["rows"], rate["failed"], rate["failure_rate"]) == (
+        "judge-<x>",
+        12,
+        1,
+        round(1 / 12, 4),
+    )
+    diag = json.loads((judged_run / "curate" / "diagnosis.json").read_text())
+    assert judge["curation"]["T"] == diag["T"] and (judge["curation"]["changed"], diag["changed"]) == (2, 2)
+    assert judge["curation"]["unscored"] == 1
+    agreement = json.loads((judged_run / "judge_report" / "judge_report.json").read_text())
+    assert judge["agreement"]["quadratic_kappa"] == agreement["quadratic_kappa"] and agreement["n"] == 11
+
+    page = (judged_run / "report.html").read_text()
+    section = page[page.index("<h2>Judge</h2>") : page.index("<h2>Plots</h2>")]
+    assert "judge-&lt;x&gt;" in section and "judge-<x>" not in page  # escaped like any row text
+    assert "1 (8.3%)" in section  # failed rows and the failure rate
+    assert f"{summary_share(judged_run):.1%} (score &gt;= 4)" in section  # the high-quality share
+    assert "<td>without a score (passed through)</td><td>1</td>" in section
+    assert "<td>changed</td><td>2</td>" in section and "<td>0.80</td>" in section  # T's diagonal
+    assert f"<td>{agreement['quadratic_kappa']:.3f}</td>" in section
+    assert f"<td>{agreement['high_low_kappa']:.3f}</td>" in section
+    assert f"<td>{agreement['n']}</td>" in section
+    images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", section)
+    assert len(images) == 2 and all(base64.b64decode(i).startswith(PNG) for i in images)
+
+    md = (judged_run / "report.md").read_text()
+    assert "## Judge" in md and "### Score curation" in md and "### Agreement with a second rating" in md
+    assert "![Score transition matrix T" in md and (judged_run / "report" / "curation.png").exists()
+    assert f"| quadratic-weighted kappa | {agreement['quadratic_kappa']:.3f} |" in md
+    assert "| rate | openai | judge-&lt;x&gt; | general (rubric-2) | 12 | 11 | 1 (8.3%) |" in md
+
+
+def summary_share(run_dir) -> float:
+    return json.loads((run_dir / "rate" / "manifest.json").read_text())["summary"]["high_share"]
+
+
+def test_report_judge_section_parts_and_absence(judged_run, tmp_path):
+    import shutil
+
+    moved = tmp_path / "elsewhere"
+    shutil.move(judged_run / "judge_report", moved)
+    shutil.rmtree(judged_run / "curate")
+    info = report(ReportArgs(run_dir=str(judged_run)))
+    assert set(info["judge"]) == {"ratings"}  # only what is there
+    page = (judged_run / "report.html").read_text()
+    assert "<h2>Judge</h2>" in page and "Score curation" not in page and "Agreement" not in page
+
+    rep = json.loads((moved / "judge_report.json").read_text())
+    rep["self_consistency"] = {
+        "asked": 8,
+        "scored": 7,
+        "exact_agreement": 0.7143,
+        "quadratic_kappa": 0.9,
+        "parse_failure_rate": 0.125,
+    }  # what `judge-report --repeat 8` adds
+    (moved / "judge_report.json").write_text(json.dumps(rep))
+    info = report(ReportArgs(run_dir=str(judged_run), judge_report=str(moved)))  # a judge report kept elsewhere
+    assert info["judge"]["agreement"]["file"] == str(moved / "judge_report.json")
+    md = (judged_run / "report.md").read_text()
+    assert "| self-consistency: exact (7 of 8 re-asked rows) | 0.714 |" in md
+    assert "| parse-failure rate (replies with no score) | 12.5% |" in md
+    with pytest.raises(LmmixupError, match="no such file"):
+        report(ReportArgs(run_dir=str(judged_run), judge_report=str(tmp_path / "nope")))
+
+
+def test_report_without_judge_data_has_no_judge_section(finished_run):
+    info = report(ReportArgs(run_dir=str(finished_run)))
+    assert info["judge"] == {}
+    assert "Judge" not in (finished_run / "report.html").read_text()
+    assert "Judge" not in (finished_run / "report.md").read_text()
+    assert not (finished_run / "report" / "curation.png").exists()

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 
@@ -35,6 +36,15 @@ def dataset_batches(ds: Dataset, rows: int = DATASET_BATCH_ROWS) -> Iterator[pa.
     """A dataset's rows as Arrow tables of ``rows`` rows (its indices mapping applied)."""
     for start in range(0, len(ds), rows):
         yield ds.with_format("arrow")[start : start + rows]
+
+
+def column_values(ds: Dataset, name: str) -> np.ndarray:
+    """One column of a dataset as a numpy array (strings as objects), read as Arrow in one go:
+    iterating ``ds[name]`` builds a Python row per value."""
+    if not len(ds):
+        return np.asarray([], dtype=object)
+    column = ds.select_columns([name]).with_format("arrow")[: len(ds)].column(name)
+    return column.to_numpy(zero_copy_only=False)
 
 
 def materialise(tables: Iterable[pa.Table], empty: pa.Schema | None = None) -> Dataset:

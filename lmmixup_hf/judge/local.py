@@ -68,6 +68,7 @@ class LocalJudge:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(path).to(self.device).eval()
+        self._cache_arg = _cache_arg(self.model)
         self.batch_size = batch_size
         self.max_item_tokens = max_item_tokens
         self.prefix_cache = prefix_cache
@@ -121,7 +122,7 @@ class LocalJudge:
                 out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True)
             self.usage.n_requests += 1
             self.usage.prompt_tokens += len(ids)
-            self._prefixes[key] = (ids, out.past_key_values)
+            self._prefixes[key] = (ids, _cache_of(out))
         return self._prefixes[key]
 
     def _score_batch(
@@ -168,10 +169,10 @@ class LocalJudge:
                     input_ids=input_ids,
                     attention_mask=mask,
                     position_ids=positions,
-                    past_key_values=past,
                     use_cache=True,
+                    **{self._cache_arg: past},
                 )
-            past = out.past_key_values
+            past = _cache_of(out)
             self.usage.n_requests += 1
             self.usage.prompt_tokens += int(input_ids.numel())
             probs = torch.softmax(out.logits[:, -1, :].float()[:, score_ids], dim=-1).cpu()
@@ -240,3 +241,17 @@ class LocalJudge:
                 batch = [i for _, i in rows[s : s + self.batch_size]]
                 out.append((batch, None if key is None else prefixes[key], style))
         return out
+
+
+def _cache_arg(model: Any) -> str:
+    """The forward argument that takes the KV cache: ``cache`` in newer transformers, where
+    ``past_key_values`` is deprecated, else ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    """The KV cache a forward returned, under either name."""
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")

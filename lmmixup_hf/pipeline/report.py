@@ -34,6 +34,7 @@ from lmmixup_hf.pipeline.report_collect import (
     scores,
     summarize,
 )
+from lmmixup_hf.pipeline.report_judge import JUDGE_REPORT_DIR, RATING_HEADER, collect_judge, judge_images, judge_tables
 from lmmixup_hf.pipeline.report_plots import plot_counts, plot_hist, plot_scores, plot_time
 from lmmixup_hf.pipeline.workflow import input_status
 
@@ -71,6 +72,13 @@ class ReportArgs(Options):
         default=4, metadata={"help": "How many clusters to show next to their distillation.", "range": "[0, inf)"}
     )
     title: str | None = field(default=None, metadata={"help": "Report title (default: the run folder name)."})
+    judge_report: str | None = field(
+        default=None,
+        metadata={
+            "help": "A `lmmixup judge-report` output (judge_report.json or its folder) to show in the judge "
+            f"section (default: <run_dir>/{JUDGE_REPORT_DIR}/ when there)."
+        },
+    )
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -187,6 +195,8 @@ def report(args: ReportArgs, executor: Executor | None = None) -> dict[str, Any]
         ("time.png", "Time per stage", plot_time(stages, plots_dir / "time.png")),
     ]
     plots = [p for p in plots if p[2]]
+    judge = collect_judge(run_dir, args.judge_report)
+    judge_plots = judge_images(run_dir, judge, plots_dir)
     examples = collect_examples(run_dir, args.examples)
     reasons = rejection_reasons(run_dir)
     total_s = sum(s.seconds or 0 for s in stages)
@@ -210,11 +220,15 @@ def report(args: ReportArgs, executor: Executor | None = None) -> dict[str, Any]
         "reason_rows": reason_rows,
         "plots": [(f, t) for f, t, _ in plots],
         "plots_dir": PLOTS,
+        "judge": judge_tables(judge),
+        "judge_plots": judge_plots,
+        "rating_header": RATING_HEADER,
         "examples": examples,
         "css": _CSS,
     }
     (run_dir / "report.md").write_text(render(False, **context), encoding="utf-8")
-    images = {f: base64.b64encode((plots_dir / f).read_bytes()).decode() for f, _, _ in plots}
+    shown = [f for f, _, _ in plots] + judge_plots
+    images = {f: base64.b64encode((plots_dir / f).read_bytes()).decode() for f in shown}
     (run_dir / "report.html").write_text(render(True, images=images, **context), encoding="utf-8")
     logger.info("report: %s (%d plots, %d examples)", run_dir / "report.html", len(plots), len(examples))
     return {
@@ -224,4 +238,5 @@ def report(args: ReportArgs, executor: Executor | None = None) -> dict[str, Any]
         "partial_stages": partial,
         "scores_before": before.tolist(),
         "scores_after": after.tolist(),
+        "judge": judge,
     }

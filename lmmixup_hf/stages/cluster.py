@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from datasets import Dataset
 
+from lmmixup_hf.data.arrow_files import column_values
 from lmmixup_hf.data.schema import CLUSTER_ID, ID, SOURCE
-from lmmixup_hf.options import OptionError, Options, check_order, resolve
+from lmmixup_hf.options import resolve
 from lmmixup_hf.stages.clustering.common import LEFTOVER, ClusterResult, candidate_centres, cohesion, compact_labels
 from lmmixup_hf.stages.clustering.drawn import (
     assign,
@@ -51,6 +51,7 @@ from lmmixup_hf.stages.clustering.drawn import (
     two_level_centres,
 )
 from lmmixup_hf.stages.clustering.linkage import cell_neighbors, data_cluster, size_penalty
+from lmmixup_hf.stages.clustering.options import ClusterOptions
 
 __all__ = [
     "LEFTOVER",
@@ -84,81 +85,6 @@ class ClusteredRows(NamedTuple):
     clusters: Dataset  # one row per cluster: cluster_id, source, size, member_ids, cohesion
     leftovers: Dataset  # rows with no close neighbours (data sizes: also distilled alone, see `rows`)
     stats: dict[str, Any]  # counts, per-source figures, mean cohesion, size histogram
-
-
-@dataclass
-class ClusterOptions(Options):
-    """The clustering options (``lmmixup cluster`` takes the same ones as flags; its arguments
-    dataclass extends this one, so each default is written here only)."""
-
-    sizes: Literal["data", "drawn"] = field(
-        default="data",
-        metadata={
-            "help": "`data`: sizes follow the data (merge while the mean pairwise cosine stays >= min_cohesion; "
-            "rows with no close neighbours are distilled alone); `drawn`: the method's sizes drawn from "
-            "Normal(mean_cap, std_cap), every row placed."
-        },
-    )
-    min_size: int = field(default=2, metadata={"help": "Smallest cluster.", "range": "[1, inf)"})
-    max_size: int = field(default=25, metadata={"help": "Largest cluster.", "range": "[1, inf)"})
-    mean_cap: float = field(
-        default=10.0,
-        metadata={
-            "help": "Mean cluster size: the drawn sizes' Normal, or the data sizes' prior.",
-            "range": "(0, inf)",
-        },
-    )
-    std_cap: float = field(
-        default=3.0, metadata={"help": "Std of the drawn sizes / of the data sizes' prior.", "range": "[0, inf)"}
-    )
-    min_cohesion: float = field(
-        default=0.6,
-        metadata={"help": "data: every cluster's mean pairwise cosine is at least this.", "range": "[-1, 1]"},
-    )
-    size_prior: float = field(
-        default=0.02,
-        metadata={
-            "help": "data: extra mean cosine a cluster needs per std_cap above mean_cap (0 = no prior).",
-            "range": "[0, inf)",
-        },
-    )
-    seed: int = field(default=42, metadata={"help": "Seed for sizes and k-means.", "range": "[0, inf)"})
-    sim_floor: float | None = field(
-        default=None,
-        metadata={
-            "help": "drawn: minimum cosine to a cluster centre; points below go to leftovers/.",
-            "range": "[-1, 1]",
-        },
-    )
-    n_candidates: int = field(
-        default=8, metadata={"help": "drawn: candidate centres per point (top-m).", "range": "[1, inf)"}
-    )
-    cell_size: int = field(default=512, metadata={"help": "Points per coarse k-means cell.", "range": "[1, inf)"})
-    kmeans_iters: int = field(default=5, metadata={"help": "k-means iterations per level.", "range": "[0, inf)"})
-    balance_iters: int = field(
-        default=2,
-        metadata={
-            "help": "drawn: balanced k-means steps (centres := member means, reassign; 0 = off).",
-            "range": "[0, inf)",
-        },
-    )
-    refine_rounds: int = field(
-        default=2, metadata={"help": "drawn: size-preserving swap rounds (0 = off).", "range": "[0, inf)"}
-    )
-    device: str | None = field(
-        default=None,
-        metadata={
-            "help": "Device for k-means and kNN (default: cuda > cpu); `lmmixup cluster` embeds on it too "
-            "(default: cuda > mps > cpu).",
-            "fingerprint": False,
-        },
-    )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_order(self, "min_size", "max_size")
-        if self.sizes == "data" and self.sim_floor is not None:
-            raise OptionError("sim_floor", "applies to sizes drawn only; data sizes use min_cohesion", self.sim_floor)
 
 
 SourceMapper = Callable[[np.ndarray, np.ndarray, ClusterOptions], dict[str, ClusterResult]]
@@ -209,7 +135,7 @@ def cluster_rows(
         ([['a', 'b', 'c'], ['d', 'e', 'f']], 0)
     """
     opts = resolve(ClusterOptions, options, changes)
-    sources = np.asarray(list(ds[SOURCE]), dtype=object)
+    sources = column_values(ds, SOURCE).astype(object)
     labels = np.full(len(ds), LEFTOVER, np.int64)
     per_source: dict[str, dict[str, int]] = {}
     next_id = 0
@@ -233,7 +159,7 @@ def cluster_rows(
     ds = ds.add_column(CLUSTER_ID, labels.tolist())
     placed = np.flatnonzero(labels >= 0)
     rows = ds.select(placed[np.argsort(labels[placed], kind="stable")])
-    ids = np.asarray(list(ds[ID]), dtype=object)
+    ids = column_values(ds, ID).astype(object)
     order = np.argsort(labels, kind="stable")
     starts = np.searchsorted(labels[order], np.arange(next_id + 1))
     first_member = order[starts[:-1]] if next_id else np.zeros(0, np.int64)

@@ -14,6 +14,9 @@ from lmmixup_hf.embed.kmeans import coarse_cells, spherical_kmeans
 from lmmixup_hf.embed.kmeans import normalize_rows as _normalize
 from lmmixup_hf.embed.neighbors import knn, resolve_device
 from lmmixup_hf.stages.clustering.common import LEFTOVER, ClusterResult, candidate_centres
+from lmmixup_hf.stages.clustering.options import ClusterOptions
+
+_D = ClusterOptions()  # the keyword defaults below are ClusterOptions' own, written there once
 
 
 # -- capacities -----------------------------------------------------------------------------------
@@ -244,19 +247,19 @@ def refine_swaps(
 def capacity_cluster(
     x: np.ndarray,
     *,
-    min_size: int = 2,
-    max_size: int = 25,
-    mean_cap: float = 10.0,
-    std_cap: float = 3.0,
-    seed: int = 42,
-    cell_size: int = 512,
-    n_candidates: int = 8,
+    min_size: int = _D.min_size,
+    max_size: int = _D.max_size,
+    mean_cap: float = _D.mean_cap,
+    std_cap: float = _D.std_cap,
+    seed: int = _D.seed,
+    cell_size: int = _D.cell_size,
+    n_candidates: int = _D.n_candidates,
     neighbor_cells: int = 2,
-    kmeans_iters: int = 5,
-    balance_iters: int = 2,
-    refine_rounds: int = 2,
-    sim_floor: float | None = None,
-    device: str | None = None,
+    kmeans_iters: int = _D.kmeans_iters,
+    balance_iters: int = _D.balance_iters,
+    refine_rounds: int = _D.refine_rounds,
+    sim_floor: float | None = _D.sim_floor,
+    device: str | None = _D.device,
 ) -> ClusterResult:
     """Cluster L2-normalised rows ``x`` into clusters whose sizes are sampled capacities. k-means and
     the kNN searches run on ``device`` (default: cuda when available); the rest on the CPU."""

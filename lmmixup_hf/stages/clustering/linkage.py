@@ -11,6 +11,9 @@ import torch
 from lmmixup_hf.embed.kmeans import coarse_cells
 from lmmixup_hf.embed.neighbors import resolve_device
 from lmmixup_hf.stages.clustering.common import LEFTOVER, ClusterResult, candidate_centres, compact_labels
+from lmmixup_hf.stages.clustering.options import ClusterOptions
+
+_D = ClusterOptions()  # the keyword defaults below are ClusterOptions' own, written there once
 
 
 def cell_neighbors(
@@ -115,19 +118,19 @@ class _Merging:
 def data_cluster(
     x: np.ndarray,
     *,
-    min_size: int = 2,
-    max_size: int = 25,
-    mean_cap: float = 10.0,
-    std_cap: float = 3.0,
-    min_cohesion: float = 0.6,
-    size_prior: float = 0.02,
+    min_size: int = _D.min_size,
+    max_size: int = _D.max_size,
+    mean_cap: float = _D.mean_cap,
+    std_cap: float = _D.std_cap,
+    min_cohesion: float = _D.min_cohesion,
+    size_prior: float = _D.size_prior,
     n_neighbors: int | None = None,
-    cell_size: int = 512,
+    cell_size: int = _D.cell_size,
     probe: int = 3,
     repair_probe: int = 24,
-    kmeans_iters: int = 5,
-    seed: int = 42,
-    device: str | None = None,
+    kmeans_iters: int = _D.kmeans_iters,
+    seed: int = _D.seed,
+    device: str | None = _D.device,
 ) -> ClusterResult:
     """Size-capped average-linkage clustering of L2-normalised rows over their kNN graph.
 
