@@ -8,7 +8,8 @@ RSS (``ru_maxrss`` of that process: Ray's workers and daemons are other processe
 The judge is the loopback OpenAI-compatible stub (tests/openai_server.py) in its own process.
 
     python benchmarks/bench_ray_driver.py --rows 20000 200000      # the figures in docs/benchmarks.md
-    python benchmarks/bench_ray_driver.py --rows 2000 20000        # a smoke run
+    python benchmarks/bench_ray_driver.py --rows 2000 20000 --batch-size 500 --small-buffers   # the test's measure
+    python benchmarks/bench_ray_driver.py --rows 20000 200000 --root ../before   # another checkout's code
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ STUB = ROOT / "tests" / "openai_server.py"
 PEAK = (
     "import resource, sys; from lmmixup_hf.cli import main; rc = main(sys.argv[1:]); "
     "print('DRIVER_PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr); sys.exit(rc)"
+)
+# --small-buffers: read batches and written row groups of ~1 MB / 2,048 rows, so a small pool is many
+SMALL = (
+    "import lmmixup_hf.data.arrow_files as arrow_files, lmmixup_hf.data.stage_io as stage_io; "
+    "arrow_files.BATCH_BYTES = stage_io.ROW_GROUP_BYTES = 1 << 20; stage_io.ROW_GROUP_ROWS = 2048; "
 )
 
 
@@ -68,11 +74,11 @@ def config(folder: Path, pool: Path, base_url: str, actors: int, batch_size: int
     return path
 
 
-def driver_peak(cfg: Path, env: dict) -> tuple[float, float, int]:
+def driver_peak(cfg: Path, env: dict, root: Path, small: bool) -> tuple[float, float, int]:
     """(peak RSS MiB of the rate driver, seconds, rows rated)."""
-    cmd = [sys.executable, "-c", PEAK, "run", "--config", str(cfg), "--to", "rate"]
+    cmd = [sys.executable, "-c", (SMALL if small else "") + PEAK, "run", "--config", str(cfg), "--to", "rate"]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"rate failed ({r.returncode}):\n{r.stderr[-3000:]}")
@@ -81,8 +87,8 @@ def driver_peak(cfg: Path, env: dict) -> tuple[float, float, int]:
     return kb / 1024, seconds, manifest["counts"]["rated"]
 
 
-def measure(rows: int, base_url: str, actors: int, batch_size: int, in_flight: int) -> dict:
-    env = {**os.environ, "OPENAI_API_KEY": "bench", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def measure(rows: int, base_url: str, actors: int, batch_size: int, in_flight: int, root: Path, small: bool) -> dict:
+    env = {**os.environ, "OPENAI_API_KEY": "bench", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         pool = folder / "pool.jsonl"
@@ -90,14 +96,14 @@ def measure(rows: int, base_url: str, actors: int, batch_size: int, in_flight: i
         cfg = config(folder, pool, base_url, actors, batch_size, in_flight)
         ingest = subprocess.run(
             [sys.executable, "-m", "lmmixup_hf.cli", "run", "--config", str(cfg), "--to", "ingest"],
-            cwd=ROOT,
+            cwd=root,
             env=env,
             capture_output=True,
             text=True,
         )
         if ingest.returncode != 0:
             raise SystemExit(f"ingest failed:\n{ingest.stderr[-3000:]}")
-        peak, seconds, rated = driver_peak(cfg, env)
+        peak, seconds, rated = driver_peak(cfg, env, root, small)
     return {"rows": rows, "rated": rated, "driver_peak_mib": round(peak, 1), "seconds": round(seconds, 1)}
 
 
@@ -107,12 +113,17 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1000, help="rows per block (ray.rate.batch_size)")
     parser.add_argument("--in-flight", type=int, default=64, help="requests in flight per actor")
+    parser.add_argument("--small-buffers", action="store_true", help="~1 MB / 2,048-row batches and row groups")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose code runs (default: this one)")
     args = parser.parse_args()
     stub = subprocess.Popen([sys.executable, str(STUB)], stdout=subprocess.PIPE, text=True)
     try:
         base_url = stub.stdout.readline().strip()
         for rows in args.rows:
-            print(json.dumps(measure(rows, base_url, args.actors, args.batch_size, args.in_flight)), flush=True)
+            result = measure(
+                rows, base_url, args.actors, args.batch_size, args.in_flight, args.root.resolve(), args.small_buffers
+            )
+            print(json.dumps(result), flush=True)
     finally:
         stub.kill()
         stub.wait()
