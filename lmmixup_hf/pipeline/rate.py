@@ -4,7 +4,9 @@ Each finished row (scored or failed) is appended to a checkpoint under the stage
 moment its reply arrives, so Ctrl-C or SIGKILL loses at most the rows in flight, and a rerun asks
 the judge only about the rest. Failed rows are recorded with their error (``failed.jsonl``), never
 scored, and retried on the next run; the stage counts as complete only when none is left. The
-judging itself is :mod:`lmmixup_hf.stages.rate`; this module adds the files around it.
+judging itself is :mod:`lmmixup_hf.stages.rate`; this module adds the files around it. On an
+executor out of this process (Ray) the workers read, rate and write their own blocks of rows, with
+a completion record per block, and the driver never holds the rows (:mod:`.rate_blocks`).
 
 Outputs under ``--out``: ``data/`` (the rated rows with a ``rating`` struct, written once),
 ``summary.{json,md,png}`` (score histograms overall and per source, with the high-quality share),
