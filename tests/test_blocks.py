@@ -84,6 +84,26 @@ def test_plan_from_metadata_and_read_exactly_the_block(tmp_path):
     assert [b.rows for b in plan_blocks(files, 4, limit=12)] == [4, 4, 2, 2]
 
 
+def test_blocks_of_one_row_group_decode_it_once(tmp_path, monkeypatch):
+    """A worker's memo: consecutive blocks of the same row group read it once, and still give
+    exactly their own rows."""
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "one-group.parquet"
+    pq.write_table(pa.table({"n": list(range(100))}), path)  # one row group
+    reads = []
+    original = pq.ParquetFile.read_row_groups
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_groups", lambda self, *a, **k: (reads.append(a), original(self, *a, **k))[1]
+    )
+    memo: dict = {}
+    got = [read_block(b, cache=memo)["n"].to_pylist() for b in plan_blocks([path], 10)]
+    assert got == [list(range(i, i + 10)) for i in range(0, 100, 10)]
+    assert len(reads) == 1
+    read_block(plan_blocks([path], 10)[0])  # no memo: read again
+    assert len(reads) == 2
+
+
 def test_toy_stage_on_blocks_then_a_rerun_runs_only_the_missing_blocks(tmp_path, calls_file):
     files, folder = pool(tmp_path), tmp_path / "blocks"
     plan = plan_blocks(files, PART.batch_size)

@@ -93,7 +93,7 @@ def test_ray_options_defaults_and_per_part_pools():
     assert opts.address == "auto" and opts.pool("distill").num_gpus == 1 and opts.pool("distill").actors == 4
     executor = make_executor("ray", opts)  # nothing starts before the first batch
     assert (
-        executor.batch_size(registry.stage("rate").part("rate")) == 64
+        executor.batch_size(registry.stage("rate").part("rate")) == 1024
         and executor.batch_size(registry.stage("distill").parts[0]) == 1
     )
     assert opts.pool("rate").actors == 2 and opts.pool("a part nobody declared") == PoolOptions()

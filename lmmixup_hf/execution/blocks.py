@@ -77,8 +77,12 @@ def plan_blocks(files: Iterable[str | Path], rows_per_block: int, limit: int | N
     return out
 
 
-def read_block(block: Block, columns: list[str] | None = None) -> pa.Table:
-    """The block's rows, reading only the row groups that hold them."""
+def read_block(block: Block, columns: list[str] | None = None, cache: dict | None = None) -> pa.Table:
+    """The block's rows, reading only the row groups that hold them.
+
+    ``cache``: a worker's one-entry memo of the row groups it decoded last. A row group (up to
+    128k rows) usually holds many blocks, and a worker is mostly handed blocks of the same group
+    in turn; without the memo each of them would decode the whole group again."""
     pf = pq.ParquetFile(block.file)
     meta = pf.metadata
     groups, first, row = [], None, 0
@@ -90,7 +94,13 @@ def read_block(block: Block, columns: list[str] | None = None) -> pa.Table:
         row += n
     if not groups:
         return pf.schema_arrow.empty_table() if columns is None else pf.schema_arrow.empty_table().select(columns)
-    table = pf.read_row_groups(groups, columns=columns)
+    key = (block.file, tuple(groups), tuple(columns or ()))
+    table = cache.get(key) if cache is not None else None
+    if table is None:
+        table = pf.read_row_groups(groups, columns=columns)
+        if cache is not None:
+            cache.clear()
+            cache[key] = table
     return table.slice(block.offset - (first or 0), block.rows)
 
 
@@ -143,13 +153,14 @@ class BlockWorker:
     def __init__(self, make_fn: BlockFactory, folder: str):
         self.fn = make_fn()
         self.folder = BlockFolder(folder)
+        self.groups: dict = {}  # the row groups decoded last (see read_block)
 
     def __call__(self, descriptors: pa.Table) -> pa.Table:
         ids, records = [], []
         for d in descriptors.to_pylist():
             block = Block(**d)
             previous = self.folder.read(block.id) if block.done_by(self.folder.read_record(block.id)) else None
-            part, record = self.fn(read_block(block), block, previous)
+            part, record = self.fn(read_block(block, cache=self.groups), block, previous)
             record = {**record, "block": block.id, "start": block.start, "rows": block.rows}
             self.folder.write(block.id, part, record)
             ids.append(block.id)

@@ -76,8 +76,11 @@ class Stage:
 
 # In this process a judge keeps `max_concurrency` requests in flight across a whole block and
 # reports each rating as it arrives, so the local blocks are large (a block boundary waits for
-# its slowest request); on Ray a block is one actor call.
+# its slowest request); on Ray a block is one actor call, which reads its rows and writes its part:
+# big enough that an actor keeps its requests in flight and the files stay few, small enough that a
+# modest pool still spreads over the actors.
 JUDGE_BLOCK = 16384
+RAY_JUDGE_BLOCK = 1024
 EMBED = Part("embed", 512)  # the embedding done by curate, cluster and longtail: one pool
 
 STAGES: tuple[Stage, ...] = (
@@ -96,7 +99,7 @@ STAGES: tuple[Stage, ...] = (
         "rate",
         "Score every row with an LLM judge (any OpenAI-compatible endpoint or a local model).",
         inputs={"input": "ingest"},
-        parts=(Part("rate", 64, local_batch_size=JUDGE_BLOCK),),
+        parts=(Part("rate", RAY_JUDGE_BLOCK, local_batch_size=JUDGE_BLOCK),),
     ),
     Stage(
         "curate",
@@ -142,7 +145,7 @@ STAGES: tuple[Stage, ...] = (
         "rate",
         "Score the distilled rows with the same judge.",
         inputs={"input": "distill"},
-        parts=(Part("rerate", 64, local_batch_size=JUDGE_BLOCK),),
+        parts=(Part("rerate", RAY_JUDGE_BLOCK, local_batch_size=JUDGE_BLOCK),),
     ),
     Stage(
         "filter",
