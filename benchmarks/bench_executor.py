@@ -24,13 +24,13 @@ import json
 import os
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the private cluster stays on 127.0.0.1
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # per actor; the local runs set their threads below
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,11 +39,9 @@ from bench_judge import stub_server  # noqa: E402
 
 from lmmixup_hf.embed.embeddings import Embedder, ExecutorEmbedder  # noqa: E402
 from lmmixup_hf.execution.base import LocalExecutor  # noqa: E402
-from lmmixup_hf.judge.judges import JudgeItem, make_judge  # noqa: E402
 from lmmixup_hf.pipeline.executors import make_executor  # noqa: E402
 from lmmixup_hf.pipeline.registry import stage  # noqa: E402
 from lmmixup_hf.stages.longtail import knn_on, self_knn_sims  # noqa: E402
-from lmmixup_hf.stages.rate import judge_on  # noqa: E402
 
 ONLY: str | None = None  # --only: the side to run; the other is reported as nan
 
@@ -57,26 +55,63 @@ def timed(fn, side: str) -> tuple[float, object]:
 
 
 def bench_rate(ray_exec, rows: int, latency: float, in_flight: int, actors: int) -> dict:
-    items = [JudgeItem(f"Q: benchmark question {i}?\nA: answer {i}.", "qa") for i in range(rows)]
-    with stub_server(latency) as (base_url, _):
-        common = dict(base_url=base_url, api_key="bench", cache_dir=None)
-        local_make = partial(make_judge, "openai", "stub-judge", max_concurrency=in_flight, **common)
-        ray_make = partial(make_judge, "openai", "stub-judge", max_concurrency=in_flight // actors, **common)
-        got: dict[str, list] = {"local": [], "ray": []}
-        part, positions = stage("rate").part("rate"), list(range(rows))
+    """The ``rate`` command on a stage folder, as ``lmmixup run`` calls it: locally the judge and
+    its per-row checkpoint in this process, on Ray the blocks (workers read, rate and write their
+    rows; the driver streams the parts into the output)."""
+    import tempfile
 
-        def run(executor, make, side: str) -> None:
-            got[side] = [r.score for _, r in judge_on(executor, make, items, positions, part, {})]
+    import pyarrow.parquet as pq
 
-        t_local, _ = timed(lambda: run(LocalExecutor(), local_make, "local"), "local")
-        t_ray, _ = timed(lambda: run(ray_exec, ray_make, "ray"), "ray")
-    assert ONLY or len(got["local"]) == len(got["ray"]) == rows
+    from lmmixup_hf.data.io import read_stage_data
+    from lmmixup_hf.pipeline.ingest import IngestArgs, ingest
+    from lmmixup_hf.pipeline.rate import RateArgs, rate
+
+    with tempfile.TemporaryDirectory() as tmp, stub_server(latency) as (base_url, _):
+        source = Path(tmp) / "pool.parquet"
+        pq.write_table(
+            pa.table(
+                {
+                    "id": [f"r{i}" for i in range(rows)],
+                    "prompt": [f"Q: benchmark question {i}?" for i in range(rows)],
+                    "completion": [f"A: answer {i}." for i in range(rows)],
+                    "source": [f"s{i % 3}" for i in range(rows)],
+                }
+            ),
+            source,
+        )
+        pool = Path(tmp) / "ingest"
+        ingest(IngestArgs(input=str(source), out=str(pool)))  # the stage folder rate reads in a run
+
+        def run(executor, side: str) -> None:
+            per_actor = in_flight // actors if side == "ray" else in_flight
+            args = RateArgs(
+                input=str(pool),
+                out=str(Path(tmp) / side),
+                judge_model="stub-judge",
+                base_url=base_url,
+                api_key="bench",
+                cache_dir="none",
+                max_concurrency=per_actor,
+                progress=False,
+            )
+            rate(args, executor=executor)
+
+        t_local, _ = timed(lambda: run(LocalExecutor().for_stage("rate"), "local"), "local")
+        t_ray, _ = timed(lambda: run(ray_exec, "ray"), "ray")
+        if not ONLY:
+            a, b = (read_stage_data(Path(tmp) / side).with_format("arrow")[:] for side in ("local", "ray"))
+            scores = {
+                side: dict(zip(t["id"].to_pylist(), t["rating"].to_pylist())) for side, t in (("local", a), ("ray", b))
+            }
+            assert len(scores["local"]) == len(scores["ray"]) == rows and scores["local"] == scores["ray"]
+    block = ray_exec.batch_size(stage("rate").part("rate"))
     return {
         "part": "rate",
         "rows": rows,
         "local_s": t_local,
         "ray_s": t_ray,
-        "setup": f"stub latency {latency * 1000:.0f} ms, {in_flight} in flight (Ray: {actors} actors x {in_flight // actors})",
+        "setup": f"the rate command; stub latency {latency * 1000:.0f} ms, {in_flight} in flight "
+        f"(Ray: {actors} actors x {in_flight // actors}, blocks of {block} rows)",
     }
 
 
@@ -145,7 +180,7 @@ def main() -> None:
         "ray",
         {
             "num_cpus": a.cpus,
-            "rate": {**pools, "batch_size": 256},
+            "rate": {**pools},  # blocks of the default size
             "embed": {**pools, "batch_size": 512},
             "longtail": {**pools, "batch_size": 4096},
         },
