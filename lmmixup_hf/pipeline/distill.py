@@ -7,7 +7,8 @@ reply (transport, 429, 5xx, timeout, after ``--max_retries``) goes to ``failed.j
 quarantine: the stage is then partial (exit 3, ``"complete": false``) and a rerun asks again for those
 clusters only. A reply that arrived but cannot be parsed is final (``unparsed/``, with its text).
 The distilling itself is :mod:`lmmixup_hf.stages.distill`; this module adds the files, the manifest
-and the throughput figures around it."""
+and the throughput figures around it. On an executor out of this process (Ray) the workers read and
+write the clusters themselves (:mod:`lmmixup_hf.pipeline.distill_blocks`)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from datasets import Dataset
 
-from lmmixup_hf.data.schema import (
-    CLUSTER_ID,
-    LmmixupError,
-)
+from lmmixup_hf.data.schema import CLUSTER_ID, LmmixupError
 from lmmixup_hf.distiller.engines import Engine, EngineName, make_engine
 from lmmixup_hf.distiller.prompts import PROMPT_VERSION
 from lmmixup_hf.execution.base import Executor, LocalExecutor
