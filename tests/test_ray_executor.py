@@ -503,8 +503,8 @@ def test_transformers_distiller_on_actors_gives_the_local_rows(private_ray, clea
 @pytest.mark.slow
 def test_driver_killed_mid_distill_then_rerun(clean_run, subset, tmp_path):
     """The finished stages are copied from the clean run (fingerprints follow content, so they are
-    up to date); the driver is SIGKILLed once the first chunk is written; the rerun distils only
-    the chunks that were not, and the rows are the local run's."""
+    up to date); the driver is SIGKILLed once the first block is written (its completion record);
+    the rerun distils only the blocks that were not, and the rows are the local run's."""
     import shutil
 
     from openai_server import OpenAIStubServer
@@ -522,13 +522,15 @@ def test_driver_killed_mid_distill_then_rerun(clean_run, subset, tmp_path):
             cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None and not list(out.glob("distill/.work/*/part-*.json")):
+        while (
+            time.time() < deadline and proc.poll() is None and not list(out.glob("distill/.work/*/blocks/part-*.json"))
+        ):
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
         chunks = -(-manifest(clean_run / "distill")["counts"]["clusters"] // 2)  # checkpoint_every: 2
-        done = len(list(out.glob("distill/.work/*/part-*.json")))
+        done = settled(lambda: len(list(out.glob("distill/.work/*/blocks/part-*.json"))))
         assert 1 <= done < chunks
         asked = slow.n_requests
 

@@ -24,12 +24,13 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -74,6 +75,22 @@ def plan_blocks(files: Iterable[str | Path], rows_per_block: int, limit: int | N
         start += max(0, n)
         if limit is not None and start >= limit:
             break
+    return out
+
+
+def plan_blocks_at(files: Iterable[str | Path], bounds: Sequence[int]) -> list[Block]:
+    """Blocks of any size: block ``i`` holds the input's rows ``[bounds[i], bounds[i + 1])``, counted
+    over ``files`` in order (e.g. cut at group boundaries, so no group spans two blocks), from the
+    parquet footers only. A ``ValueError`` when a block would span two files."""
+    files = [str(f) for f in files]
+    ends = np.cumsum([pq.read_metadata(f).num_rows for f in files])
+    out: list[Block] = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        f = int(np.searchsorted(ends, a, side="right"))
+        if f >= len(files) or b > ends[f]:
+            raise ValueError(f"rows {a}-{b} do not lie in one file of {len(files)}")
+        first = int(ends[f - 1]) if f else 0
+        out.append(Block(len(out), files[f], int(a) - first, int(b - a), int(a)))
     return out
 
 

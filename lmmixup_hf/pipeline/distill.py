@@ -7,7 +7,8 @@ reply (transport, 429, 5xx, timeout, after ``--max_retries``) goes to ``failed.j
 quarantine: the stage is then partial (exit 3, ``"complete": false``) and a rerun asks again for those
 clusters only. A reply that arrived but cannot be parsed is final (``unparsed/``, with its text).
 The distilling itself is :mod:`lmmixup_hf.stages.distill`; this module adds the files, the manifest
-and the throughput figures around it."""
+and the throughput figures around it. On an executor out of this process (Ray) the workers read and
+write the clusters themselves (:mod:`lmmixup_hf.pipeline.distill_blocks`)."""
 
 from __future__ import annotations
 
@@ -21,39 +22,27 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from datasets import Dataset
-from datasets.table import InMemoryTable
 
-from lmmixup_hf.data.io import read_pool, write_jsonl
-from lmmixup_hf.data.schema import (
-    CLUSTER_ID,
-    COMPLETION,
-    ID,
-    MEMBER_IDS,
-    PROMPT,
-    LmmixupError,
-)
+from lmmixup_hf.data.schema import CLUSTER_ID, LmmixupError
 from lmmixup_hf.distiller.engines import Engine, EngineName, make_engine
 from lmmixup_hf.distiller.prompts import PROMPT_VERSION
 from lmmixup_hf.execution.base import Executor, LocalExecutor
+from lmmixup_hf.pipeline.distill_blocks import distill_on_blocks, load_clusters, write_outputs
 from lmmixup_hf.pipeline.registry import stage
 from lmmixup_hf.pipeline.workflow import StageRun
 from lmmixup_hf.stages.distill import (
-    SCHEMA,
     DistillBatch,
     GenerationOptions,
     chunk_results,
     chunk_table,
     cluster_members,
     failed_mask,
-    split_parsed,
+    merge_records,
 )
 
 logger = logging.getLogger(__name__)
-
-FAILED = "failed.jsonl"
 
 
 @dataclass
@@ -151,16 +140,6 @@ class DistillArgs(GenerationOptions):
     )
 
 
-def _load_clusters(path: str) -> Dataset:
-    ds = read_pool(path)  # a clusters file's cluster_id comes through as a real column
-    missing = [c for c in (CLUSTER_ID, ID, PROMPT, COMPLETION) if c not in ds.column_names]
-    if missing:
-        raise LmmixupError(
-            f"{path}: not a clusters table; missing column(s) {', '.join(missing)} (run `lmmixup cluster` first)"
-        )
-    return ds
-
-
 def _part(work: Path, k: int) -> Path:
     return work / f"part-{k:06d}.parquet"
 
@@ -183,12 +162,11 @@ def _left_to_do(work: Path, chunks: list[list[tuple[int, Any]]]) -> tuple[list[l
 def _write_part(path: Path, rows: list[dict[str, Any]], stats: dict[str, Any]) -> None:
     """Write a chunk's records; when the chunk was written before (a rerun of its failed clusters),
     the new records replace the old ones of the same clusters, in place."""
-    if path.exists():
-        new = {r[CLUSTER_ID]: r for r in rows}
-        rows = [new.pop(r[CLUSTER_ID], r) for r in pq.read_table(path).to_pylist()] + list(new.values())
+    previous = pq.read_table(path) if path.exists() else None
+    if previous is not None:
         stats = {**stats, "seconds": stats["seconds"] + json.loads(path.with_suffix(".json").read_text())["seconds"]}
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+    pq.write_table(merge_records(previous, rows), tmp)
     path.with_suffix(".json").write_text(json.dumps(stats))
     os.replace(tmp, path)
 
@@ -204,7 +182,23 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
         logger.info("distill: up to date, skipping (%s)", args.out)
         return run.load()
 
-    ds = _load_clusters(args.input)
+    generation = {f.name: getattr(args, f.name) for f in fields(GenerationOptions)}
+    if engine is not None:  # a loaded model lives in this process
+        executor, make = LocalExecutor(), lambda: engine
+    else:
+        options = {k: v for k, v in asdict(args).items() if k not in ("engine", "model")}
+        # resolved here, so engines built elsewhere (Ray actors on other nodes) use the driver's endpoint
+        options["base_url"] = args.base_url or os.environ.get("OPENAI_BASE_URL")
+        options["api_key"] = args.api_key or os.environ.get("OPENAI_API_KEY")
+        if str(args.cache_dir).lower() == "none":  # as `lmmixup rate` spells "no cache"
+            options["cache_dir"] = None
+        make = partial(make_engine, args.engine, args.model, **options)
+    executor = executor or LocalExecutor()
+    if not executor.in_process:  # on a cluster the workers read and write the rows; the driver never holds them
+        distill_on_blocks(run, args, executor, make, generation)
+        return run.load()
+
+    ds = load_clusters(args.input)
     clusters, members = cluster_members(ds)
     n_leftover = int((np.asarray(ds[CLUSTER_ID], dtype=np.int64) < 0).sum())
     if args.limit is not None:
@@ -221,7 +215,6 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
     if left < len(clusters):
         logger.info("distill: resuming, %d of %d clusters left to distill", left, len(clusters))
 
-    generation = {f.name: getattr(args, f.name) for f in fields(GenerationOptions)}
     bar = tqdm(total=len(clusters), desc="distill", unit="cluster", dynamic_ncols=True)
     bar.update(len(clusters) - left)
 
@@ -229,17 +222,6 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
         _write_part(_part(work, k), out_rows, {"seconds": seconds, "clusters": len(chunks[k])})
         bar.update(len(runs[k]))
 
-    if engine is not None:  # a loaded model lives in this process
-        executor, make = LocalExecutor(), lambda: engine
-    else:
-        options = {k: v for k, v in asdict(args).items() if k not in ("engine", "model")}
-        # resolved here, so engines built elsewhere (Ray actors on other nodes) use the driver's endpoint
-        options["base_url"] = args.base_url or os.environ.get("OPENAI_BASE_URL")
-        options["api_key"] = args.api_key or os.environ.get("OPENAI_API_KEY")
-        if str(args.cache_dir).lower() == "none":  # as `lmmixup rate` spells "no cache"
-            options["cache_dir"] = None
-        make = partial(make_engine, args.engine, args.model, **options)
-    executor = executor or LocalExecutor()
     described: dict[str, Any] = {}
     table = chunk_table(members, runs, todo)
     for out in executor.map_batches(partial(DistillBatch, make, generation), table, stage("distill").part("distill")):
@@ -249,53 +231,6 @@ def distill(args: DistillArgs, engine: Engine | None = None, executor: Executor 
     bar.close()
 
     parts = [_part(work, k) for k in range(len(chunks))]
-    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else SCHEMA.empty_table()
-    good, bad, failed = split_parsed(table)
-    write_jsonl(
-        Path(args.out) / FAILED,
-        ({ID: r[ID], CLUSTER_ID: r[CLUSTER_ID], MEMBER_IDS: r[MEMBER_IDS], "error": r["parse_error"]} for r in failed),
-    )
-    for row in bad:
-        run.quarantine.add(
-            args.input,
-            None,
-            "raw_response" if row["raw_response"] is not None else "input",
-            row["parse_error"],
-            {ID: row[ID], CLUSTER_ID: row[CLUSTER_ID], "raw_response": row["raw_response"]},
-        )
-    result = Dataset(InMemoryTable(table))
-
     seconds = sum(json.loads(p.with_suffix(".json").read_text())["seconds"] for p in parts)
-    p_tok, c_tok = int(np.sum(result["prompt_tokens"])), int(np.sum(result["completion_tokens"]))
-    throughput = {
-        "generation_seconds": round(seconds, 3),
-        "rows_per_s": round(len(result) / seconds, 4) if seconds else None,
-        "completion_tokens_per_s": round(c_tok / seconds, 2) if seconds else None,
-        "total_tokens_per_s": round((p_tok + c_tok) / seconds, 2) if seconds else None,
-        "prompt_tokens": p_tok,
-        "completion_tokens": c_tok,
-    }
-    counts = {
-        "clusters": len(clusters),
-        "leftover_rows": n_leftover,
-        "distilled": len(good),
-        "unparsed": len(bad),
-        "failed": len(failed),
-        "members_dropped": int(np.sum(result["n_dropped_members"])),
-        "truncated": int(np.sum(np.asarray(result["finish_reason"]) == "length")),
-    }
-    extra = {"throughput": throughput}
-    if described:
-        extra["engine"] = described
-    n_failed = counts["failed"]
-    incomplete = f"{n_failed} of {len(clusters)} clusters failed (see {FAILED})" if n_failed else None
-    run.finish(good, counts=counts, extra=extra, splits={"unparsed": bad}, incomplete=incomplete)
-    logger.info(
-        "distill: %d clusters -> %d distilled, %d unparsed, %d failed; %.1f completion tokens/s",
-        len(clusters),
-        len(good),
-        len(bad),
-        n_failed,
-        throughput["completion_tokens_per_s"] or 0.0,
-    )
-    return good
+    write_outputs(run, args, parts, seconds, {"clusters": len(clusters), "leftover_rows": n_leftover}, described)
+    return run.load()

@@ -342,17 +342,66 @@ def chunk_results(out: pa.Table) -> Iterator[tuple[int, list[dict[str, Any]], fl
         yield k, from_ipc(blob).to_pylist(), seconds, json.loads(described)
 
 
+SECONDS = b"lmmixup.distill.seconds"  # a block part's generation seconds, all its runs (schema metadata)
+
+
+class DistillBlock:
+    """Distil the clusters of one block (:mod:`lmmixup_hf.execution.blocks`: whole clusters, rows in
+    cluster order) with one engine, built once per worker by ``make_engine``, as :class:`DistillBatch`
+    does. With the block's ``previous`` part only its failed clusters are asked again, the others
+    kept (:func:`merge_records`). The record counts the clusters and carries the engine's description."""
+
+    def __init__(self, make_engine: Callable[[], Engine], generation: Mapping[str, Any]):
+        self.engine = make_engine()
+        self.generation = dict(generation)
+
+    def __call__(self, rows: pa.Table, block: Any, previous: pa.Table | None) -> tuple[pa.Table, dict[str, Any]]:
+        members = Dataset(
+            InMemoryTable(rows.select([c for c in (*MEMBER_COLUMNS, CLUSTER_ID) if c in rows.column_names]))
+        )
+        cids = np.asarray(rows[CLUSTER_ID].to_numpy(zero_copy_only=False), dtype=np.int64)
+        clusters = list(group_clusters(cids, np.asarray([str(x) for x in members[ID]])))
+        seconds = 0.0
+        if previous is not None:
+            retry = set(np.asarray(previous[CLUSTER_ID])[failed_mask(previous)].tolist())
+            clusters = [c for c in clusters if c[0] in retry]
+            seconds = float((previous.schema.metadata or {}).get(SECONDS, 0))
+        t0 = time.time()
+        new = distill_chunk(members, clusters, self.engine, **self.generation) if clusters else []
+        seconds += time.time() - t0
+        self.engine.flush()  # a worker may be stopped at any time after its block is written
+        part = merge_records(previous, new).replace_schema_metadata({SECONDS: str(seconds)})
+        record = {
+            "clusters": part.num_rows,
+            "asked": len(clusters),
+            "failed": int(failed_mask(part).sum()),
+            "seconds": seconds,
+            "engine": json.loads(json.dumps(self.engine.describe(), default=str)),
+        }
+        return part, record
+
+
+def merge_records(previous: pa.Table | None, rows: list[dict[str, Any]]) -> pa.Table:
+    """A chunk's records (:data:`SCHEMA`); with its ``previous`` ones (a rerun of its failed
+    clusters), the new records replace the old ones of the same clusters, in place."""
+    if previous is not None:
+        new = {r[CLUSTER_ID]: r for r in rows}
+        rows = [new.pop(r[CLUSTER_ID], r) for r in previous.to_pylist()] + list(new.values())
+    return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def parsed_masks(records: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boolean masks ``(distilled, unparsed, failed)`` over ``records`` (see :func:`split_parsed`)."""
+    ok = np.asarray(pc.fill_null(records["parse_ok"], False).to_numpy(zero_copy_only=False), dtype=bool)
+    failed = failed_mask(records)
+    return ok, ~ok & ~failed, failed
+
+
 def split_parsed(records: pa.Table) -> tuple[Dataset, Dataset, Dataset]:
     """``(distilled, unparsed, failed)``: parsed records, replies that could not be parsed (final,
     with their ``parse_error``), and generations that failed for a reason outside the reply (to retry)."""
     result = Dataset(InMemoryTable(records))
-    ok = np.asarray(result["parse_ok"], dtype=bool)
-    failed = failed_mask(records)
-    return (
-        result.select(np.flatnonzero(ok)),
-        result.select(np.flatnonzero(~ok & ~failed)),
-        result.select(np.flatnonzero(failed)),
-    )
+    return tuple(result.select(np.flatnonzero(m)) for m in parsed_masks(records))  # type: ignore[return-value]
 
 
 def to_ipc(table: pa.Table) -> bytes:
