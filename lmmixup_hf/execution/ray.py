@@ -8,7 +8,8 @@
 - ``share``: ``ray.put`` once; every actor reads the object from the object store.
 
 The driver consumes result blocks as they finish (``iter_batches``) and hands them to the stage,
-which checkpoints them: a killed driver loses only the blocks in flight. Ray is imported on first
+which checkpoints them: a killed driver loses only the blocks in flight. (With blocks,
+:mod:`lmmixup_hf.execution.blocks`, the results are only the workers' completion records.) Ray is imported on first
 use only; a private cluster (no ``address``) listens on the loopback address only.
 """
 

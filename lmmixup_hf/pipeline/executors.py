@@ -2,10 +2,11 @@
 generic executors of :mod:`lmmixup_hf.execution`.
 
 A stage command keeps its files, checkpoints and manifest; what it hands its executor is a batch
-function of its own and the rows (see :mod:`lmmixup_hf.execution.base`). The local executor runs
-it here, as the commands always have; the Ray executor runs it on Ray Data and streams results
-back, so the command's checkpoints fill in as batches finish and a rerun after a kill picks up
-where they stopped. The results are the same rows either way.
+function of its own and the rows (see :mod:`lmmixup_hf.execution.base`), or, for rate, rerate and
+distill out of this process, blocks of its parquet input that the workers read, process and write
+themselves (:mod:`lmmixup_hf.execution.blocks`). The local executor runs the functions here, as
+the commands always have; the Ray executor runs them on Ray Data. Either way a rerun after a kill
+picks up where the checkpoints or completion records stopped, and the results are the same rows.
 
 >>> executor: ray            # in a pipeline config
 >>> ray:
