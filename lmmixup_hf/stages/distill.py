@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 from datasets import Dataset
 from datasets.table import InMemoryTable
 
+from lmmixup_hf.data.arrow_files import column_values
 from lmmixup_hf.data.schema import (
     CLUSTER_ID,
     COMPLETION,
@@ -287,8 +288,8 @@ MEMBER_COLUMNS = (ID, PROMPT, COMPLETION, SOURCE, TASK_TYPE)  # what the distill
 def cluster_members(clustered: Dataset) -> tuple[list[tuple[int, np.ndarray]], Dataset]:
     """The clusters (``(cluster_id, member row indices in id order)``, leftovers aside) and the
     member columns the distiller reads."""
-    cluster_ids = np.asarray(clustered[CLUSTER_ID], dtype=np.int64)
-    clusters = list(group_clusters(cluster_ids, np.asarray([str(x) for x in clustered[ID]])))
+    cluster_ids = column_values(clustered, CLUSTER_ID).astype(np.int64)
+    clusters = list(group_clusters(cluster_ids, column_values(clustered, ID).astype(str)))
     return clusters, clustered.select_columns([c for c in MEMBER_COLUMNS if c in clustered.column_names])
 
 
@@ -318,9 +319,7 @@ class DistillBatch:
     def __call__(self, batch: pa.Table) -> pa.Table:
         out: dict[str, list] = {"k": [], "part": [], "seconds": [], "engine": []}
         for k, blob in zip(batch["k"].to_pylist(), batch["members"].to_pylist()):
-            members = Dataset(InMemoryTable(from_ipc(blob)))
-            cids = np.asarray(members[CLUSTER_ID], dtype=np.int64)
-            clusters = list(group_clusters(cids, np.asarray([str(x) for x in members[ID]])))
+            clusters, members = cluster_members(Dataset(InMemoryTable(from_ipc(blob))))
             t0 = time.time()
             rows = distill_chunk(members, clusters, self.engine, **self.generation)
             out["k"].append(k)
@@ -356,11 +355,7 @@ class DistillBlock:
         self.generation = dict(generation)
 
     def __call__(self, rows: pa.Table, block: Any, previous: pa.Table | None) -> tuple[pa.Table, dict[str, Any]]:
-        members = Dataset(
-            InMemoryTable(rows.select([c for c in (*MEMBER_COLUMNS, CLUSTER_ID) if c in rows.column_names]))
-        )
-        cids = np.asarray(rows[CLUSTER_ID].to_numpy(zero_copy_only=False), dtype=np.int64)
-        clusters = list(group_clusters(cids, np.asarray([str(x) for x in members[ID]])))
+        clusters, members = cluster_members(Dataset(InMemoryTable(rows)))
         seconds = 0.0
         if previous is not None:
             retry = set(np.asarray(previous[CLUSTER_ID])[failed_mask(previous)].tolist())
