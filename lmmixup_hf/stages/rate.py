@@ -179,13 +179,15 @@ class RateBlock:
         n = rows.num_rows
         items, unratable = judge_items(rows, self.fields, self.rubric, self.reference_field)
         structs: list[dict | None] = [None] * n
-        status, errors = ["unratable"] * n, [None] * n
+        # a row the judge does not report back stays failed (asked again on a rerun), never unratable
+        status: list[str] = ["failed" if i in items else "unratable" for i in range(n)]
+        errors: list[str | None] = ["not rated" if i in items else None for i in range(n)]
         for i, reason in unratable:
             errors[i] = reason
         if previous is not None:  # keep the ok ratings of the earlier run of this block
             for i, (st, r) in enumerate(zip(previous[STATUS].to_pylist(), previous[RATING].to_pylist())):
                 if st == "ok" and i in items:
-                    structs[i], status[i] = r, "ok"
+                    structs[i], status[i], errors[i] = r, "ok", None
         todo = [i for i in sorted(items) if structs[i] is None]
         usage: dict[str, Any] = {}
         if todo:
