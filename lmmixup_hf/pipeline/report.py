@@ -34,7 +34,14 @@ from lmmixup_hf.pipeline.report_collect import (
     scores,
     summarize,
 )
-from lmmixup_hf.pipeline.report_judge import JUDGE_REPORT_DIR, RATING_HEADER, collect_judge, judge_images, judge_tables
+from lmmixup_hf.pipeline.report_judge import (
+    JUDGE_REPORT_DIR,
+    RATING_HEADER,
+    collect_judge,
+    fmt,
+    judge_images,
+    judge_tables,
+)
 from lmmixup_hf.pipeline.report_plots import plot_counts, plot_hist, plot_scores, plot_time
 from lmmixup_hf.pipeline.workflow import input_status
 
@@ -82,14 +89,6 @@ class ReportArgs(Options):
 
 
 # -- rendering ------------------------------------------------------------------------------------
-def _fmt(x: Any, digits: int = 1) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
 def _stage_rows(stages: list[StageSummary]) -> list[list[str]]:
     rows = []
     for s in stages:
@@ -101,12 +100,12 @@ def _stage_rows(stages: list[StageSummary]) -> list[list[str]]:
         rows.append(
             [
                 s.name,
-                _fmt(s.rows),
+                fmt(s.rows, 1),
                 splits,
-                _fmt(s.rejected),
-                _fmt(s.seconds),
-                _fmt(s.tokens),
-                _fmt(cost),
+                fmt(s.rejected, 1),
+                fmt(s.seconds, 1),
+                fmt(s.tokens, 1),
+                fmt(cost, 1),
                 "done" if s.manifest else "incomplete",
             ]
         )

@@ -30,7 +30,8 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
-def _num(x: Any, digits: int = 3) -> str:
+def fmt(x: Any, digits: int = 3) -> str:
+    """A table cell: ``-`` for nothing, floats to ``digits`` places."""
     if x is None:
         return "-"
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
@@ -108,13 +109,13 @@ def judge_tables(judge: dict[str, Any]) -> dict[str, Any]:
         out["ratings"] = [
             [
                 name,
-                _num(r["engine"]),
-                _num(r["model"]),
-                _num(r["rubric"]) + (f" ({r['rubric_version']})" if r.get("rubric_version") else ""),
-                _num(r["rows"]),
-                _num(r["rated"]),
-                f"{_num(r['failed'])} ({_pct(r['failure_rate'])})" if r["failure_rate"] is not None else "-",
-                _num(r["mean_score"], 2),
+                fmt(r["engine"]),
+                fmt(r["model"]),
+                fmt(r["rubric"]) + (f" ({r['rubric_version']})" if r.get("rubric_version") else ""),
+                fmt(r["rows"]),
+                fmt(r["rated"]),
+                f"{fmt(r['failed'])} ({_pct(r['failure_rate'])})" if r["failure_rate"] is not None else "-",
+                fmt(r["mean_score"], 2),
                 _pct(r["high_share"]) + (f" (score >= {r['threshold']})" if r.get("threshold") is not None else ""),
             ]
             for name, r in ratings.items()
@@ -122,41 +123,41 @@ def judge_tables(judge: dict[str, Any]) -> dict[str, Any]:
     if cur := judge.get("curation"):
         k = len(cur["T"] or [])
         out["curation_counts"] = [
-            ["rows", _num(cur["rows"])],
-            ["scored", _num(cur["scored"])],
-            ["without a score (passed through)", _num(cur["unscored"])],
-            ["flagged (judge score more likely wrong than right)", _num(cur["flagged"])],
-            ["changed", _num(cur["changed"])],
+            ["rows", fmt(cur["rows"])],
+            ["scored", fmt(cur["scored"])],
+            ["without a score (passed through)", fmt(cur["unscored"])],
+            ["flagged (judge score more likely wrong than right)", fmt(cur["flagged"])],
+            ["changed", fmt(cur["changed"])],
         ]
         out["T_header"] = ["true \\ judge", *map(str, range(k))]
         out["T"] = [[str(i), *(f"{v:.2f}" for v in row)] for i, row in enumerate(cur["T"] or [])]
         out["prior_header"] = ["score", "clean prior", "rated", "rows (judge)", "rows (curated)"]
         hist_raw, hist_cur = cur.get("histogram_raw") or [None] * k, cur.get("histogram_curated") or [None] * k
         out["prior"] = [
-            [str(s), _pct(cur["p_clean"][s]), _pct(cur["p_rated"][s]), _num(hist_raw[s]), _num(hist_cur[s])]
+            [str(s), _pct(cur["p_clean"][s]), _pct(cur["p_rated"][s]), fmt(hist_raw[s]), fmt(hist_cur[s])]
             for s in range(k)
         ]
     if a := judge.get("agreement"):
         t = a.get("threshold")
         bias = a.get("length_bias") or {}
         rows = [
-            ["ratings", _num(a.get("ratings"))],
-            ["against", _num(a.get("against"))],
-            ["rows compared (n)", _num(a.get("n"))],
-            ["exact agreement", _num(a.get("exact_agreement"))],
-            ["within one point", _num(a.get("within_one"))],
-            ["quadratic-weighted kappa", _num(a.get("quadratic_kappa"))],
-            [f"high (>= {t}) / low agreement", _num(a.get("high_low_agreement"))],
-            [f"high (>= {t}) / low kappa", _num(a.get("high_low_kappa"))],
-            ["length bias (Spearman score~length): ratings / against", " / ".join(_num(v) for v in bias.values())],
+            ["ratings", fmt(a.get("ratings"))],
+            ["against", fmt(a.get("against"))],
+            ["rows compared (n)", fmt(a.get("n"))],
+            ["exact agreement", fmt(a.get("exact_agreement"))],
+            ["within one point", fmt(a.get("within_one"))],
+            ["quadratic-weighted kappa", fmt(a.get("quadratic_kappa"))],
+            [f"high (>= {t}) / low agreement", fmt(a.get("high_low_agreement"))],
+            [f"high (>= {t}) / low kappa", fmt(a.get("high_low_kappa"))],
+            ["length bias (Spearman score~length): ratings / against", " / ".join(fmt(v) for v in bias.values())],
         ]
         if sc := a.get("self_consistency"):
             rows += [
                 [
-                    f"self-consistency: exact ({_num(sc.get('scored'))} of {_num(sc.get('asked'))} re-asked rows)",
-                    _num(sc.get("exact_agreement")),
+                    f"self-consistency: exact ({fmt(sc.get('scored'))} of {fmt(sc.get('asked'))} re-asked rows)",
+                    fmt(sc.get("exact_agreement")),
                 ],
-                ["self-consistency: quadratic kappa", _num(sc.get("quadratic_kappa"))],
+                ["self-consistency: quadratic kappa", fmt(sc.get("quadratic_kappa"))],
                 ["parse-failure rate (replies with no score)", _pct(sc.get("parse_failure_rate"))],
             ]
         out["agreement"] = rows
